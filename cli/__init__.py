@@ -1,0 +1,1 @@
+"""The ``lifealign-lite`` command line (installed as ``lifealign_lite.cli``)."""

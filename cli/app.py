@@ -1,0 +1,120 @@
+"""``lifealign-lite``: parse flags, call one library function, print the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lifealign_lite.data import DataError
+from lifealign_lite.recipe import RecipeError, list_recipes, load_recipe, parse_set_options
+
+app = typer.Typer(
+    help="Keep a language model aligned as new preference data arrives (LifeAlign: FPO + memory consolidation).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def home_dir() -> Path:
+    """Where models, caches and the default bank live: $LIFEALIGN_HOME, else ~/.lifealign-lite."""
+    return Path(os.environ.get("LIFEALIGN_HOME") or Path.home() / ".lifealign-lite")
+
+
+def default_bank() -> Path:
+    return home_dir() / "bank"
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def build_recipe(recipe: Optional[str], sets: list[str], **flags):
+    try:
+        return load_recipe(recipe, {**parse_set_options(sets or []), **flags})
+    except RecipeError as exc:
+        fail(str(exc))
+
+
+RecipeOpt = typer.Option(None, "--recipe", "-r", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")
+SetOpt = typer.Option(None, "--set", help="Override any recipe field: --set key=value (repeatable).")
+BankOpt = typer.Option(None, "--bank", help="Adapter bank folder [default: $LIFEALIGN_HOME/bank].")
+
+
+@app.command()
+def align(
+    data: Path = typer.Argument(..., help="Preference pairs as JSON Lines (TRL plain or conversational format)."),
+    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name of this task [default: the lines' domain field, else 'general']."),
+    bank: Optional[Path] = BankOpt,
+    recipe: Optional[str] = RecipeOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Local model folder or hub id [default: embedded SmolLM2-135M-Instruct]."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="auto|nf4|int8|none."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="fpo|dpo."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Use N pairs (seeded shuffle)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    epochs: Optional[float] = typer.Option(None, "--epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    beta: Optional[float] = typer.Option(None, "--beta"),
+    focal_gamma: Optional[float] = typer.Option(None, "--focal-gamma"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    sets: Optional[list[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this domain and data."),
+) -> None:
+    """Align the model to preference pairs with FPO into a short-term LoRA saved in the bank."""
+    from lifealign_lite.align import AlignError, align as run_align
+    from lifealign_lite.model import ModelError
+    from lifealign_lite.progress import RichReporter
+    from lifealign_lite.train import Interrupted
+
+    rcp = build_recipe(recipe, sets, model=model, quant=quant, loss=loss, max_pairs=max_pairs, max_steps=max_steps,
+                       epochs=epochs, lr=lr, beta=beta, focal_gamma=focal_gamma, batch_size=batch_size, seed=seed)
+    try:
+        with RichReporter(err) as reporter:
+            result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter)
+    except DataError as exc:
+        for line in exc.problems:
+            err.print(line, highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(2)
+    except (ValueError, AlignError, ModelError) as exc:
+        fail(str(exc))
+    except Interrupted as exc:
+        err.print(f"[yellow]interrupted:[/] {exc}; continue with the same command plus --resume")
+        raise typer.Exit(130)
+    s = result.summary
+    table = Table(title=f"aligned domain '{s['domain']}'", show_header=False)
+    for key, val in [
+        ("pairs", s["pairs"]), ("steps", s["steps"]), ("reward acc start → end", f"{s['reward_acc_start']:.2f} → {s['reward_acc_end']:.2f}"),
+        ("loss start → end", f"{s['loss_start']:.4f} → {s['loss_end']:.4f}"), ("pairs/s", s["pairs_per_s"]),
+        ("truncated (prompt / response)", f"{s['truncated_prompts']} / {s['truncated_responses']}"),
+        ("wall time", f"{s['timings_s']['total']} s"), ("peak memory", f"{s['peak_rss_mb']:.0f} MB"), ("saved", str(result.run_dir)),
+    ]:
+        table.add_row(key, str(val))
+    err.print(table)
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipe presets."""
+    table = Table("recipe", "description")
+    for name, desc in list_recipes():
+        table.add_row(name, desc)
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

