@@ -1,15 +1,28 @@
-"""``align``: validate the data, train the short-term adapter with FPO, save it with a run summary in the bank."""
+"""``align``: one task of the lifelong stream.
+
+Validate the data; under the bank's lock, start from the base plus the domain's current memory (its slot,
+else the long-term core), mix in replay, train the short-term adapter with FPO, then consolidate it (SLMC)
+into a new bank version: core, the domain's slot, its routing key, the replay buffer and the history.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import random
 import resource
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from .data import DataError, Pair, load_pairs, pairs_hash, validate_domain_name
+from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
+from .memory.consolidate import add_adapters, compress_adapter, consolidate_adapter, denoise
+from .memory.router import BaseModelEmbedder, MiniLMEmbedder, prompt_text, update_key
 from .model import attach_adapters, load_base, save_adapter
 from .recipe import Recipe
 from .train import tokenize_pairs, train_short_term
@@ -23,6 +36,7 @@ class AlignError(RuntimeError):
 class AlignResult:
     run_dir: Path
     summary: dict
+    bank_version: int
 
 
 def pick_domain(pairs: list[Pair], domain: str | None, path: Path) -> str:
@@ -49,6 +63,79 @@ def _find_resumable(runs: Path, domain: str, data_hash: str) -> Path:
     raise AlignError(f"nothing to resume for domain {domain!r} with this data in {runs}; run align without --resume")
 
 
+def replay_sample(buffer: list[Pair], domain: str, n: int, seed: int) -> list[Pair]:
+    """``n`` pairs of earlier domains from the replay buffer (seeded)."""
+    others = [p for p in buffer if p.domain != domain]
+    return random.Random(seed).sample(others, min(n, len(others)))
+
+
+def update_replay(buffer: list[Pair], pairs: list[Pair], domain: str, ratio: float, size: int, seed: int) -> list[Pair]:
+    """Add ``ratio`` of the task's pairs (tagged with its domain) and trim the largest domains to ``size`` pairs."""
+    take = random.Random(seed).sample(pairs, math.ceil(ratio * len(pairs))) if ratio > 0 else []
+    pool: dict[str, list[Pair]] = {}
+    for p in buffer + [Pair(p.prompt, p.chosen, p.rejected, domain, p.source) for p in take]:
+        pool.setdefault(p.domain or "general", []).append(p)
+    while sum(map(len, pool.values())) > size:
+        max(pool.values(), key=len).pop(0)
+    return [p for group in pool.values() for p in group]
+
+
+def make_embedder(kind: str, base=None):
+    return BaseModelEmbedder(base.model, base.tokenizer) if kind == "base" else MiniLMEmbedder()
+
+
+def _check_bank_shape(state: BankState, recipe: Recipe) -> dict:
+    """The bank keeps one rank and one set of target modules for every adapter (fast switching)."""
+    meta = {"bank_rank": recipe.bank_rank, "target_modules": sorted(recipe.target_modules), "router": recipe.router}
+    if state.meta and (state.meta.get("bank_rank"), state.meta.get("target_modules")) != (meta["bank_rank"], meta["target_modules"]):
+        raise BankError(
+            f"this bank keeps rank {state.meta['bank_rank']} on {', '.join(state.meta['target_modules'])}; "
+            f"the recipe asks for rank {recipe.bank_rank} on {', '.join(meta['target_modules'])}: use the same settings or another --bank"
+        )
+    return state.meta or meta
+
+
+def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, domain: str, pairs: list[Pair], recipe: Recipe,
+                     base_info: dict, embedder, lineage: dict) -> tuple[BankState, dict]:
+    """SLMC: fold the short-term ``update`` into a new bank version (core, slot, key, replay, history)."""
+    t0 = time.perf_counter()
+    history = state.history()
+    consolidated, stats = consolidate_adapter(update, history, recipe.tau, recipe.projection_gamma)
+    core = read_adapter(state.core_dir())[0] if state.core_dir() else {}
+    new_core = compress_adapter(add_adapters(core, consolidated), recipe.bank_rank)
+    if recipe.slot_mode == "core":
+        slot = new_core
+    else:  # specialist: what this task trained (its memory plus its own denoised update), compressed
+        denoised = {name: denoise(u, recipe.tau)[0] for name, u in update.items()}
+        slot = compress_adapter(add_adapters(memory, denoised), recipe.bank_rank)
+
+    keys = state.keys()
+    new_embeddings = embedder([prompt_text(p) for p in pairs])
+    keys[domain] = update_key(keys.get(domain), new_embeddings, seed=recipe.seed)
+    replay = update_replay(state.replay(), pairs, domain, recipe.replay_ratio, recipe.replay_size, recipe.seed)
+
+    pending = bank.begin(state, event=f"align {domain} ({len(pairs)} pairs)")
+    try:
+        meta = pending.state.meta = _check_bank_shape(state, recipe)
+        folder = pending.folder
+        replace_adapter(folder / "core", new_core, meta["bank_rank"], meta["target_modules"], base_info["name"])
+        replace_adapter(folder / "slots" / domain, slot, meta["bank_rank"], meta["target_modules"], base_info["name"])
+        info = pending.state.domains.setdefault(domain, {"pairs_seen": 0, "lineage": []})
+        info["pairs_seen"] += len(pairs)
+        info["rank"] = max((u.rank for u in slot.values()), default=0)
+        info["updated"] = now()
+        summary = {k: v for k, v in stats.items() if k != "per_module"}
+        info["lineage"].append(lineage | {"consolidation": summary})
+        pending.state.tasks.append(domain)
+        pending.keys, pending.history, pending.replay = keys, history + [consolidated], replay
+        new_state = bank.commit(pending, base_info)
+    except BaseException:
+        bank.abort(pending)
+        raise
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return new_state, summary
+
+
 def align(
     data_path: Path,
     recipe: Recipe,
@@ -57,62 +144,80 @@ def align(
     domain: str | None = None,
     resume: bool = False,
     reporter=None,
+    wait_s: float = 0.0,
 ) -> AlignResult:
-    """Align the base model to the pairs in ``data_path`` into a short-term LoRA under ``bank_dir/runs``."""
+    """Align the model to the pairs in ``data_path`` and consolidate the result into the bank at ``bank_dir``."""
     t_start = time.perf_counter()
     data_path = Path(data_path)
     pairs = load_pairs(data_path, max_pairs=recipe.max_pairs or None, seed=recipe.seed)
     domain = pick_domain(pairs, domain, data_path)
     data_hash = pairs_hash(pairs)
+    bank = Bank(bank_dir)
+    runs = bank.root / "runs"
 
-    runs = Path(bank_dir) / "runs"
-    if resume:
-        run_dir = _find_resumable(runs, domain, data_hash)
-    else:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        run_dir = runs / f"{stamp}-{domain}"
+    with bank.lock(wait_s):
+        state = bank.load()
+        _check_bank_shape(state, recipe)
+        run_dir = _find_resumable(runs, domain, data_hash) if resume else runs / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{domain}"
+        base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code)
+        bank.check_base(base.info)
+        t_loaded = time.perf_counter()
 
-    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code)
-    t_loaded = time.perf_counter()
-    model = attach_adapters(base, recipe)
-    items, tstats = tokenize_pairs(pairs, base.tokenizer, recipe.max_length, recipe.max_prompt_length)
-    t_tokenized = time.perf_counter()
+        memory_dir = state.slot_dir(domain) if domain in state.domains else state.core_dir()
+        trained_from = f"slot {domain} v{state.version}" if domain in state.domains else (f"core v{state.version}" if memory_dir else "base")
+        replay = replay_sample(state.replay(), domain, round(recipe.replay_mix * len(pairs)), recipe.seed)
+        model = attach_adapters(base, recipe, memory_dir)
+        items, tstats = tokenize_pairs(pairs + replay, base.tokenizer, recipe.max_length, recipe.max_prompt_length)
+        t_tokenized = time.perf_counter()
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict()}, indent=2))
-    state = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter)
-    t_trained = time.perf_counter()
-    save_adapter(model, run_dir / "adapter")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").write_text(json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict()}, indent=2))
+        st = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter)
+        t_trained = time.perf_counter()
+        save_adapter(model, run_dir / "adapter")
 
-    train_time = sum(h["time"] for h in state.history[-1:]) if state.history else 0.0
-    trained_pairs = sum(h["pairs"] for h in state.history)
+        recipe_hash = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        lineage = {"run": run_dir.name, "data": str(data_path), "data_hash": data_hash, "pairs": len(pairs), "replayed": len(replay),
+                   "recipe": recipe.name, "recipe_hash": recipe_hash, "trained_from": trained_from, "base": base.info["name"], "time": now()}
+        memory = read_adapter(memory_dir)[0] if memory_dir else {}
+        del model  # training memory is no longer needed for consolidation
+        new_state, cstats = consolidate_task(bank, state, read_adapter(run_dir / "adapter")[0], memory, domain, pairs, recipe,
+                                             base.info, make_embedder(recipe.router, base), lineage)
+
+    train_time = st.history[-1]["time"] if st.history else 0.0
+    trained_pairs = sum(h["pairs"] for h in st.history)
     summary = {
         "domain": domain,
         "data": str(data_path),
         "data_hash": data_hash,
         "pairs": len(pairs),
+        "replayed_pairs": len(replay),
+        "trained_from": trained_from,
         "truncated_prompts": tstats.truncated_prompts,
         "truncated_responses": tstats.truncated_responses,
-        "steps": state.step,
-        "sft_warmup_steps": state.sft_step,
+        "steps": st.step,
+        "sft_warmup_steps": st.sft_step,
         "trained_pairs": trained_pairs,
-        "reward_acc_start": state.window("acc", first=True),
-        "reward_acc_end": state.window("acc", first=False),
-        "loss_start": state.window("loss", first=True),
-        "loss_end": state.window("loss", first=False),
+        "reward_acc_start": st.window("acc", first=True),
+        "reward_acc_end": st.window("acc", first=False),
+        "loss_start": st.window("loss", first=True),
+        "loss_end": st.window("loss", first=False),
         "model": base.info,
         "recipe": recipe.to_dict(),
+        "consolidation": cstats,
+        "bank_version": new_state.version,
         "timings_s": {
             "load_model": round(t_loaded - t_start, 2),
             "tokenize": round(t_tokenized - t_loaded, 2),
             "reference_and_train": round(t_trained - t_tokenized, 2),
             "train_loop": round(train_time, 2),
+            "consolidate": cstats["seconds"],
             "total": round(time.perf_counter() - t_start, 2),
         },
         "pairs_per_s": round(trained_pairs / train_time, 3) if train_time else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": now(),
         "adapter": str(run_dir / "adapter"),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return AlignResult(run_dir=run_dir, summary=summary)
+    return AlignResult(run_dir=run_dir, summary=summary, bank_version=new_state.version)

@@ -67,10 +67,16 @@ class Recipe:
     replay_size: int = 2000  # bound on pairs in the replay buffer
     replay_mix: float = 0.2  # replayed pairs mixed into a task, as a fraction of its pairs
     route_threshold: float = 0.35  # cosine similarity below which chat falls back to the core
+    router: str = "minilm"  # minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states)
+    slot_mode: str = "specialist"  # specialist: slot = memory + the domain's denoised update; core: slot = the new core
 
     def validate(self) -> "Recipe":
         if self.quant not in QUANT_CHOICES:
             raise RecipeError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
+        if self.router not in ("minilm", "base"):
+            raise RecipeError(f"router must be minilm or base, got {self.router!r}")
+        if self.slot_mode not in ("specialist", "core"):
+            raise RecipeError(f"slot_mode must be specialist or core, got {self.slot_mode!r}")
         if self.loss not in LOSS_CHOICES:
             raise RecipeError(f"loss must be one of {', '.join(LOSS_CHOICES)}, got {self.loss!r}")
         positive = ("lr", "beta", "batch_size", "grad_accum", "max_length", "max_prompt_length", "lora_r", "bank_rank")

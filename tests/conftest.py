@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny offline tokenizer and Llama model, the shared data folder, and the real-model cache.
+
+Nothing here downloads anything. The tiny tokenizer is a byte-level BPE trained in-code on a few sentences,
+with ChatML special tokens and SmolLM2's chat template, so the chat-template code paths run exactly as they
+do for the real default model; the tiny model is a randomly initialised 2-layer LlamaForCausalLM.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Paris is the capital of France.",
+    "user assistant system",
+    "How do I reset my password? Use the forgot password link on the sign-in page.",
+    "I do not know. Maybe ask someone else.",
+    "Water boils at 100 degrees Celsius at sea level.",
+    "Take two tablets with food, and see a doctor if the pain lasts.",
+]
+TINY_SEED = 1234
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE (every string encodes, decoding round-trips) with ChatML specials and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_base(tokenizer, seed: int = TINY_SEED):
+    """A random 2-layer Llama wrapped as lifealign_lite's BaseModel; the same seed gives the same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lifealign_lite.model import BaseModel
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        use_cache=False,
+    )
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).float().eval()
+    torch.random.set_rng_state(rng_state)
+    info = {"name": "tiny-llama", "fingerprint": f"tiny-{seed}", "quant": "none", "dtype": "float32", "device": "cpu"}
+    return BaseModel(model=model, tokenizer=tokenizer, info=info)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_base(tiny_tokenizer):
+    """A fresh tiny model per test (attaching adapters modifies the model in place)."""
+    return build_tiny_base(tiny_tokenizer)
+
+
+@pytest.fixture
+def tiny_base_factory(tiny_tokenizer) -> Callable[..., object]:
+    """Build more tiny models with identical base weights (for resume and reload comparisons)."""
+    return lambda seed=TINY_SEED: build_tiny_base(tiny_tokenizer, seed)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder missing: {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def lifealign_home() -> Path:
+    """A persistent home for the real default model, so its GGUF conversion happens once per machine."""
+    home = Path(os.environ.get("LIFEALIGN_TEST_HOME") or Path.home() / ".cache" / "lifealign-lite-test")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
