@@ -104,12 +104,109 @@ def align(
 
 
 @app.command()
+def chat(
+    domain: str = typer.Option("auto", "--domain", "-d", help="A domain's memory, 'auto' (route each prompt), 'core' or 'base'."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one prompt on stdout and exit."),
+    bank: Optional[Path] = BankOpt,
+    recipe: Optional[str] = RecipeOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Base model (must be the bank's)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="auto|nf4|int8|none."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    unmerged: bool = typer.Option(False, "--unmerged", help="Keep the adapter unmerged (slower; for comparison)."),
+    sets: Optional[list[str]] = SetOpt,
+) -> None:
+    """Chat with the model and the bank's memory. Inside: /domain NAME, /reset, /quit."""
+    from lifealign_lite.chat import open_session
+    from lifealign_lite.memory.bank import BankError
+    from lifealign_lite.model import ModelError
+
+    rcp = build_recipe(recipe, sets, model=model, quant=quant)
+    try:
+        session = open_session(bank or default_bank(), home_dir(), rcp, domain=domain, merge=not unmerged)
+    except (BankError, ModelError, ValueError) as exc:
+        fail(str(exc))
+    if prompt is not None:
+        turn = session.ask(prompt, on_token=lambda t: print(t, end="", flush=True), max_new_tokens=max_new_tokens)
+        print()
+        err.print(f"[dim]memory: {turn.memory}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
+        return
+    err.print(f"[bold]lifealign-lite chat[/]  domains: {', '.join(session.available())}  (/domain NAME, /reset, /quit)")
+    while True:
+        try:
+            text = out.input(f"[bold cyan]\\[{session.domain}] you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.print()
+            return
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            session.history = []
+            out.print("[dim]conversation cleared[/]")
+            continue
+        if text.startswith("/domain"):
+            try:
+                session.set_domain(text.split(maxsplit=1)[1].strip() if " " in text else "")
+                out.print(f"[dim]memory: {session.domain}[/]")
+            except BankError as exc:
+                out.print(f"[red]{exc}[/]")
+            continue
+        out.print("[bold green]assistant>[/] ", end="")
+        turn = session.ask(text, on_token=lambda t: out.print(t, end="", markup=False, highlight=False), max_new_tokens=max_new_tokens)
+        where = f"{turn.memory} (routed, {turn.route.scores.get(turn.memory, 0):.2f})" if turn.route else turn.memory
+        out.print(f"\n[dim]memory: {where}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
+
+
+@app.command("route")
+def route_cmd(
+    text: str = typer.Argument(..., help="A prompt to route."),
+    bank: Optional[Path] = BankOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Rank the bank's domains by similarity to TEXT and say which memory chat would use."""
+    from lifealign_lite.align import make_embedder
+    from lifealign_lite.memory.bank import Bank, BankError
+    from lifealign_lite.memory.router import route
+
+    try:
+        bank_ = Bank(bank or default_bank())
+        state = bank_.load()
+        if not state.domains:
+            fail(f"{bank_.root}: no domains aligned yet; run `lifealign-lite align DATA --domain NAME` first")
+        rcp = load_recipe(None)
+        kind = state.meta.get("router", rcp.router)
+        if kind == "base":
+            from lifealign_lite.model import load_base
+
+            embedder = make_embedder(kind, load_base(rcp.model, home_dir(), "none"))
+        else:
+            embedder = make_embedder(kind)
+        threshold = state.meta.get("route_threshold", rcp.route_threshold)
+        result = route(embedder([text])[0], state.keys(), threshold)
+    except BankError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps({"domain": result.domain, "threshold": threshold, "scores": result.scores}))
+        return
+    table = Table("domain", "similarity", title=f"routes to: {result.domain} (threshold {threshold})")
+    for name, score in result.scores.items():
+        table.add_row(name, f"{score:.3f}")
+    out.print(table)
+
+
+@app.command()
 def recipes() -> None:
     """List the recipe presets."""
     table = Table("recipe", "description")
     for name, desc in list_recipes():
         table.add_row(name, desc)
     out.print(table)
+
+
+from .memory import memory_app  # noqa: E402 - the sub-app needs the helpers above
+
+app.add_typer(memory_app, name="memory")
 
 
 def main() -> None:

@@ -282,6 +282,21 @@ class Bank:
         self._write_manifest(manifest)
         return state
 
+    def remove_domain(self, name: str, base_info: dict) -> BankState:
+        """A new version without the domain's slot, key and replay pairs (what it taught the core stays there)."""
+        state = self.load()
+        state.slot_dir(name)  # raises for an unknown domain
+        pending = self.begin(state, event=f"rm {name}")
+        try:
+            shutil.rmtree(pending.folder / "slots" / name)
+            del pending.state.domains[name]
+            pending.keys = {k: v for k, v in state.keys().items() if k != name}
+            pending.replay = [p for p in state.replay() if p.domain != name]
+            return self.commit(pending, base_info)
+        except BaseException:
+            self.abort(pending)
+            raise
+
     # locking -------------------------------------------------------------------------------------------
     @contextmanager
     def lock(self, wait_s: float = 0.0) -> Iterator[None]:

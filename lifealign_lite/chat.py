@@ -1,0 +1,152 @@
+"""``chat``: answer with the right long-term memory.
+
+All adapters of the bank version (core and every slot) are loaded once into one PEFT model; the active one
+is merged into the weights (measured faster than unmerged LoRA, docs/PERFORMANCE.md) and switching domain
+unmerges it and merges another. ``auto`` routes each prompt by embedding similarity to a domain's key.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .memory.bank import Bank, BankError, BankState
+from .memory.router import CORE, Route, prompt_text, route
+from .model import _quiet, load_base
+
+BASE = "base"
+AUTO = "auto"
+
+
+@dataclass
+class ChatTurn:
+    text: str
+    memory: str  # the adapter that answered: a domain, "core" or "base"
+    route: Route | None
+    first_token_s: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class ChatSession:
+    """A base model with the bank's adapters loaded, one of them merged in at a time."""
+
+    model: object
+    tokenizer: object
+    state: BankState
+    domain: str  # a domain name, auto, core or base
+    threshold: float
+    embedder_factory: Callable[[], object]
+    merge: bool = True
+    active: str | None = None
+    history: list[dict] = field(default_factory=list)
+    _embedder: object | None = None
+
+    def available(self) -> list[str]:
+        return sorted(self.state.domains) + ([CORE] if self.state.core_dir() else []) + [BASE]
+
+    def set_domain(self, domain: str) -> None:
+        if domain not in (AUTO, *self.available()):
+            known = ", ".join(sorted(self.state.domains)) or "none yet"
+            raise BankError(f"unknown domain {domain!r}; known domains: {known} (or auto, core, base)")
+        self.domain = domain
+
+    def route(self, text: str) -> Route:
+        if self._embedder is None:
+            self._embedder = self.embedder_factory()
+        return route(self._embedder([text])[0], self.state.keys(), self.threshold)
+
+    def _activate(self, name: str) -> None:
+        """Make ``name`` (a domain, core or base) the adapter in use."""
+        if name == self.active:
+            return
+        if hasattr(self.model, "peft_config"):
+            if self.merge and self.active not in (None, BASE):
+                self.model.unmerge_adapter()
+            if name != BASE:
+                self.model.set_adapter(name)
+                if self.merge:
+                    self.model.merge_adapter()
+        self.active = name
+
+    def memory_for(self, text: str) -> tuple[str, Route | None]:
+        if self.domain != AUTO:
+            return self.domain, None
+        r = self.route(text)
+        return (r.domain if r.domain != CORE or self.state.core_dir() else BASE), r
+
+    def ask(self, text: str, on_token: Callable[[str], None] | None = None, max_new_tokens: int = 256, keep_history: bool = True) -> ChatTurn:
+        """Answer ``text`` (with the conversation so far), streaming pieces of text to ``on_token``."""
+        from transformers import TextIteratorStreamer
+
+        t0 = time.perf_counter()
+        memory, r = self.memory_for(text)
+        self._activate(memory)
+        messages = self.history + [{"role": "user", "content": text}]
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1, streamer=streamer,
+                      pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
+        run = self.model.disable_adapter() if memory == BASE and hasattr(self.model, "peft_config") else _nullcontext()
+
+        def generate():
+            with torch.no_grad(), run:
+                self.model.generate(**kwargs)
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        pieces, first = [], None
+        for piece in streamer:
+            if first is None:
+                first = time.perf_counter() - t0
+            pieces.append(piece)
+            if on_token:
+                on_token(piece)
+        thread.join()
+        answer = "".join(pieces).strip()
+        if keep_history:
+            self.history = messages + [{"role": "assistant", "content": answer}]
+        n_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: bool = True) -> ChatSession:
+    """Load the base model and every adapter of the bank's current version for chatting."""
+    from peft import PeftModel
+
+    from .align import make_embedder
+
+    bank = Bank(bank_dir)
+    state = bank.load()
+    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code)
+    bank.check_base(base.info)
+    base.model.eval()
+    model = base.model
+    adapters = [(name, state.slot_dir(name)) for name in sorted(state.domains)] + ([(CORE, state.core_dir())] if state.core_dir() else [])
+    with _quiet():
+        for i, (name, folder) in enumerate(adapters):
+            if i == 0:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+            else:
+                model.load_adapter(str(folder), adapter_name=name)
+    model.eval()
+    session = ChatSession(model=model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
+                          embedder_factory=lambda: make_embedder(state.meta.get("router", recipe.router), base), merge=merge)
+    session.set_domain(domain)
+    return session
