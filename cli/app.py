@@ -195,6 +195,51 @@ def route_cmd(
     out.print(table)
 
 
+@app.command("eval")
+def eval_cmd(
+    data: Path = typer.Argument(..., help="Held-out preference pairs (JSON Lines)."),
+    domain: str = typer.Option("auto", "--domain", "-d", help="A domain's memory, 'auto' (route each pair), 'core' or 'base'."),
+    bank: Optional[Path] = BankOpt,
+    recipe: Optional[str] = RecipeOpt,
+    model: Optional[str] = typer.Option(None, "--model"),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Score N pairs (seeded shuffle)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    sets: Optional[list[str]] = SetOpt,
+) -> None:
+    """Preference accuracy (implicit reward vs the base), length-normalized accuracy and mean reward margin."""
+    from lifealign_lite.chat import open_session
+    from lifealign_lite.data import load_pairs
+    from lifealign_lite.evaluate import evaluate
+    from lifealign_lite.memory.bank import BankError
+    from lifealign_lite.model import ModelError
+    from lifealign_lite.progress import RichReporter
+
+    rcp = build_recipe(recipe, sets, model=model)
+    try:
+        pairs = load_pairs(data, max_pairs=max_pairs, seed=rcp.seed)
+        session = open_session(bank or default_bank(), home_dir(), rcp, domain=domain)
+        with RichReporter(err) as reporter:
+            result = evaluate(session, pairs, rcp, domain, reporter=reporter)
+    except DataError as exc:
+        for line in exc.problems:
+            err.print(line, highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(2)
+    except (BankError, ModelError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("pairs", "preference acc", "length-norm acc", "mean reward margin", title=f"{data} with memory '{domain}'")
+    rows = [("all", result)] + list(result.get("per_domain", {}).items())
+    if len(rows) > 1:
+        table.columns.insert(0, type(table.columns[0])(header="domain"))
+    for name, r in rows:
+        cells = [str(r["pairs"]), f"{r['pref_acc']:.3f}", f"{r['lennorm_acc']:.3f}", f"{r['margin']:+.4f}"]
+        table.add_row(*(([name] if len(rows) > 1 else []) + cells))
+    out.print(table)
+    err.print(f"memory used: {result['memory_used']}")
+
+
 @app.command()
 def recipes() -> None:
     """List the recipe presets."""

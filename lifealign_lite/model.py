@@ -115,8 +115,9 @@ def default_model_dir(home: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The de-quantized weights are plain fp32 tensors; drop the GGUF marker so they save as safetensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -228,17 +229,17 @@ def attach_adapters(base: BaseModel, recipe, memory_dir: Path | None = None, gra
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     model = base.model
-    if base.info["quant"] != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    if memory_dir is not None:
-        with _quiet():
+    with _quiet():
+        if base.info["quant"] != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        if memory_dir is not None:
             model = PeftModel.from_pretrained(model, str(memory_dir), adapter_name=MEMORY, is_trainable=False)
-        model.add_adapter(SHORT, lora_config(recipe))
-        model.base_model.set_adapter([MEMORY, SHORT])
-        for name, param in model.named_parameters():
-            param.requires_grad = f".{SHORT}." in name
-    else:
-        model = get_peft_model(model, lora_config(recipe), adapter_name=SHORT)
+            model.add_adapter(SHORT, lora_config(recipe))
+            model.base_model.set_adapter([MEMORY, SHORT])
+            for name, param in model.named_parameters():
+                param.requires_grad = f".{SHORT}." in name
+        else:
+            model = get_peft_model(model, lora_config(recipe), adapter_name=SHORT)
     return model
 
 

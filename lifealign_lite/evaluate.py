@@ -1,0 +1,73 @@
+"""Scores that need no judge model, on held-out preference pairs (../shared/DESIGN.md, evaluation protocol).
+
+- preference accuracy: share of pairs whose implicit reward (margin against the base model) ranks the chosen
+  response above the rejected one, ties counting one half;
+- length-normalized preference accuracy: share where the mean per-token log-prob of chosen beats rejected
+  (the base model has a real score here, so forward transfer is meaningful);
+- mean reward margin: ``beta * h`` averaged over pairs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+from .chat import AUTO, BASE, ChatSession
+from .data import Pair
+from .memory.router import prompt_text
+from .train import score_pairs, tokenize_pairs
+
+METRICS = ("pref_acc", "lennorm_acc", "margin")
+
+
+def metrics_from_scores(policy: dict[str, torch.Tensor], base: dict[str, torch.Tensor], beta: float) -> dict[str, float]:
+    """The three scores of a set of pairs from its policy and base log-probs (outputs of ``score_pairs``)."""
+    h = (policy["chosen"] - policy["rejected"]) - (base["chosen"] - base["rejected"])
+    pref = ((h > 0).float() + 0.5 * (h == 0).float()).mean()
+    c = policy["chosen"] / policy["chosen_tokens"].clamp(min=1)
+    r = policy["rejected"] / policy["rejected_tokens"].clamp(min=1)
+    lennorm = ((c > r).float() + 0.5 * (c == r).float()).mean()
+    return {"pref_acc": float(pref), "lennorm_acc": float(lennorm), "margin": float((beta * h).mean()), "pairs": int(h.numel())}
+
+
+def _subset(scores: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in scores.items()}
+
+
+def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, reporter=None) -> dict:
+    """Score ``pairs`` with the memory ``domain`` selects (a domain, ``auto``, ``core`` or ``base``)."""
+    items, _ = tokenize_pairs(pairs, session.tokenizer, recipe.max_length, recipe.max_prompt_length)
+    device = next(session.model.parameters()).device
+    pad = session.tokenizer.pad_token_id
+    session.set_domain(domain)
+    if domain == AUTO:
+        memories = [session.memory_for(prompt_text(p))[0] for p in pairs]
+    else:
+        memories = [domain] * len(pairs)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, m in enumerate(memories):
+        groups[m].append(i)
+    report = reporter.advance if reporter else (lambda *a: None)
+    if reporter:
+        reporter.start("score", len(pairs) * (1 + sum(m != BASE for m in groups)))
+    session._activate(BASE)
+    with session.model.disable_adapter() if hasattr(session.model, "peft_config") else torch.no_grad():
+        base_scores = score_pairs(session.model, items, pad, device, progress=lambda n: report("score", n, {}))
+    policy = {k: v.clone() for k, v in base_scores.items()}
+    for memory, idx in groups.items():
+        if memory == BASE:
+            continue
+        session._activate(memory)
+        scored = score_pairs(session.model, [items[i] for i in idx], pad, device, progress=lambda n: report("score", n, {}))
+        for k in policy:
+            policy[k][idx] = scored[k]
+    result = {"domain": domain, **metrics_from_scores(policy, base_scores, recipe.beta), "memory_used": {m: len(i) for m, i in groups.items()}}
+    by_domain: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        if p.domain:
+            by_domain[p.domain].append(i)
+    if by_domain:
+        result["per_domain"] = {d: metrics_from_scores(_subset(policy, idx), _subset(base_scores, idx), recipe.beta) for d, idx in sorted(by_domain.items())}
+    return result

@@ -1,0 +1,440 @@
+"""Tests for lifealign_lite.memory.bank: adapters on disk, versions, rollback, damage, locking, replay bound.
+
+No language model is needed: updates are random low-rank factors, and the PEFT check uses a 1-layer Llama
+built from a LlamaConfig. Every bank lives in a pytest tmp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from lifealign_lite.align import update_replay
+from lifealign_lite.data import Pair
+from lifealign_lite.memory.bank import (
+    Bank,
+    BankError,
+    BankState,
+    folder_size,
+    read_adapter,
+    replace_adapter,
+    write_adapter,
+)
+from lifealign_lite.memory.consolidate import LowRank
+
+SETTINGS = settings(max_examples=40, deadline=None, database=None, derandomize=True)
+HIDDEN = 16
+MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+TARGETS = ["q_proj", "v_proj"]
+BANK_RANK = 4
+BASE = {"name": "tiny-llama", "fingerprint": "fp-tiny"}
+
+
+def lowrank(seed: int, rank: int, d_out: int = HIDDEN, d_in: int = HIDDEN) -> LowRank:
+    g = torch.Generator().manual_seed(seed)
+    return LowRank(torch.randn(d_out, rank, generator=g), torch.randn(rank, d_in, generator=g))
+
+
+def update(seed: int, ranks=(2, 3)) -> dict[str, LowRank]:
+    return {name: lowrank(seed * 10 + i, r) for i, (name, r) in enumerate(zip(MODULES, ranks))}
+
+
+def pair(i: int, domain: str | None) -> Pair:
+    return Pair(
+        prompt=[{"role": "user", "content": f"question {i} about {domain}"}],
+        chosen=[{"role": "assistant", "content": f"good answer {i}"}],
+        rejected=[{"role": "assistant", "content": f"bad answer {i}"}],
+        domain=domain,
+    )
+
+
+def inode(path: Path) -> int:
+    return path.stat().st_ino
+
+
+def align_like(bank: Bank, parent: BankState, domain: str, seed: int, *, touch_core: bool = True, keys: bool = True) -> BankState:
+    """One consolidation as align does it: (re)write core and the domain's slot, key, history and replay."""
+    pending = bank.begin(parent, event=f"align {domain}")
+    try:
+        if touch_core:
+            replace_adapter(pending.folder / "core", update(seed), BANK_RANK, TARGETS, BASE["name"])
+        replace_adapter(pending.folder / "slots" / domain, update(seed + 100), BANK_RANK, TARGETS, BASE["name"])
+        info = pending.state.domains.setdefault(domain, {"pairs_seen": 0, "lineage": []})
+        info["pairs_seen"] += 4
+        info["lineage"].append({"seed": seed})
+        pending.state.tasks.append(domain)
+        pending.state.meta = {"bank_rank": BANK_RANK, "target_modules": TARGETS, "router": "minilm"}
+        if keys:
+            k = parent.keys()
+            k[domain] = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(seed)), dim=1)
+            pending.keys = k
+        pending.history = parent.history() + [update(seed, ranks=(1, 1))]
+        pending.replay = parent.replay() + [pair(seed * 10 + i, domain) for i in range(3)]
+        return bank.commit(pending, BASE)
+    except BaseException:
+        bank.abort(pending)
+        raise
+
+
+@pytest.fixture
+def bank2(tmp_path) -> Bank:
+    """A bank at version 2: medical (v1), then support (v2)."""
+    bank = Bank(tmp_path / "bank")
+    s1 = align_like(bank, bank.load(), "medical", seed=1)
+    align_like(bank, s1, "support", seed=2)
+    return bank
+
+
+# -- adapters on disk -------------------------------------------------------------------------------------
+
+def test_write_read_round_trip_pads_to_uniform_rank(tmp_path):
+    upd = update(3, ranks=(2, 3))
+    folder = write_adapter(tmp_path / "a", upd, BANK_RANK, TARGETS, "tiny")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == BANK_RANK and config["lora_alpha"] == BANK_RANK and config["target_modules"] == sorted(TARGETS)
+    for name, u in upd.items():
+        a = tensors[f"base_model.model.{name}.lora_A.weight"]
+        b = tensors[f"base_model.model.{name}.lora_B.weight"]
+        assert a.shape == (BANK_RANK, HIDDEN) and b.shape == (HIDDEN, BANK_RANK)
+        # Zero padding beyond the update's own rank, in both factors.
+        assert torch.count_nonzero(a[u.rank:]) == 0 and torch.count_nonzero(b[:, u.rank:]) == 0
+    back, cfg = read_adapter(folder)
+    assert set(back) == set(MODULES) and cfg["r"] == BANK_RANK
+    for name, u in upd.items():
+        assert back[name].rank == BANK_RANK
+        torch.testing.assert_close(back[name].dense(), u.dense(), rtol=1e-5, atol=1e-5)
+
+
+def test_write_adapter_refuses_rank_above_bank_rank(tmp_path):
+    with pytest.raises(ValueError, match="exceeds the bank rank"):
+        write_adapter(tmp_path / "a", {MODULES[0]: lowrank(0, BANK_RANK + 1)}, BANK_RANK, TARGETS, "tiny")
+
+
+@pytest.mark.parametrize("use_rslora, expected_scale", [(False, 8 / 2), (True, 8 / 2 ** 0.5)])
+def test_read_adapter_folds_lora_scaling_into_b(tmp_path, use_rslora, expected_scale):
+    """A PEFT folder with r=2, lora_alpha=8 reads as scale * B @ A (alpha/r, or alpha/sqrt(r) with rsLoRA)."""
+    u = lowrank(7, 2)
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file({f"base_model.model.{MODULES[0]}.lora_A.weight": u.A.contiguous(),
+               f"base_model.model.{MODULES[0]}.lora_B.weight": u.B.contiguous()}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 8, "use_rslora": use_rslora}))
+    back, _ = read_adapter(folder)
+    torch.testing.assert_close(back[MODULES[0]].dense(), expected_scale * u.dense(), rtol=1e-5, atol=1e-5)
+
+
+def test_written_adapter_loads_in_peft_with_delta_b_at_a(tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    base = LlamaForCausalLM(config).eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        before = base(ids).logits.clone()
+    upd = update(5, ranks=(2, 3))
+    folder = write_adapter(tmp_path / "a", upd, BANK_RANK, TARGETS, "tiny")
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    for name, u in upd.items():
+        module = model.get_submodule(f"base_model.model.{name}")
+        delta = module.get_delta_weight("default")
+        torch.testing.assert_close(delta, u.dense(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not torch.allclose(before, after), "the loaded adapter must change the model's output"
+
+
+def test_read_adapter_missing_file_names_path(tmp_path):
+    folder = write_adapter(tmp_path / "a", update(1), BANK_RANK, TARGETS, "tiny")
+    (folder / "adapter_config.json").unlink()
+    with pytest.raises(BankError, match="adapter_config.json: missing"):
+        read_adapter(folder)
+
+
+# -- versions ------------------------------------------------------------------------------------------------
+
+def test_begin_commit_versions_share_unchanged_files_as_hard_links(tmp_path):
+    bank = Bank(tmp_path / "bank")
+    s1 = align_like(bank, bank.load(), "medical", seed=1)
+    assert s1.version == 1 and (bank.root / "versions" / "000001" / "state.json").is_file()
+    # v2 adds a slot but leaves the core and medical's slot untouched, and keeps keys as they are.
+    s2 = align_like(bank, s1, "support", seed=2, touch_core=False, keys=False)
+    assert s2.version == 2
+    v1, v2 = bank.version_dir(1), bank.version_dir(2)
+    for rel in ["core/adapter_model.safetensors", "core/adapter_config.json", "slots/medical/adapter_model.safetensors", "keys.safetensors"]:
+        assert inode(v1 / rel) == inode(v2 / rel), f"{rel} should be a hard link to the parent's file"
+        assert (v2 / rel).stat().st_nlink >= 2
+    for rel in ["state.json", "history.safetensors", "replay.jsonl"]:
+        assert inode(v1 / rel) != inode(v2 / rel), f"{rel} changed and must be a new file"
+    assert (v2 / "slots" / "support" / "adapter_model.safetensors").stat().st_nlink == 1
+    assert sorted(s2.domains) == ["medical", "support"] and s2.tasks == ["medical", "support"]
+    assert len(s2.history()) == 2 and len(s2.replay()) == 6
+
+
+def test_rewritten_adapter_gets_new_inode_and_parent_stays_intact(tmp_path):
+    bank = Bank(tmp_path / "bank")
+    s1 = align_like(bank, bank.load(), "medical", seed=1)
+    core_v1 = read_adapter(s1.core_dir())[0]
+    bytes_v1 = (s1.core_dir() / "adapter_model.safetensors").read_bytes()
+    s2 = align_like(bank, s1, "medical", seed=9)  # rewrites core and medical's slot
+    assert inode(s1.core_dir() / "adapter_model.safetensors") != inode(s2.core_dir() / "adapter_model.safetensors")
+    assert (s1.core_dir() / "adapter_model.safetensors").read_bytes() == bytes_v1
+    again = read_adapter(bank.load(1).core_dir())[0]
+    for name in core_v1:
+        torch.testing.assert_close(again[name].dense(), core_v1[name].dense())
+    assert not torch.allclose(read_adapter(s2.core_dir())[0][MODULES[0]].dense(), core_v1[MODULES[0]].dense())
+    assert s2.domains["medical"]["pairs_seen"] == 8 and len(s2.domains["medical"]["lineage"]) == 2
+
+
+def test_manifest_current_pointer_and_version_log(bank2):
+    manifest = bank2.manifest()
+    assert manifest["current"] == 2
+    assert manifest["base"] == BASE
+    assert [(v["version"], v["parent"]) for v in manifest["versions"]] == [(1, 0), (2, 1)]
+    assert bank2.load().version == 2
+    # No temporary folder is left behind after successful commits.
+    assert sorted(p.name for p in (bank2.root / "versions").iterdir()) == ["000001", "000002"]
+
+
+def test_rollback_to_earlier_version_then_commit_on_top(bank2):
+    state = bank2.rollback(1)
+    assert state.version == 1 and sorted(state.domains) == ["medical"]
+    assert bank2.manifest()["current"] == 1 and bank2.load().version == 1
+    # Later versions stay on disk; a new commit gets a fresh number and records its true parent.
+    assert bank2.version_dir(2).is_dir()
+    s3 = align_like(bank2, bank2.load(), "legal", seed=3)
+    assert s3.version == 3 and sorted(s3.domains) == ["legal", "medical"]
+    assert bank2.manifest()["versions"][-1]["parent"] == 1
+    assert bank2.rollback(2).version == 2  # rolling forward works too
+
+
+def test_rollback_to_missing_version_is_refused(bank2):
+    with pytest.raises(BankError, match=r"no version 7 .*versions: 1, 2"):
+        bank2.rollback(7)
+    assert bank2.manifest()["current"] == 2
+
+
+def test_rollback_to_zero_gives_empty_bank(bank2):
+    assert bank2.rollback(0).domains == {}
+    assert bank2.load().version == 0
+
+
+def test_corrupted_state_json_names_file_and_other_versions_still_load(bank2):
+    path = bank2.version_dir(2) / "state.json"
+    path.write_text('{"domains": {"medical": ')
+    with pytest.raises(BankError) as info:
+        bank2.load()
+    assert str(path) in str(info.value) and "rollback 1" in str(info.value)
+    old = bank2.load(1)
+    assert sorted(old.domains) == ["medical"] and read_adapter(old.slot_dir("medical"))[0]
+    bank2.rollback(1)
+    assert bank2.load().version == 1
+
+
+def test_missing_state_json_is_reported(bank2):
+    (bank2.version_dir(2) / "state.json").unlink()
+    with pytest.raises(BankError, match="state.json: missing"):
+        bank2.load(2)
+
+
+def test_corrupted_adapter_weights_name_the_path(bank2):
+    state = bank2.load()
+    slot = state.slot_dir("support")  # written in v2 only, so not shared with v1
+    weights = slot / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3])
+    with pytest.raises(BankError) as info:
+        read_adapter(slot)
+    assert str(slot) in str(info.value) and "corrupted" in str(info.value)
+    assert read_adapter(state.slot_dir("medical"))[0]  # the other slot is fine
+
+
+def test_corrupted_keys_and_replay_raise_bank_error(bank2):
+    state = bank2.load()
+    (state.folder / "keys.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(BankError, match="keys.safetensors: corrupted"):
+        state.keys()
+    (state.folder / "replay.jsonl").write_text("{broken\n")
+    with pytest.raises(BankError, match="replay.jsonl: corrupted replay buffer"):
+        state.replay()
+
+
+def test_corrupted_manifest_raises_bank_error(bank2):
+    bank2.manifest_path.write_text("{")
+    with pytest.raises(BankError, match="corrupted manifest"):
+        bank2.load()
+
+
+def test_check_base_refuses_other_fingerprint(bank2):
+    bank2.check_base(BASE)  # same base: fine
+    with pytest.raises(BankError) as info:
+        bank2.check_base({"name": "other-model", "fingerprint": "fp-other"})
+    msg = str(info.value)
+    assert "tiny-llama" in msg and "fp-tiny" in msg and "other-model" in msg and "--model tiny-llama" in msg
+    Bank(bank2.root.parent / "fresh").check_base({"name": "x", "fingerprint": "y"})  # an empty bank accepts any base
+
+
+def test_remove_domain_makes_new_version_without_it(bank2):
+    before = bank2.load()
+    state = bank2.remove_domain("medical", BASE)
+    assert state.version == 3 and sorted(state.domains) == ["support"]
+    assert not (state.folder / "slots" / "medical").exists()
+    assert set(state.keys()) == {"support"}
+    assert state.replay() and all(p.domain == "support" for p in state.replay())
+    assert state.core_dir() is not None and read_adapter(state.core_dir())[0]
+    # The previous version is untouched and can be restored.
+    assert (before.folder / "slots" / "medical" / "adapter_model.safetensors").is_file()
+    assert "medical" in bank2.rollback(2).domains
+
+
+def test_remove_unknown_domain_is_refused_without_new_version(bank2):
+    with pytest.raises(BankError, match="known domains: medical, support"):
+        bank2.remove_domain("legal", BASE)
+    assert bank2.manifest()["current"] == 2
+    assert sorted(p.name for p in (bank2.root / "versions").iterdir()) == ["000001", "000002"]
+
+
+def test_slot_dir_of_unknown_domain_lists_known_ones(bank2):
+    state = bank2.load()
+    assert state.slot_dir("medical") == state.folder / "slots" / "medical"
+    with pytest.raises(BankError, match=r"unknown domain 'legal'; known domains: medical, support"):
+        state.slot_dir("legal")
+    with pytest.raises(BankError, match="none yet"):
+        BankState().slot_dir("medical")
+
+
+# -- locking -------------------------------------------------------------------------------------------------
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from lifealign_lite.memory.bank import Bank
+    with Bank(sys.argv[1]).lock():
+        print("locked", flush=True)
+        sys.stdin.readline()
+    print("released", flush=True)
+    """
+)
+
+
+def test_lock_held_by_another_process(tmp_path):
+    root = tmp_path / "bank"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        bank = Bank(root)
+        t0 = time.monotonic()
+        with pytest.raises(BankError, match=f"being written by pid {holder.pid}"):
+            with bank.lock(wait_s=0):
+                pass
+        assert time.monotonic() - t0 < 1.0, "wait_s=0 must fail at once"
+
+        # With a wait, the lock is taken once the holder lets go.
+        release = threading.Timer(0.7, lambda: (holder.stdin.write("go\n"), holder.stdin.flush()))
+        release.start()
+        t0 = time.monotonic()
+        with bank.lock(wait_s=15):
+            waited = time.monotonic() - t0
+            assert (root / ".lock").read_text() == f"pid {os.getpid()}"
+        release.join()
+        assert 0.5 <= waited < 10
+        assert holder.wait(timeout=30) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_lock_wait_gives_up_after_deadline(tmp_path):
+    root = tmp_path / "bank"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        with pytest.raises(BankError, match="being written"):
+            with Bank(root).lock(wait_s=1.0):
+                pass
+        assert 0.9 <= time.monotonic() - t0 < 5
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_lock_is_released_after_an_error_inside(tmp_path):
+    bank = Bank(tmp_path / "bank")
+    with pytest.raises(RuntimeError, match="boom"):
+        with bank.lock():
+            raise RuntimeError("boom")
+    with bank.lock():
+        pass
+    assert (bank.root / ".lock").read_text() == ""
+
+
+# -- replay buffer and sizes ---------------------------------------------------------------------------------
+
+@SETTINGS
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=30), min_size=0, max_size=5),
+    new=st.integers(min_value=1, max_value=40),
+    ratio=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+    extra=st.integers(min_value=0, max_value=20),
+)
+def test_update_replay_stays_bounded_and_keeps_every_domain(sizes, new, ratio, extra):
+    buffer = [pair(1000 * d + i, f"d{d}") for d, n in enumerate(sizes) for i in range(n)]
+    task = [pair(i, None) for i in range(new)]
+    size = len(sizes) + 1 + extra  # room for at least one pair per domain
+    out = update_replay(buffer, task, "newdom", ratio, size, seed=0)
+    assert len(out) <= size
+    domains_in = {f"d{d}" for d in range(len(sizes))} | ({"newdom"} if ratio > 0 else set())
+    assert {p.domain for p in out} == domains_in
+    import math
+
+    taken = [p for p in out if p.domain == "newdom"]
+    assert len(taken) <= math.ceil(ratio * new)
+    assert all(p.domain is not None for p in out)
+    if len(buffer) + math.ceil(ratio * new) <= size:
+        assert len(out) == len(buffer) + math.ceil(ratio * new)  # nothing trimmed while it fits
+
+
+def test_update_replay_trims_oldest_of_largest_domain():
+    buffer = [pair(i, "big") for i in range(10)] + [pair(100, "small")]
+    out = update_replay(buffer, [pair(200 + i, None) for i in range(5)], "new", 1.0, 10, seed=0)
+    big = [p for p in out if p.domain == "big"]
+    assert len(out) == 10 and len(big) == 4
+    assert big == buffer[6:10], "the oldest pairs of the largest domain go first"
+    assert [p.domain for p in out].count("small") == 1 and [p.domain for p in out].count("new") == 5
+
+
+def test_folder_size_counts_hard_links_once(tmp_path):
+    folder = tmp_path / "f"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"x" * 1000)
+    (folder / "b.bin").write_bytes(b"y" * 300)
+    os.link(folder / "a.bin", folder / "sub" / "a-link.bin")
+    assert folder_size(folder) == 1300
+
+
+def test_folder_size_of_versions_is_less_than_sum_of_versions(tmp_path):
+    bank = Bank(tmp_path / "bank")
+    s1 = align_like(bank, bank.load(), "medical", seed=1)
+    align_like(bank, s1, "support", seed=2, touch_core=False)
+    v1, v2 = folder_size(bank.version_dir(1)), folder_size(bank.version_dir(2))
+    total = folder_size(bank.root / "versions")
+    shared = (bank.version_dir(1) / "core" / "adapter_model.safetensors").stat().st_size
+    assert total <= v1 + v2 - shared
+    assert total > max(v1, v2)
