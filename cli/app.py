@@ -226,6 +226,7 @@ def eval_cmd(
         raise typer.Exit(2)
     except (BankError, ModelError, ValueError) as exc:
         fail(str(exc))
+    result.pop("_base_scores")
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -252,6 +253,8 @@ def recipes() -> None:
 from .memory import memory_app  # noqa: E402 - the sub-app needs the helpers above
 
 app.add_typer(memory_app, name="memory")
+from .bench import bench_app  # noqa: E402
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

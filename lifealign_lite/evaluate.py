@@ -36,8 +36,12 @@ def _subset(scores: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.
     return {k: v[idx] for k, v in scores.items()}
 
 
-def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, reporter=None) -> dict:
-    """Score ``pairs`` with the memory ``domain`` selects (a domain, ``auto``, ``core`` or ``base``)."""
+def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, reporter=None, base_scores: dict | None = None) -> dict:
+    """Score ``pairs`` with the memory ``domain`` selects (a domain, ``auto``, ``core`` or ``base``).
+
+    ``base_scores`` (the base model's ``score_pairs`` output for these pairs) skips recomputing the reference.
+    The result carries them under ``"_base_scores"`` for reuse.
+    """
     items, _ = tokenize_pairs(pairs, session.tokenizer, recipe.max_length, recipe.max_prompt_length)
     device = next(session.model.parameters()).device
     pad = session.tokenizer.pad_token_id
@@ -51,10 +55,11 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
         groups[m].append(i)
     report = reporter.advance if reporter else (lambda *a: None)
     if reporter:
-        reporter.start("score", len(pairs) * (1 + sum(m != BASE for m in groups)))
-    session._activate(BASE)
-    with session.model.disable_adapter() if hasattr(session.model, "peft_config") else torch.no_grad():
-        base_scores = score_pairs(session.model, items, pad, device, progress=lambda n: report("score", n, {}))
+        reporter.start("score", (len(pairs) if base_scores is None else 0) + sum(len(i) for m, i in groups.items() if m != BASE))
+    if base_scores is None:
+        session._activate(BASE)
+        with session.model.disable_adapter() if hasattr(session.model, "peft_config") else torch.no_grad():
+            base_scores = score_pairs(session.model, items, pad, device, progress=lambda n: report("score", n, {}))
     policy = {k: v.clone() for k, v in base_scores.items()}
     for memory, idx in groups.items():
         if memory == BASE:
@@ -70,4 +75,5 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
             by_domain[p.domain].append(i)
     if by_domain:
         result["per_domain"] = {d: metrics_from_scores(_subset(policy, idx), _subset(base_scores, idx), recipe.beta) for d, idx in sorted(by_domain.items())}
+    result["_base_scores"] = base_scores
     return result

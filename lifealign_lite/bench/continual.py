@@ -1,0 +1,257 @@
+"""``bench continual``: the paper's continual-alignment protocol, offline, with baselines.
+
+After training on each task i, every method is scored on the test split of every task j (matrix ``R[i][j]``),
+for each score of ``evaluate`` (preference accuracy, length-normalized accuracy, reward margin). With T tasks
+and ``R0[j]`` the base model's score:
+
+- Last = mean_j R[T][j];  AP = mean_k (mean_{j<=k} R[k][j]);
+- BWT = mean_{j<T} (R[T][j] - R[j][j]) (negative = forgetting);  FWT = mean_{j>1} (R[j-1][j] - R0[j]).
+
+Every method is the project's own ``align`` with different recipe knobs, so the comparison changes one thing
+at a time: sequential fine-tuning is SLMC switched off (``tau = 1``, ``projection_gamma = 1``, a rank budget
+that truncates nothing), replay is ``replay_mix``, DPO is ``focal_gamma = 0``. The run is resumable: each
+finished (method, task) step is recorded in ``OUT/state.json`` and skipped on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..align import align
+from ..chat import open_session
+from ..data import Pair, load_pairs, validate_domain_name, write_pairs
+from ..evaluate import METRICS, evaluate
+from ..memory.bank import Bank
+from ..recipe import load_recipe
+
+_SEQ = {"tau": 1.0, "projection_gamma": 1.0, "replay_mix": 0.0}
+# name -> (recipe overrides, memory evaluated, how tasks are trained)
+METHODS: dict[str, tuple[dict, str, str]] = {
+    "seq-dpo": ({"loss": "dpo", **_SEQ}, "core", "stream"),
+    "seq-fpo": ({"loss": "fpo", **_SEQ}, "core", "stream"),
+    "replay": ({"loss": "dpo", **_SEQ, "replay_mix": 0.2}, "core", "stream"),
+    "replay-fpo": ({"loss": "fpo", **_SEQ, "replay_mix": 0.2}, "core", "stream"),  # ablation: FPO without SLMC
+    "replay-slmc": ({"loss": "dpo", "replay_mix": 0.2}, "core", "stream"),  # ablation: SLMC without FPO
+    "lifealign": ({"loss": "fpo", "replay_mix": 0.2}, "core", "stream"),
+    "lifealign-bank": ({"loss": "fpo", "replay_mix": 0.2}, "auto", "stream"),
+    "sep": ({"loss": "dpo", **_SEQ}, "told", "separate"),  # one adapter per task from the base, told the domain
+    "mtl": ({"loss": "dpo", **_SEQ}, "core", "joint"),  # all tasks at once: the upper bound (final row only)
+}
+NOT_IMPLEMENTED = {"ewc", "olora"}
+# methods whose training runs are identical: the second reuses the first's bank and only evaluates differently
+SHARED_TRAINING = {"lifealign-bank": "lifealign"}
+
+
+class BenchError(ValueError):
+    """A bench that cannot run as asked."""
+
+
+@dataclass
+class Task:
+    name: str
+    train: Path
+    test: Path
+
+
+def parse_task(spec: str) -> Task:
+    """``NAME=TRAIN.jsonl:TEST.jsonl``."""
+    name, sep, paths = spec.partition("=")
+    train, sep2, test = paths.rpartition(":")
+    if not sep or not sep2 or not train or not test:
+        raise BenchError(f"task {spec!r}: expected NAME=TRAIN.jsonl:TEST.jsonl")
+    return Task(validate_domain_name(name), Path(train), Path(test))
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    for m in names:
+        if m in NOT_IMPLEMENTED:
+            raise BenchError(f"method {m!r} is not implemented yet; available: {', '.join(METHODS)}")
+        if m not in METHODS:
+            raise BenchError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
+    return names
+
+
+# -- metrics ------------------------------------------------------------------------------------------------
+
+def transfer_metrics(R: Sequence[Sequence[float | None]], R0: Sequence[float]) -> dict[str, float | None]:
+    """Last, AP, BWT and FWT of a T x T score matrix (rows: after task i; columns: test set j)."""
+    T = len(R0)
+    complete = len(R) == T and all(v is not None for row in R for v in row)
+    last = sum(R[-1]) / T if len(R) == T and all(v is not None for v in R[-1]) else None
+    if not complete:
+        return {"Last": last, "AP": None, "BWT": None, "FWT": None}
+    ap = sum(sum(R[k][j] for j in range(k + 1)) / (k + 1) for k in range(T)) / T
+    bwt = sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0
+    fwt = sum(R[j - 1][j] - R0[j] for j in range(1, T)) / (T - 1) if T > 1 else 0.0
+    return {"Last": last, "AP": ap, "BWT": bwt, "FWT": fwt}
+
+
+# -- the run ------------------------------------------------------------------------------------------------
+
+def _save_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, recipe_name: str | None = None,
+                  overrides: dict | None = None, max_pairs: int = 0, max_test: int = 0, reporter=None, command: str = "") -> dict:
+    """Run (or resume) the bench; returns the results written to ``out/results.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_recipe = load_recipe(recipe_name, overrides or {})
+    tests = {t.name: load_pairs(t.test, max_pairs=max_test or None, seed=0) for t in tasks}
+    trains = {t.name: load_pairs(t.train, max_pairs=max_pairs or None, seed=base_recipe.seed) for t in tasks}
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    config = {"tasks": [[t.name, str(t.train), str(t.test)] for t in tasks], "max_pairs": max_pairs, "max_test": max_test,
+              "recipe": base_recipe.to_dict()}
+    if state.get("config", config) != config:
+        raise BenchError(f"{out} holds a bench with other tasks or settings; use another --out")
+    state.setdefault("config", config)
+    state.setdefault("scores", {})  # method -> "i,j" -> metrics
+    state.setdefault("seconds", {})
+    started = time.perf_counter()
+    steps = [(m, i) for m in methods for i in range(len(tasks))]
+    if reporter:
+        reporter.start("bench", len(steps) + 1, 0)
+
+    def step_done() -> None:
+        _save_json(state_path, state)
+        if reporter:
+            reporter.advance("bench", 1, {})
+
+    # R0: the base model on every test set (also the reference for preference accuracy)
+    base_cache: dict[str, dict] = {}
+    session = open_session(out / "banks" / "_empty", home, base_recipe, domain="base")
+    for t in tasks:
+        res = evaluate(session, tests[t.name], base_recipe, "base")
+        base_cache[t.name] = res.pop("_base_scores")
+        state.setdefault("base", {})[t.name] = {k: res[k] for k in METRICS}
+    step_done()
+    del session
+
+    T = len(tasks)
+    for method in methods:
+        overrides_m, memory, mode = METHODS[method]
+        recipe = load_recipe(recipe_name, {**(overrides or {}), **overrides_m,
+                                           **({"bank_rank": base_recipe.lora_r * T} if overrides_m.get("tau") == 1.0 else {})})
+        scores = state["scores"].setdefault(method, {})
+        for i, task in enumerate(tasks):
+            if f"{i},0" in scores:
+                if reporter:
+                    reporter.advance("bench", 1, {})
+                continue
+            t0 = time.perf_counter()
+            bank = out / "banks" / SHARED_TRAINING.get(method, method)
+            if mode == "separate":
+                bank = out / "banks" / method / task.name
+            if mode == "joint":
+                if i < T - 1:  # the upper bound is trained once, on everything
+                    scores[f"{i},0"] = None
+                    step_done()
+                    continue
+                joint = out / "joint.jsonl"
+                write_pairs(joint, [p for t in tasks for p in trains[t.name]])
+                trained_file, domain = joint, "all"
+            else:
+                trained_file = out / "train" / f"{task.name}.jsonl"
+                trained_file.parent.mkdir(exist_ok=True)
+                write_pairs(trained_file, trains[task.name])
+                domain = task.name
+            if _bank_tasks(bank) <= (i if mode == "stream" else 0):
+                align(trained_file, recipe, home, bank, domain=domain)
+            sess = None if mode == "separate" else open_session(bank, home, recipe, domain=memory)
+            for j, test in enumerate(tasks):
+                if mode == "separate" and j > i:  # no adapter for a task not seen yet: the base model answers
+                    scores[f"{i},{j}"] = {k: state["base"][test.name][k] for k in METRICS}
+                    continue
+                if mode == "separate":
+                    sess = open_session(out / "banks" / method / test.name, home, recipe, domain=test.name)
+                res = evaluate(sess, tests[test.name], recipe, test.name if mode == "separate" else memory, base_scores=base_cache[test.name])
+                scores[f"{i},{j}"] = {k: res[k] for k in METRICS}
+            state["seconds"][f"{method},{i}"] = round(time.perf_counter() - t0, 1)
+            step_done()
+
+    results = summarize(state, [t.name for t in tasks], methods)
+    results["_meta"] |= {"command": command, "wall_s_this_start": round(time.perf_counter() - started, 1)}
+    _save_json(out / "results.json", results)
+    (out / "results.md").write_text(markdown_table(results, methods))
+    plot(results, methods, out)
+    return results
+
+
+def _bank_tasks(bank: Path) -> int:
+    """Tasks already consolidated into a bank (0 for none): training a step twice is skipped on resume."""
+    return len(Bank(bank).load().tasks)
+
+
+def summarize(state: dict, task_names: list[str], methods: list[str]) -> dict:
+    T = len(task_names)
+    results: dict = {"_meta": {"tasks": task_names, "base": state.get("base", {}), "seconds": state.get("seconds", {}),
+                               "config": state.get("config")}}
+    for method in methods:
+        scores = state["scores"].get(method, {})
+        entry: dict = {"matrices": {}}
+        for metric in METRICS:
+            R = [[(scores.get(f"{i},{j}") or {}).get(metric) for j in range(T)] for i in range(T)]
+            R0 = [state["base"][n][metric] for n in task_names]
+            entry["matrices"][metric] = R
+            entry[metric] = transfer_metrics(R, R0)
+        results[method] = entry
+    return results
+
+
+def markdown_table(results: dict, methods: list[str]) -> str:
+    def f(v, pct=True):
+        return "n/a" if v is None else (f"{100 * v:.1f}" if pct else f"{v:+.4f}")
+
+    lines = ["| method | pref acc Last | AP | BWT | FWT | len-norm acc Last | AP | BWT | FWT |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        a, b = results[m]["pref_acc"], results[m]["lennorm_acc"]
+        lines.append(f"| {m} | " + " | ".join(f(x[k]) for x in (a, b) for k in ("Last", "AP", "BWT", "FWT")) + " |")
+    base = results["_meta"]["base"]
+    lines.append("")
+    lines.append("Base model (R0): " + ", ".join(f"{n} pref {100 * v['pref_acc']:.1f} / len-norm {100 * v['lennorm_acc']:.1f}" for n, v in base.items()))
+    lines.append("Scores are percentages of held-out pairs; BWT and FWT in percentage points.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, methods: list[str], out: Path) -> None:
+    """A heatmap of the preference-accuracy matrix per method and a bar chart of AP and BWT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["_meta"]["tasks"]
+    for m in methods:
+        R = [[float("nan") if v is None else 100 * v for v in row] for row in results[m]["matrices"]["pref_acc"]]
+        fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.0 * len(names) + 1.5))
+        im = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(names)), [f"after {n}" for n in names])
+        for i, row in enumerate(R):
+            for j, v in enumerate(row):
+                if v == v:
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k")
+        ax.set_title(f"{m}: preference accuracy (%)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / f"heatmap-{m}.png", dpi=100)
+        plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 1.1 * len(methods), 3.5))
+    for ax, key in zip(axes, ("AP", "BWT")):
+        vals = [results[m]["pref_acc"][key] for m in methods]
+        ax.bar(methods, [0 if v is None else 100 * v for v in vals], color=["#4c72b0" if "lifealign" in m else "#999999" for m in methods])
+        ax.set_title(f"preference accuracy {key} ({'%' if key == 'AP' else 'points'})")
+        ax.tick_params(axis="x", rotation=45)
+        ax.axhline(0, color="k", linewidth=0.5)
+    fig.tight_layout()
+    fig.savefig(out / "ap-bwt.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,61 @@
+"""The continual-alignment protocol's metrics and argument parsing (no model)."""
+
+import pytest
+
+from lifealign_lite.bench.continual import METHODS, BenchError, parse_methods, parse_task, transfer_metrics
+
+
+def test_transfer_metrics_hand_computed():
+    R0 = [0.5, 0.4, 0.3]
+    R = [
+        [0.8, 0.5, 0.35],
+        [0.7, 0.9, 0.4],
+        [0.6, 0.85, 0.95],
+    ]
+    m = transfer_metrics(R, R0)
+    assert m["Last"] == pytest.approx((0.6 + 0.85 + 0.95) / 3)
+    assert m["AP"] == pytest.approx((0.8 + (0.7 + 0.9) / 2 + (0.6 + 0.85 + 0.95) / 3) / 3)
+    assert m["BWT"] == pytest.approx(((0.6 - 0.8) + (0.85 - 0.9)) / 2)
+    assert m["FWT"] == pytest.approx(((0.5 - 0.4) + (0.4 - 0.3)) / 2)
+
+
+def test_no_forgetting_gives_zero_bwt():
+    R = [[0.7, 0.5], [0.7, 0.8]]
+    assert transfer_metrics(R, [0.5, 0.5])["BWT"] == pytest.approx(0.0)
+
+
+def test_incomplete_matrix_reports_last_only():
+    R = [[None, None], [0.6, 0.7]]  # the multi-task upper bound has only its final row
+    m = transfer_metrics(R, [0.5, 0.5])
+    assert m["Last"] == pytest.approx(0.65)
+    assert m["AP"] is None and m["BWT"] is None and m["FWT"] is None
+
+
+def test_parse_task():
+    t = parse_task("medical=data/a.jsonl:data/b.jsonl")
+    assert (t.name, str(t.train), str(t.test)) == ("medical", "data/a.jsonl", "data/b.jsonl")
+    for bad in ("medical", "medical=a.jsonl", "=a:b"):
+        with pytest.raises((BenchError, ValueError)):
+            parse_task(bad)
+    with pytest.raises(ValueError):
+        parse_task("../x=a.jsonl:b.jsonl")
+
+
+def test_parse_methods():
+    assert parse_methods("seq-dpo, lifealign") == ["seq-dpo", "lifealign"]
+    with pytest.raises(BenchError, match="unknown method"):
+        parse_methods("seq-dpo,magic")
+    with pytest.raises(BenchError, match="not implemented"):
+        parse_methods("ewc")
+
+
+def test_ablation_methods_change_one_knob_at_a_time():
+    """The paper's ablation: replay with FPO on/off and SLMC on/off."""
+    def knobs(name):
+        o = METHODS[name][0]
+        return (o.get("loss"), o.get("tau", 0.9) < 1.0, o.get("replay_mix"))
+
+    assert knobs("replay") == ("dpo", False, 0.2)
+    assert knobs("replay-fpo") == ("fpo", False, 0.2)
+    assert knobs("replay-slmc") == ("dpo", True, 0.2)
+    assert knobs("lifealign") == ("fpo", True, 0.2)
