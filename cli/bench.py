@@ -1,0 +1,168 @@
+"""``lifealign-lite bench``: speed and memory against TRL, CPU precision, chat latency.
+
+Each command runs every variant in its own subprocess (so peak memory is per variant) and prints a table,
+or one JSON object with ``--json``. Progress lines go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+bench_app = typer.Typer(help="Benchmarks: training speed vs TRL, CPU precision, chat latency.", no_args_is_help=True)
+
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show each subprocess's own output on stderr.")
+ThreadsOpt = typer.Option(None, "--threads", help="torch threads in every variant (default: torch's choice).")
+ModelOpt = typer.Option("default", "--model", help="Local model folder or hub id; 'default' is the embedded SmolLM2-135M-Instruct.")
+TimeoutOpt = typer.Option(3600.0, "--timeout", help="Seconds before one variant's subprocess is stopped.")
+
+
+def _helpers():
+    from .app import err, fail, home_dir, out
+
+    return err, fail, home_dir, out
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _failures(err, results: dict) -> None:
+    for name, res in results.items():
+        if not res.get("ok"):
+            err.print(f"[bold red]{name} failed:[/] {res.get('error')}", highlight=False, soft_wrap=True)
+
+
+@bench_app.command("speed")
+def speed_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="Preference pairs (JSON Lines) (default: ../shared/data/hh-helpful/train.jsonl next to the repo)."),
+    pairs: int = typer.Option(40, "--pairs", help="Use N pairs (seeded shuffle)."),
+    steps: int = typer.Option(0, "--steps", help="Optimizer steps (default 0: one epoch, pairs / batch size)."),
+    batch_size: int = typer.Option(2, "--batch-size"),
+    max_length: int = typer.Option(256, "--max-length"),
+    lr: float = typer.Option(5e-5, "--lr"),
+    model: str = ModelOpt,
+    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated subset of trl-default,trl-tuned,lifealign."),
+    trl_bf16: Optional[bool] = typer.Option(None, "--trl-bf16/--trl-fp32", help="Force TRL's bf16 autocast on or off (default: TRL's default, on)."),
+    threads: Optional[int] = ThreadsOpt,
+    matmul_size: int = typer.Option(2048, "--matmul-size"),
+    matmul_repeats: int = typer.Option(5, "--matmul-repeats"),
+    timeout: float = TimeoutOpt,
+    as_json: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """TRL DPOTrainer (defaults; tuned) vs lifealign-lite FPO: wall time, pairs/s, tokens/s, peak memory."""
+    from lifealign_lite.bench.speed import BenchError, bench_speed
+
+    err, fail, home_dir, out = _helpers()
+    try:
+        result = bench_speed(home_dir(), data, pairs, steps, batch_size, max_length, lr, model, variants, threads,
+                             matmul_size, matmul_repeats, timeout, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False),
+                             verbose=verbose, trl_bf16=trl_bf16)
+    except BenchError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        table = Table("variant", "wall s", "pairs/s", "train pairs/s", "tokens/s", "peak MB",
+                      title=f"bench speed: {pairs} pairs, batch {batch_size}, max length {max_length}")
+        for name, r in result["variants"].items():
+            if r.get("ok"):
+                table.add_row(r["label"], _fmt(r["wall_s"], ".1f"), _fmt(r["pairs_per_s"]), _fmt(r["train_pairs_per_s"]),
+                              _fmt(r["tokens_per_s"], ".1f"), _fmt(r["peak_rss_mb"], ".0f"))
+            else:
+                table.add_row(r.get("label", name), "failed", "-", "-", "-", _fmt(r.get("peak_rss_mb"), ".0f"))
+        out.print(table)
+        mm = result["matmul"] or {}
+        out.print(f"(c) / (a) pairs/s: {_fmt(result['ratio_vs_trl_default'], '.2f')}   (c) / (b): {_fmt(result['ratio_vs_trl_tuned'], '.2f')}"
+                  f"   (train loop only: {_fmt(result['train_ratio_vs_trl_default'], '.2f')} / {_fmt(result['train_ratio_vs_trl_tuned'], '.2f')})")
+        flops = result["flops_per_token_estimate"]
+        out.print(f"fp32 matmul {mm.get('n')}x{mm.get('n')}: {_fmt(mm.get('best_gflops'), '.1f')} GFLOP/s (bf16: {_fmt(mm.get('bf16_best_gflops'), '.1f')});  "
+                  f"(c) at {_fmt(flops / 1e9 if flops else None, '.2f')} GFLOP/token: {_fmt((result['share_of_matmul_peak'] or 0) * 100 if result['share_of_matmul_peak'] is not None else None, '.1f')} % of it")
+    _failures(err, result["variants"])
+
+
+@bench_app.command("quant")
+def quant_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="Preference pairs (JSON Lines) (default: hh-helpful train)."),
+    pairs: int = typer.Option(8, "--pairs"),
+    steps: int = typer.Option(0, "--steps", help="FPO steps (default 0: one epoch, pairs / batch size)."),
+    batch_size: int = typer.Option(2, "--batch-size"),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens generated for the tokens/s figure."),
+    model: str = ModelOpt,
+    modes: Optional[str] = typer.Option(None, "--modes", help="Comma-separated subset of none,nf4,int8."),
+    threads: Optional[int] = ThreadsOpt,
+    timeout: float = TimeoutOpt,
+    as_json: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Precision on this machine (what `--quant auto` decides): load time, footprint, FPO pairs/s, generation tokens/s."""
+    from lifealign_lite.bench.speed import BenchError, bench_quant
+
+    err, fail, home_dir, out = _helpers()
+    try:
+        result = bench_quant(home_dir(), data, pairs, steps, batch_size, new_tokens, model, modes, threads, timeout,
+                             log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)
+    except BenchError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        table = Table("quant", "load s", "weights MB", "FPO pairs/s", "generate tokens/s", "peak MB", title="bench quant")
+        for name, r in result["modes"].items():
+            if r.get("ok"):
+                table.add_row(name, _fmt(r["load_s"], ".1f"), _fmt(r["footprint_mb"], ".0f"), _fmt(r["train_pairs_per_s"]),
+                              _fmt(r["gen_tokens_per_s"], ".1f"), _fmt(r["peak_rss_mb"], ".0f"))
+            else:
+                table.add_row(name, "failed", "-", "-", "-", "-")
+        out.print(table)
+    _failures(err, result["modes"])
+
+
+@bench_app.command("chat")
+def chat_cmd(
+    bank: Optional[Path] = typer.Option(None, "--bank", help="Time a memory of this bank (default: a random LoRA r=16 on q_proj/v_proj)."),
+    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="The bank's memory to time (default: its first domain, else core)."),
+    new_tokens: int = typer.Option(64, "--new-tokens"),
+    repeats: int = typer.Option(3, "--repeats", help="Timed answers per mode (after one untimed answer that also merges)."),
+    cold_repeats: int = typer.Option(2, "--cold-repeats", help="Cold starts of `lifealign-lite chat --prompt` to time."),
+    model: str = ModelOpt,
+    modes: Optional[str] = typer.Option(None, "--modes", help="Comma-separated subset of merged,unmerged,nf4."),
+    threads: Optional[int] = ThreadsOpt,
+    timeout: float = TimeoutOpt,
+    as_json: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Time to first token and tokens/s with an adapter merged, unmerged and on a 4-bit base; CLI cold start."""
+    from lifealign_lite.bench.speed import BenchError, bench_chat
+    from lifealign_lite.memory.bank import BankError
+
+    err, fail, home_dir, out = _helpers()
+    try:
+        result = bench_chat(home_dir(), bank, domain, model, new_tokens, repeats, cold_repeats, modes=modes, threads=threads,
+                            timeout=timeout, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)
+    except (BenchError, BankError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        table = Table("mode", "load s", "first token s", "tokens/s", "decode tokens/s", "peak MB", title=f"bench chat: {result['settings']['memory']}")
+        for name, r in result["modes"].items():
+            if r.get("ok"):
+                table.add_row(name, _fmt(r["load_s"], ".1f"), _fmt(r["first_token_s"], ".2f"), _fmt(r["tokens_per_s"], ".1f"),
+                              _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["peak_rss_mb"], ".0f"))
+            else:
+                table.add_row(name, "failed", "-", "-", "-", "-")
+        out.print(table)
+        cold = result["cold_start"]
+        out.print(f"cold start `lifealign-lite chat --prompt ... --domain {cold['domain']}`: first output {_fmt(cold['best_first_output_s'], '.1f')} s, "
+                  f"answer complete {_fmt(cold['best_total_s'], '.1f')} s (best of {len(cold['runs'])})")
+        for run in cold["runs"]:
+            if not run.get("ok"):
+                err.print(f"[bold red]cold start failed:[/] {run.get('error')}", highlight=False, soft_wrap=True)
+    _failures(err, result["modes"])
