@@ -48,16 +48,16 @@ def build_recipe(recipe: Optional[str], sets: list[str], **flags):
 
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")
 SetOpt = typer.Option(None, "--set", help="Override any recipe field: --set key=value (repeatable).")
-BankOpt = typer.Option(None, "--bank", help="Adapter bank folder [default: $LIFEALIGN_HOME/bank].")
+BankOpt = typer.Option(None, "--bank", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
 
 
 @app.command()
 def align(
     data: Path = typer.Argument(..., help="Preference pairs as JSON Lines (TRL plain or conversational format)."),
-    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name of this task [default: the lines' domain field, else 'general']."),
+    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name of this task (default: the lines' domain field, else 'general')."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Local model folder or hub id [default: embedded SmolLM2-135M-Instruct]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="auto|nf4|int8|none."),
     loss: Optional[str] = typer.Option(None, "--loss", help="fpo|dpo."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Use N pairs (seeded shuffle)."),
@@ -70,9 +70,11 @@ def align(
     seed: Optional[int] = typer.Option(None, "--seed"),
     sets: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this domain and data."),
+    wait: float = typer.Option(0.0, "--wait", help="If another align is writing the bank, wait up to SECONDS for it."),
 ) -> None:
     """Align the model to preference pairs with FPO into a short-term LoRA saved in the bank."""
     from lifealign_lite.align import AlignError, align as run_align
+    from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
     from lifealign_lite.progress import RichReporter
     from lifealign_lite.train import Interrupted
@@ -81,12 +83,12 @@ def align(
                        epochs=epochs, lr=lr, beta=beta, focal_gamma=focal_gamma, batch_size=batch_size, seed=seed)
     try:
         with RichReporter(err) as reporter:
-            result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter)
+            result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait)
     except DataError as exc:
         for line in exc.problems:
             err.print(line, highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(2)
-    except (ValueError, AlignError, ModelError) as exc:
+    except (ValueError, AlignError, BankError, ModelError) as exc:
         fail(str(exc))
     except Interrupted as exc:
         err.print(f"[yellow]interrupted:[/] {exc}; continue with the same command plus --resume")

@@ -26,7 +26,7 @@ def _fail(message: str) -> None:
     fail(message)
 
 
-BankOpt = typer.Option(None, "--bank", help="Adapter bank folder [default: $LIFEALIGN_HOME/bank].")
+BankOpt = typer.Option(None, "--bank", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
 
 
 def _rows(bank: Bank) -> list[dict]:

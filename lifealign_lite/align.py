@@ -41,7 +41,7 @@ class AlignResult:
 
 def pick_domain(pairs: list[Pair], domain: str | None, path: Path) -> str:
     """The task's domain: the flag, else the one every line names, else ``general``."""
-    if domain:
+    if domain is not None:
         return validate_domain_name(domain)
     named = sorted({p.domain for p in pairs if p.domain})
     if len(named) > 1:
@@ -166,6 +166,7 @@ def align(
         memory_dir = state.slot_dir(domain) if domain in state.domains else state.core_dir()
         trained_from = f"slot {domain} v{state.version}" if domain in state.domains else (f"core v{state.version}" if memory_dir else "base")
         replay = replay_sample(state.replay(), domain, round(recipe.replay_mix * len(pairs)), recipe.seed)
+        torch.manual_seed(recipe.seed)  # the new LoRA's initialization must follow the recipe's seed
         model = attach_adapters(base, recipe, memory_dir)
         items, tstats = tokenize_pairs(pairs + replay, base.tokenizer, recipe.max_length, recipe.max_prompt_length)
         t_tokenized = time.perf_counter()

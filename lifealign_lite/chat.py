@@ -134,6 +134,7 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
 
     bank = Bank(bank_dir)
     state = bank.load()
+    ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
     base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code)
     bank.check_base(base.info)
     base.model.eval()

@@ -42,13 +42,14 @@ def fpo_loss(
     """Focalized preference loss ``-(1 - p)^gamma * log p`` with ``p = sigmoid(beta * h)``.
 
     Arguments are summed log-probabilities of each response, shape (batch,). ``log p`` is
-    computed as ``logsigmoid`` and ``1 - p`` as ``sigmoid(-beta h)`` for numerical stability.
+    computed as ``logsigmoid`` and ``(1 - p)^gamma`` as ``exp(gamma * logsigmoid(-beta h))`` for numerical stability.
     """
     margins = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     logits = beta * margins
     losses = -F.logsigmoid(logits)
     if gamma != 0:
-        losses = torch.sigmoid(-logits).pow(gamma) * losses
+        # (1 - p)^gamma as exp(gamma * log sigmoid(-beta h)): finite gradients even where 1 - p underflows to 0
+        losses = torch.exp(gamma * F.logsigmoid(-logits)) * losses
     return PreferenceOutput(
         losses=losses,
         chosen_rewards=(beta * (policy_chosen - ref_chosen)).detach(),

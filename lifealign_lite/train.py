@@ -252,6 +252,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[TrainState
             optimizer.state[p][key] = val.to(p.device) if key != "step" else val
     meta = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(meta["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the scheduler's state does not carry the optimizer's current learning rate
     ref = {k[4:]: v for k, v in tensors.items() if k.startswith("ref.")}
     return TrainState(step=meta["step"], sft_step=meta["sft_step"], history=meta["history"]), ref
 

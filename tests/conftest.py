@@ -111,3 +111,14 @@ def lifealign_home() -> Path:
     home = Path(os.environ.get("LIFEALIGN_TEST_HOME") or Path.home() / ".cache" / "lifealign-lite-test")
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+@pytest.fixture
+def single_thread():
+    """Run tiny-model tests on one thread: on a small shared CPU, thread hand-offs cost more than the math."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

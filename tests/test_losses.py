@@ -183,12 +183,6 @@ def test_large_margins_are_finite(dtype, gamma):
     assert torch.isfinite(pc.grad).all(), pc.grad
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: fpo_loss computes (1-p)^gamma as sigmoid(-beta h).pow(gamma); for 0 < gamma < 1 and "
-    "sigmoid(-beta h) == 0 (beta h above about 89 in float32) the pow backward is inf * 0 = nan, although the true "
-    "gradient is 0. Computing the factor as exp(gamma * logsigmoid(-beta h)) avoids it.",
-)
 def test_fractional_gamma_gradient_is_finite_at_large_positive_margin():
     pc = torch.tensor([2000.0], requires_grad=True)
     zero = torch.zeros(1)

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifealign_lite.data import Pair
+from lifealign_lite import align as align_module
+from lifealign_lite.align import AlignError, align
+from lifealign_lite.data import Pair, write_pairs
 from lifealign_lite.losses import fpo_loss
 from lifealign_lite.model import MEMORY, SHORT, attach_adapters, reference_mode, save_adapter
 from lifealign_lite.recipe import Recipe
@@ -33,6 +35,7 @@ from lifealign_lite.train import (
 )
 
 DEVICE = "cpu"
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def msg(role: str, content: str) -> list[dict[str, str]]:
@@ -476,14 +479,6 @@ def test_resume_restores_adapter_reference_and_data_order(tiny_base_factory, ite
     assert [h["margin"] for h in resumed_state.history[:4]] == pytest.approx([h["margin"] for h in full_state.history[:4]], rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: load_checkpoint restores the scheduler's state_dict but not the optimizer's param_groups "
-    "(only optimizer.state is restored), so the first optimizer step after resuming uses the lr the freshly built "
-    "LambdaLR set (lr * lambda(0)) instead of lr * lambda(step); resumed runs end with different weights than "
-    "uninterrupted ones. Fix: after scheduler.load_state_dict, set each group's lr from scheduler.get_last_lr() "
-    "(or save/load optimizer.state_dict()).",
-)
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_base_factory, items, tmp_path):
     recipe = tiny_recipe(max_steps=8, warmup_ratio=0.0)
     full_model, full_state = run_to_end(tiny_base_factory(), items, recipe, tmp_path / "full")
@@ -499,3 +494,65 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_base_facto
     for n in want:
         assert torch.allclose(got[n], want[n], atol=1e-6, rtol=1e-5), n
     assert [h["loss"] for h in resumed_state.history] == pytest.approx([h["loss"] for h in full_state.history], rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# align() end to end on the tiny model (load_base replaced by the tiny model)
+
+
+@pytest.fixture
+def tiny_align(monkeypatch, tiny_base_factory, tmp_path):
+    monkeypatch.setattr(align_module, "load_base", lambda *a, **k: tiny_base_factory())
+    data = tmp_path / "support.jsonl"
+    write_pairs(data, SYNTHETIC)
+    return data
+
+
+def test_align_writes_run_folder_and_summary(tiny_align, tmp_path):
+    from peft import PeftConfig
+
+    recipe = tiny_recipe(max_steps=3)
+    result = align(tiny_align, recipe, tmp_path / "home", tmp_path / "bank", domain="support")
+    run = result.run_dir
+    assert run.parent == tmp_path / "bank" / "runs" and run.name.endswith("-support")
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert PeftConfig.from_pretrained(str(run / "adapter")).r == recipe.lora_r
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["domain"] == "support" and summary["pairs"] == len(SYNTHETIC) and summary["steps"] == 3
+    assert summary["trained_pairs"] == 3 * recipe.batch_size
+    assert len(summary["data_hash"]) >= 16
+    assert json.loads((run / "run.json").read_text())["data_hash"] == summary["data_hash"]
+    assert 0.0 <= summary["reward_acc_end"] <= 1.0
+    assert set(summary["timings_s"]) >= {"load_model", "tokenize", "reference_and_train", "train_loop", "total"}
+    assert not (run / "checkpoint").exists()
+
+
+def test_align_resume_continues_the_interrupted_run(tiny_align, tmp_path):
+    recipe = tiny_recipe(max_steps=5)
+    bank = tmp_path / "bank"
+    with pytest.raises(AlignError, match="nothing to resume"):
+        align(tiny_align, recipe, tmp_path / "home", bank, resume=True)
+    with pytest.raises(Interrupted):
+        align(tiny_align, recipe, tmp_path / "home", bank, reporter=Recorder(stop_at=2))
+    (run,) = (bank / "runs").iterdir()
+    assert (run / "checkpoint" / "state.json").is_file() and not (run / "summary.json").exists()
+    result = align(tiny_align, recipe, tmp_path / "home", bank, resume=True)
+    assert result.run_dir == run
+    assert result.summary["steps"] == 5
+    assert len(list((bank / "runs").iterdir())) == 1
+
+
+def test_align_same_seed_gives_the_same_adapter(tiny_align, tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = tiny_recipe(max_steps=3)
+    weights = []
+    for i in range(2):
+        torch.manual_seed(1000 + i)  # whatever the process did before must not matter
+        result = align(tiny_align, recipe, tmp_path / "home", tmp_path / f"bank{i}")
+        weights.append(load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name

@@ -587,8 +587,11 @@ def one_quant(options: dict, mode: str) -> dict:
         state = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], Path(tmp) / "checkpoint", reporter=clock)
     trained = sum(h["pairs"] for h in state.history)
     train_s = state.history[-1]["time"] if state.history else None
+    h = state.history
+    steady = rate(trained - h[0]["pairs"], h[-1]["time"] - h[0]["time"]) if len(h) >= 2 else None
     result.update({"pairs": len(items), "steps": state.step, "pairs_trained": trained, "reference_s": _round(clock.span("reference")),
-                   "train_s": _round(train_s), "train_pairs_per_s": rate(trained, train_s)})
+                   "train_s": _round(train_s), "train_pairs_per_s": rate(trained, train_s),
+                   "train_pairs_per_s_after_first_step": steady})
     return result
 
 

@@ -236,8 +236,11 @@ class Bank:
 
     def begin(self, parent: BankState, event: str) -> PendingVersion:
         """Start a new version from ``parent``: unchanged files are hard-linked into a temporary folder."""
-        (self.root / "versions").mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "versions"))
+        versions = self.root / "versions"
+        versions.mkdir(parents=True, exist_ok=True)
+        for stale in versions.glob(".tmp-*"):  # left by a writer that was killed (we hold the lock now)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=versions))
         if parent.folder is not None:
             _link_tree(parent.folder, tmp)
         state = BankState(version=0, folder=tmp, domains=json.loads(json.dumps(parent.domains)), tasks=list(parent.tasks), meta=dict(parent.meta), event=event)

@@ -1,0 +1,222 @@
+"""Chatting with the bank's memory, and the CLI around it: chat, route, memory list/export, domain-name checks.
+
+The integration tests share one two-domain bank (medical v1, support v2; tiny runs of the real default model),
+built once per session: the same builder as tests/test_lifelong.py, in the session's base temp folder.
+Only `chat --prompt` runs as a real subprocess (its stdout must be the answer alone); the other commands run
+in-process through typer's CliRunner, which keeps stdout and stderr apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lifealign_lite.align import align
+from lifealign_lite.memory.bank import Bank, BankError, read_adapter
+from lifealign_lite.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+CLI = Path(sys.executable).parent / "lifealign-lite"
+# Tiny runs (the CPU is shared): 2 optimizer steps of 2 pairs, 8 pairs per task.
+PAIRS = 8
+OVERRIDES = {"max_steps": 2, "batch_size": 2, "max_pairs": PAIRS}
+DOMAINS = ("medical", "support")
+MEDICAL_PROMPT = "I have a mild headache. Can I take ibuprofen?"
+SUPPORT_PROMPT = "I forgot my password and the reset email never arrived. How do I get back into my account?"
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model_home() -> Path:
+    home = Path(os.environ.get("LIFEALIGN_TEST_HOME") or Path.home() / ".cache" / "lifealign-lite-test")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def two_domain_bank(tmp_path_factory, home: Path) -> Path:
+    """medical (v1) then support (v2) aligned into one bank; built once per session, read-only for users."""
+    root = tmp_path_factory.getbasetemp() / "two-domain-bank"
+    marker = tmp_path_factory.getbasetemp() / "two-domain-bank.built"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        recipe = load_recipe("edge-cpu", OVERRIDES)
+        for domain in DOMAINS:
+            align(EXAMPLES / f"{domain}.jsonl", recipe, home, root, domain=domain)
+        marker.touch()
+    return root
+
+
+@pytest.fixture(scope="module")
+def bank_dir(tmp_path_factory, model_home) -> Path:
+    return two_domain_bank(tmp_path_factory, model_home)
+
+
+@pytest.fixture(scope="module")
+def session(bank_dir, model_home):
+    from lifealign_lite.chat import open_session
+
+    return open_session(bank_dir, model_home, load_recipe(None), domain="medical")
+
+
+def invoke(args: list[str], home: Path):
+    from typer.testing import CliRunner
+
+    from lifealign_lite.cli.app import app
+
+    return CliRunner().invoke(app, args, env={"LIFEALIGN_HOME": str(home)})
+
+
+# -- ChatSession ---------------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_ask_with_medical_memory(session):
+    assert session.available() == ["medical", "support", "core", "base"]
+    turn = session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS)
+    assert turn.text.strip() and turn.memory == "medical" and turn.route is None
+    assert session.active == "medical" and 0 < turn.tokens <= TOKENS + 2
+    assert session.history[-1] == {"role": "assistant", "content": turn.text}
+
+
+@pytest.mark.integration
+def test_cli_chat_prints_only_the_answer(session, bank_dir, model_home):
+    if not CLI.is_file():
+        pytest.skip(f"console script not found: {CLI}")
+    session.history = []
+    session.set_domain("medical")
+    expected = session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS, keep_history=False).text
+    proc = subprocess.run(
+        [str(CLI), "chat", "--prompt", MEDICAL_PROMPT, "--domain", "medical", "--bank", str(bank_dir), "--max-new-tokens", str(TOKENS)],
+        env=dict(os.environ, LIFEALIGN_HOME=str(model_home)), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == expected, f"stdout should be the answer alone; stderr: {proc.stderr[-500:]}"
+    assert "memory: medical" in proc.stderr
+
+
+@pytest.mark.integration
+def test_set_unknown_domain_lists_known_ones(session):
+    before = session.domain
+    with pytest.raises(BankError, match=r"unknown domain 'nope'; known domains: medical, support"):
+        session.set_domain("nope")
+    assert session.domain == before
+
+
+@pytest.mark.integration
+def test_auto_routing_sends_support_prompt_to_support(session):
+    session.history = []
+    session.set_domain("auto")
+    turn = session.ask(SUPPORT_PROMPT, max_new_tokens=4, keep_history=False)
+    assert turn.memory == "support" and turn.route is not None and turn.route.domain == "support"
+    assert turn.route.scores["support"] > turn.route.scores["medical"]
+    assert session.active == "support"
+    # Switching back unmerges support and merges medical: the answer is the medical one again.
+    session.set_domain("medical")
+    again = session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS, keep_history=False)
+    assert again.memory == "medical" and again.text.strip()
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_cli_chat_unknown_domain_fails_with_known_domains(bank_dir, model_home):
+    result = invoke(["chat", "--prompt", "hi", "--domain", "unknown", "--bank", str(bank_dir)], model_home)
+    assert result.exit_code != 0 and result.stdout == ""
+    assert "unknown domain 'unknown'" in result.stderr and "medical, support" in result.stderr
+
+
+@pytest.mark.integration
+def test_cli_memory_list_json(bank_dir, model_home):
+    result = invoke(["memory", "list", "--json", "--bank", str(bank_dir)], model_home)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["version"] == 2 and data["bank_bytes"] > 0
+    entries = {e["domain"]: e for e in data["entries"]}
+    assert set(entries) == {"medical", "support", "core"}
+    assert entries["medical"]["pairs_seen"] == PAIRS and entries["support"]["pairs_seen"] == PAIRS
+    assert entries["core"]["pairs_seen"] == 2 * PAIRS and entries["core"]["versions"] == 2
+    assert all(e["size_bytes"] > 0 for e in entries.values())
+
+
+@pytest.mark.integration
+def test_cli_route_json(bank_dir, model_home):
+    result = invoke(["route", SUPPORT_PROMPT, "--json", "--bank", str(bank_dir)], model_home)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert isinstance(data["scores"], dict) and set(data["scores"]) == {"medical", "support"}
+    assert data["domain"] == "support" and data["scores"]["support"] >= data["threshold"]
+
+
+def _base_tensor(home: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    from lifealign_lite.model import default_model_dir
+
+    with safe_open(str(default_model_dir(home) / "model.safetensors"), "pt") as f:
+        return f.get_tensor(name)
+
+
+@pytest.mark.integration
+def test_cli_export_merged_loads_in_transformers(bank_dir, model_home, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    result = invoke(["memory", "export", "medical", str(out), "--format", "merged", "--bank", str(bank_dir)], model_home)
+    assert result.exit_code == 0, result.stderr
+    assert "checked" in result.stderr
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    module = "model.layers.0.self_attn.q_proj"
+    delta = read_adapter(Bank(bank_dir).load().slot_dir("medical"))[0][module].dense()
+    merged = model.get_submodule(module).weight.detach()
+    torch.testing.assert_close(merged, _base_tensor(model_home, f"{module}.weight") + delta, rtol=1e-5, atol=1e-6)
+    # A second export into the now non-empty folder is refused.
+    again = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(bank_dir)], model_home)
+    assert again.exit_code == 2 and "not empty" in again.stderr
+
+
+@pytest.mark.integration
+def test_cli_export_peft_loads_in_peft(bank_dir, model_home, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lifealign_lite.model import default_model_dir
+
+    out = tmp_path / "peft"
+    result = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(bank_dir)], model_home)
+    assert result.exit_code == 0, result.stderr
+    slot = Bank(bank_dir).load().slot_dir("medical")
+    assert (out / "adapter_model.safetensors").read_bytes() == (slot / "adapter_model.safetensors").read_bytes()
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir(model_home), use_safetensors=True)
+    model = PeftModel.from_pretrained(base, str(out))
+    module = "model.layers.0.self_attn.q_proj"
+    delta = model.get_submodule(f"base_model.model.{module}").get_delta_weight("default")
+    torch.testing.assert_close(delta, read_adapter(slot)[0][module].dense(), rtol=1e-4, atol=1e-6)
+
+
+# -- domain names (no model: the names must be refused before anything is loaded) ----------------------------
+
+@pytest.mark.parametrize("name", [
+    "../x",
+    "a/b",
+    "",
+    "a" * 65,
+])
+def test_cli_align_refuses_bad_domain_names(name, tmp_path):
+    bank = Bank(tmp_path / "bank")
+    bank.root.mkdir()
+    # Held lock: should a bad name get through, align stops at the lock instead of training into the bank.
+    with bank.lock():
+        before = sorted(p.name for p in bank.root.rglob("*"))
+        result = invoke(["align", str(EXAMPLES / "medical.jsonl"), "--domain", name, "--bank", str(bank.root), "--max-steps", "1"], tmp_path / "home")
+        after = sorted(p.name for p in bank.root.rglob("*"))
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.exception!r}"
+    assert "invalid domain name" in result.stderr
+    assert after == before == [".lock"]
