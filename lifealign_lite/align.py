@@ -159,7 +159,7 @@ def align(
         state = bank.load()
         _check_bank_shape(state, recipe)
         run_dir = _find_resumable(runs, domain, data_hash) if resume else runs / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{domain}"
-        base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code)
+        base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast)
         bank.check_base(base.info)
         t_loaded = time.perf_counter()
 
@@ -173,7 +173,8 @@ def align(
 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict()}, indent=2))
-        st = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter)
+        st = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter,
+                              bf16_autocast=base.info.get("bf16_autocast", False))
         t_trained = time.perf_counter()
         save_adapter(model, run_dir / "adapter")
 

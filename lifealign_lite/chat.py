@@ -17,7 +17,7 @@ import torch
 
 from .memory.bank import Bank, BankError, BankState
 from .memory.router import CORE, Route, prompt_text, route
-from .model import _quiet, load_base
+from .model import _quiet, autocast, load_base
 
 BASE = "base"
 AUTO = "auto"
@@ -44,6 +44,7 @@ class ChatSession:
     threshold: float
     embedder_factory: Callable[[], object]
     merge: bool = True
+    bf16_autocast: bool = False
     active: str | None = None
     history: list[dict] = field(default_factory=list)
     _embedder: object | None = None
@@ -98,7 +99,7 @@ class ChatSession:
         run = self.model.disable_adapter() if memory == BASE and hasattr(self.model, "peft_config") else _nullcontext()
 
         def generate():
-            with torch.no_grad(), run:
+            with torch.no_grad(), run, autocast(self.bf16_autocast):
                 self.model.generate(**kwargs)
 
         thread = threading.Thread(target=generate)
@@ -135,7 +136,7 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
     bank = Bank(bank_dir)
     state = bank.load()
     ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
-    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code)
+    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast)
     bank.check_base(base.info)
     base.model.eval()
     model = base.model
@@ -148,6 +149,7 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
                 model.load_adapter(str(folder), adapter_name=name)
     model.eval()
     session = ChatSession(model=model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
-                          embedder_factory=lambda: make_embedder(state.meta.get("router", recipe.router), base), merge=merge)
+                          embedder_factory=lambda: make_embedder(state.meta.get("router", recipe.router), base), merge=merge,
+                          bf16_autocast=base.info.get("bf16_autocast", False))
     session.set_domain(domain)
     return session

@@ -17,6 +17,7 @@ import torch
 from .chat import AUTO, BASE, ChatSession
 from .data import Pair
 from .memory.router import prompt_text
+from .model import autocast
 from .train import score_pairs, tokenize_pairs
 
 METRICS = ("pref_acc", "lennorm_acc", "margin")
@@ -43,8 +44,6 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
     The result carries them under ``"_base_scores"`` for reuse.
     """
     items, _ = tokenize_pairs(pairs, session.tokenizer, recipe.max_length, recipe.max_prompt_length)
-    device = next(session.model.parameters()).device
-    pad = session.tokenizer.pad_token_id
     session.set_domain(domain)
     if domain == AUTO:
         memories = [session.memory_for(prompt_text(p))[0] for p in pairs]
@@ -56,6 +55,13 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
     report = reporter.advance if reporter else (lambda *a: None)
     if reporter:
         reporter.start("score", (len(pairs) if base_scores is None else 0) + sum(len(i) for m, i in groups.items() if m != BASE))
+    with autocast(session.bf16_autocast):
+        return _evaluate(session, pairs, items, groups, recipe, domain, report, base_scores)
+
+
+def _evaluate(session, pairs, items, groups, recipe, domain, report, base_scores) -> dict:
+    device = next(session.model.parameters()).device
+    pad = session.tokenizer.pad_token_id
     if base_scores is None:
         session._activate(BASE)
         with session.model.disable_adapter() if hasattr(session.model, "peft_config") else torch.no_grad():

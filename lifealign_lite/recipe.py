@@ -35,6 +35,7 @@ class Recipe:
     model: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct; else a local folder or hub id
     quant: str = "auto"  # auto|nf4|int8|none; auto = nf4 (QLoRA) on CUDA, none (fp32) on CPU
     trust_remote_code: bool = False
+    autocast: str = "auto"  # auto|bf16|none: bf16 autocast over fp32 weights on a CPU; auto = where it measures faster
     # preference optimization (FPO; focal_gamma = 0 is DPO)
     loss: str = "fpo"
     beta: float = 0.1
@@ -73,6 +74,8 @@ class Recipe:
     def validate(self) -> "Recipe":
         if self.quant not in QUANT_CHOICES:
             raise RecipeError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise RecipeError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
         if self.router not in ("minilm", "base"):
             raise RecipeError(f"router must be minilm or base, got {self.router!r}")
         if self.slot_mode not in ("specialist", "core"):

@@ -22,7 +22,7 @@ import torch
 
 from .data import Pair
 from .losses import preference_loss, sft_loss
-from .model import reference_mode
+from .model import autocast, reference_mode
 
 
 @dataclass(frozen=True)
@@ -288,8 +288,12 @@ def train_short_term(
     checkpoint_dir: Path,
     resume: bool = False,
     reporter=None,
+    bf16_autocast: bool = False,
 ) -> TrainState:
     """Train the ``short`` LoRA of ``model`` on ``items`` with the recipe's preference loss.
+
+    ``bf16_autocast`` runs the forward passes (reference included, so both sides of the margin match) in bf16
+    over the fp32 weights: about 1.7x faster on CPUs with native bf16 (docs/PERFORMANCE.md).
 
     ``reporter`` (optional) gets ``start(phase, total)``, ``advance(phase, n, metrics)`` calls for a progress display.
     """
@@ -309,10 +313,11 @@ def train_short_term(
     else:
         state = TrainState()
         report.start("reference", len(items))
-        ref = reference_logps(model, items, pad_id, device, progress=lambda n: report.advance("reference", n, {}))
+        with autocast(bf16_autocast):
+            ref = reference_logps(model, items, pad_id, device, progress=lambda n: report.advance("reference", n, {}))
 
     model.train()
-    with _StopFlag():
+    with _StopFlag(), autocast(bf16_autocast):
         try:
             if state.sft_step < recipe.sft_warmup_steps:
                 _sft_warmup(model, items, recipe, device, pad_id, state, report)

@@ -352,7 +352,7 @@ def one_speed_lifealign(options: dict) -> dict:
     home = Path(options["home"])
     pairs = _load_pairs(options)
     t_load = time.perf_counter()
-    base = load_base(recipe.model, home, recipe.quant)
+    base = load_base(recipe.model, home, recipe.quant, autocast_setting=recipe.autocast)
     load_s = time.perf_counter() - t_load
     rss_loaded = peak_rss_mb()
     params = _count_params(base.model)
@@ -365,7 +365,8 @@ def one_speed_lifealign(options: dict) -> dict:
     t_tok = time.perf_counter()
     clock = _PhaseClock()
     with tempfile.TemporaryDirectory(prefix="lifealign-bench-") as tmp:
-        state = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], Path(tmp) / "checkpoint", reporter=clock)
+        state = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], Path(tmp) / "checkpoint", reporter=clock,
+                                 bf16_autocast=base.info.get("bf16_autocast", False))
         t_trained = time.perf_counter()
         save_adapter(model, Path(tmp) / "adapter")
     t_end = time.perf_counter()
@@ -422,7 +423,7 @@ def one_speed_trl(options: dict, tuned: bool) -> dict:
     home = Path(options["home"])
     pairs = _load_pairs(options)
     t_load = time.perf_counter()
-    base = load_base(recipe.model, home, recipe.quant)
+    base = load_base(recipe.model, home, recipe.quant, autocast_setting=recipe.autocast)
     load_s = time.perf_counter() - t_load
     rss_loaded = peak_rss_mb()
     params = _count_params(base.model)
@@ -584,7 +585,8 @@ def one_quant(options: dict, mode: str) -> dict:
     items, _ = tokenize_pairs(pairs, base.tokenizer, recipe.max_length, recipe.max_prompt_length)
     clock = _PhaseClock()
     with tempfile.TemporaryDirectory(prefix="lifealign-bench-") as tmp:
-        state = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], Path(tmp) / "checkpoint", reporter=clock)
+        state = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], Path(tmp) / "checkpoint", reporter=clock,
+                                 bf16_autocast=base.info.get("bf16_autocast", False))
     trained = sum(h["pairs"] for h in state.history)
     train_s = state.history[-1]["time"] if state.history else None
     h = state.history
