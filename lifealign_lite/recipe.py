@@ -67,7 +67,7 @@ class Recipe:
     replay_ratio: float = 0.2  # share of each task added to the replay buffer
     replay_size: int = 2000  # bound on pairs in the replay buffer
     replay_mix: float = 0.2  # replayed pairs mixed into a task, as a fraction of its pairs
-    route_threshold: float = 0.35  # cosine similarity below which chat falls back to the core
+    route_threshold: float = 0.2  # routing score below which chat uses the core (calibrated: docs/RESULTS.md)
     router: str = "minilm"  # minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states)
     slot_mode: str = "specialist"  # specialist: slot = memory + the domain's denoised update; core: slot = the new core
 

@@ -28,7 +28,7 @@ def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
 
 @SETTINGS
 @given(n=st.integers(min_value=1, max_value=60), d=st.integers(min_value=2, max_value=24), seed=st.integers(0, 10_000))
-def test_prototypes_are_at_most_eight_unit_vectors(n, d, seed):
+def test_prototypes_are_at_most_max_prototypes_unit_vectors(n, d, seed):
     emb = unit_rows(n, d, seed)
     protos = prototypes(emb, seed=seed)
     assert protos.shape == (min(n, MAX_PROTOTYPES), d)
@@ -53,16 +53,16 @@ def test_update_key_merges_old_prototypes_and_new_prompts():
     assert update_key(None, unit_rows(3, 8, 3)).shape == (3, 8)
 
 
-def test_route_picks_domain_of_nearest_prototype():
+def test_route_scores_a_domain_by_its_top_k_prototypes():
     keys = {
-        "medical": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+        "medical": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]]),
         "support": torch.tensor([[0.0, 0.0, 1.0]]),
     }
-    # Closest to medical's second prototype, although medical's first one is far away.
     emb = torch.nn.functional.normalize(torch.tensor([0.1, 0.8, 0.5]), dim=0)
     r = route(emb, keys, threshold=0.3)
     assert r.domain == "medical"
-    assert r.scores["medical"] == pytest.approx(float(emb[1]))
+    # the mean of the 3 closest prototypes (the far, opposite one does not count)
+    assert r.scores["medical"] == pytest.approx(float(emb[1] + emb[1] + emb[0]) / 3)
     assert r.scores["support"] == pytest.approx(float(emb[2]))
     assert list(r.scores) == ["medical", "support"], "scores are ranked highest first"
     r = route(torch.nn.functional.normalize(torch.tensor([0.1, 0.2, 0.9]), dim=0), keys, threshold=0.3)
@@ -83,14 +83,14 @@ def test_route_with_no_keys_uses_core():
     assert r.domain == CORE and r.scores == {}
 
 
-def test_prompt_text_uses_user_turns_latest_last():
+def test_prompt_text_keeps_the_conversation_with_roles_latest_last():
     pair = Pair(
         prompt=[{"role": "system", "content": "SYS"}, {"role": "user", "content": "first"},
                 {"role": "assistant", "content": "reply"}, {"role": "user", "content": "second"}],
         chosen=[{"role": "assistant", "content": "c"}],
         rejected=[{"role": "assistant", "content": "r"}],
     )
-    assert prompt_text(pair) == "first\nsecond"
+    assert prompt_text(pair) == "system: SYS\nuser: first\nassistant: reply\nuser: second"
     assert prompt_text("plain text") == "plain text"
     assert prompt_text([{"role": "user", "content": "x" * 3000}]) == "x" * 1500
 
@@ -144,10 +144,6 @@ def test_minilm_nearest_domain_is_right_for_held_out_prompts(embedder, split):
     assert acc >= 0.9, f"accuracy {acc:.2f}; wrong: {wrong}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library calibration bug: Recipe.route_threshold=0.35 is above the best-prototype similarity of many "
-    "in-domain MiniLM prompts (e.g. 'Can stress cause chest pain?' 0.27, 'Is the leather backpack real leather?' 0.20), "
-    "so 5 of 20 held-out example prompts fall back to the core, while off-topic prompts score <= 0.19"))
 def test_minilm_routes_held_out_prompts_at_default_threshold(embedder, split):
     """With the recipe's default threshold, >= 90% of held-out prompts reach their domain's slot (not the core)."""
     acc, wrong = _held_out_accuracy(embedder, split, threshold=Recipe().route_threshold)
