@@ -166,3 +166,77 @@ def chat_cmd(
             if not run.get("ok"):
                 err.print(f"[bold red]cold start failed:[/] {run.get('error')}", highlight=False, soft_wrap=True)
     _failures(err, result["modes"])
+
+
+@bench_app.command("continual")
+def continual_cmd(
+    tasks: list[str] = typer.Argument(None, help="Tasks in order, each NAME=TRAIN.jsonl:TEST.jsonl (or use --preset)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="smoke (CI, minutes) or paper4 (the four shared domains, about an hour)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated: " + ", ".join(
+        ["seq-dpo", "seq-fpo", "replay", "replay-fpo", "replay-slmc", "lifealign", "lifealign-bank", "sep", "mtl"])),
+    out_dir: Path = typer.Option(Path("bench-continual"), "--out", help="Output folder (results.json, results.md, PNG plots); rerun to resume."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Training pairs per task (seeded sample)."),
+    max_test: Optional[int] = typer.Option(None, "--max-test", help="Test pairs per task."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r"),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any recipe field: --set key=value."),
+) -> None:
+    """Train a task sequence with LifeAlign and the baselines; score every task after each (AP, BWT, FWT)."""
+    import shlex
+    import sys
+
+    from lifealign_lite.bench.continual import PRESETS, BenchError, parse_methods, parse_task, run_continual
+    from lifealign_lite.data import DataError
+    from lifealign_lite.progress import RichReporter
+    from lifealign_lite.recipe import RecipeError, parse_set_options
+
+    err, fail, home_dir, out = _helpers()
+    if preset and preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    spec = PRESETS.get(preset, {})
+    try:
+        task_list = [parse_task(t) for t in (tasks or spec.get("tasks", []))]
+        if not task_list:
+            raise BenchError("give tasks as NAME=TRAIN.jsonl:TEST.jsonl, or --preset smoke|paper4")
+        overrides = {**spec.get("overrides", {}), **parse_set_options(sets or [])}
+        with RichReporter(err) as reporter:
+            results = run_continual(
+                task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
+                recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),
+                max_test=max_test if max_test is not None else spec.get("max_test", 0), reporter=reporter,
+                command=" ".join(shlex.quote(a) for a in ["lifealign-lite", *sys.argv[1:]]))
+    except DataError as exc:
+        for line in exc.problems:
+            err.print(line, highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(2)
+    except (BenchError, RecipeError, ValueError) as exc:
+        fail(str(exc))
+    out.print((out_dir / "results.md").read_text())
+    err.print(f"results: {out_dir / 'results.json'}, plots: {out_dir}/*.png")
+
+
+@bench_app.command("routing")
+def routing_cmd(
+    tasks: list[str] = typer.Argument(..., help="Domains, each NAME=TRAIN.jsonl:TEST.jsonl."),
+    max_train: int = typer.Option(300, "--max-train", help="Training prompts per domain used to build its key."),
+    max_test: int = typer.Option(0, "--max-test", help="Test prompts per domain (0 = all)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Routing accuracy of domain keys on test prompts, and unseen-domain fallback to the core, by threshold."""
+    from lifealign_lite.bench.continual import parse_task
+    from lifealign_lite.bench.routing import routing_report
+    from lifealign_lite.memory.router import MiniLMEmbedder
+
+    err, fail, home_dir, out = _helpers()
+    try:
+        report = routing_report([parse_task(t) for t in tasks], {"minilm": MiniLMEmbedder()}, max_train=max_train, max_test=max_test)
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    r = report["minilm"]
+    names = list(r["by_threshold"][0]["accuracy"])
+    table = Table("threshold", "mean accuracy", *[f"acc {n}" for n in names], "unseen → core", title="routing (all-MiniLM-L6-v2 keys)")
+    for row in r["by_threshold"]:
+        table.add_row(f"{row['threshold']:.2f}", f"{row['mean_accuracy']:.3f}", *[f"{row['accuracy'][n]:.2f}" for n in names], f"{row['mean_unseen_fallback']:.3f}")
+    out.print(table)

@@ -17,7 +17,6 @@ import torch
 from .chat import AUTO, BASE, ChatSession
 from .data import Pair
 from .memory.router import prompt_text
-from .model import autocast
 from .train import score_pairs, tokenize_pairs
 
 METRICS = ("pref_acc", "lennorm_acc", "margin")
@@ -55,23 +54,22 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
     report = reporter.advance if reporter else (lambda *a: None)
     if reporter:
         reporter.start("score", (len(pairs) if base_scores is None else 0) + sum(len(i) for m, i in groups.items() if m != BASE))
-    with autocast(session.bf16_autocast):
-        return _evaluate(session, pairs, items, groups, recipe, domain, report, base_scores)
-
-
-def _evaluate(session, pairs, items, groups, recipe, domain, report, base_scores) -> dict:
     device = next(session.model.parameters()).device
     pad = session.tokenizer.pad_token_id
+
+    def score(subset):
+        return score_pairs(session.model, subset, pad, device, progress=lambda n: report("score", n, {}), bf16_autocast=session.bf16_autocast)
+
     if base_scores is None:
         session._activate(BASE)
         with session.model.disable_adapter() if hasattr(session.model, "peft_config") else torch.no_grad():
-            base_scores = score_pairs(session.model, items, pad, device, progress=lambda n: report("score", n, {}))
+            base_scores = score(items)
     policy = {k: v.clone() for k, v in base_scores.items()}
     for memory, idx in groups.items():
         if memory == BASE:
             continue
         session._activate(memory)
-        scored = score_pairs(session.model, [items[i] for i in idx], pad, device, progress=lambda n: report("score", n, {}))
+        scored = score([items[i] for i in idx])
         for k in policy:
             policy[k][idx] = scored[k]
     result = {"domain": domain, **metrics_from_scores(policy, base_scores, recipe.beta), "memory_used": {m: len(i) for m, i in groups.items()}}

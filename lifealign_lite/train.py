@@ -135,7 +135,8 @@ def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device) -> tuple[
 
 
 @torch.no_grad()
-def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_size: int = 8, progress: Callable[[int], None] | None = None,
+                bf16_autocast: bool = False) -> dict[str, torch.Tensor]:
     """Log-probs of every pair under the model as it is now (no grad), in length-sorted batches."""
     was_training = model.training
     model.eval()
@@ -145,7 +146,8 @@ def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_si
     order = sorted(range(n), key=lambda i: items[i].tokens)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
-        c, r, cn, rn = pair_logps(model, [items[i] for i in idx], pad_id, device)
+        with autocast(bf16_autocast):
+            c, r, cn, rn = pair_logps(model, [items[i] for i in idx], pad_id, device)
         for key, val in zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), (c, r, cn, rn)):
             out[key][idx] = val.cpu().to(out[key].dtype)
         if progress:
@@ -154,10 +156,10 @@ def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_si
     return out
 
 
-def reference_logps(model, items, pad_id, device, batch_size=8, progress=None) -> dict[str, torch.Tensor]:
+def reference_logps(model, items, pad_id, device, batch_size=8, progress=None, bf16_autocast: bool = False) -> dict[str, torch.Tensor]:
     """Reference log-probs: the model as the task began (short-term adapter off), computed once per task."""
     with reference_mode(model):
-        return score_pairs(model, items, pad_id, device, batch_size, progress)
+        return score_pairs(model, items, pad_id, device, batch_size, progress, bf16_autocast)
 
 
 @dataclass
@@ -293,7 +295,9 @@ def train_short_term(
     """Train the ``short`` LoRA of ``model`` on ``items`` with the recipe's preference loss.
 
     ``bf16_autocast`` runs the forward passes (reference included, so both sides of the margin match) in bf16
-    over the fp32 weights: about 1.7x faster on CPUs with native bf16 (docs/PERFORMANCE.md).
+    over the fp32 weights: about 1.7x faster on CPUs with native bf16 (docs/PERFORMANCE.md). Autocast is
+    entered per forward pass: it caches its bf16 copies of trainable weights until its context exits, so a
+    context around several optimizer steps would keep training on stale weights.
 
     ``reporter`` (optional) gets ``start(phase, total)``, ``advance(phase, n, metrics)`` calls for a progress display.
     """
@@ -313,14 +317,13 @@ def train_short_term(
     else:
         state = TrainState()
         report.start("reference", len(items))
-        with autocast(bf16_autocast):
-            ref = reference_logps(model, items, pad_id, device, progress=lambda n: report.advance("reference", n, {}))
+        ref = reference_logps(model, items, pad_id, device, progress=lambda n: report.advance("reference", n, {}), bf16_autocast=bf16_autocast)
 
     model.train()
-    with _StopFlag(), autocast(bf16_autocast):
+    with _StopFlag():
         try:
             if state.sft_step < recipe.sft_warmup_steps:
-                _sft_warmup(model, items, recipe, device, pad_id, state, report)
+                _sft_warmup(model, items, recipe, device, pad_id, state, report, bf16_autocast)
             report.start("train", total, state.step)
             stream = _batch_stream(items, recipe, state.step * recipe.grad_accum)
             t0 = time.perf_counter()
@@ -329,7 +332,8 @@ def train_short_term(
                 for _ in range(recipe.grad_accum):
                     idx = next(stream)
                     batch = [items[i] for i in idx]
-                    pc, pr, _, _ = pair_logps(model, batch, pad_id, device)
+                    with autocast(bf16_autocast):
+                        pc, pr, _, _ = pair_logps(model, batch, pad_id, device)
                     out = loss_fn(pc, pr, ref["chosen"][idx].to(device), ref["rejected"][idx].to(device))
                     (out.losses.mean() / recipe.grad_accum).backward()
                     metrics["loss"] += out.losses.detach().sum().item()
@@ -351,7 +355,7 @@ def train_short_term(
     return state
 
 
-def _sft_warmup(model, items, recipe, device, pad_id, state: TrainState, report) -> None:
+def _sft_warmup(model, items, recipe, device, pad_id, state: TrainState, report, bf16_autocast: bool = False) -> None:
     """A few steps of supervised fine-tuning on the chosen responses before preference optimization."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr)
@@ -360,7 +364,9 @@ def _sft_warmup(model, items, recipe, device, pad_id, state: TrainState, report)
     while state.sft_step < recipe.sft_warmup_steps:
         batch = [items[i] for i in next(stream)]
         ids, mask, labels = _collate([(t.prompt, t.chosen) for t in batch], pad_id, device)
-        loss = sft_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+        with autocast(bf16_autocast):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = sft_loss(logits.float(), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
         optimizer.step()

@@ -300,6 +300,19 @@ class Recorder:
             raise KeyboardInterrupt
 
 
+def test_bf16_autocast_training_sees_updated_weights(tiny_base, items, tmp_path):
+    """Under bf16 autocast the policy must keep changing step after step (autocast caches its bf16 weight
+    copies per context, so a context held across optimizer steps would train on frozen copies)."""
+    recipe = tiny_recipe()
+    model = attach_adapters(tiny_base, recipe)
+    pad = tiny_base.tokenizer.pad_token_id
+    ref = reference_logps(model, items, pad, DEVICE, bf16_autocast=True)
+    state = train_short_term(model, tiny_base.tokenizer, items, recipe, DEVICE, tmp_path / "ckpt", bf16_autocast=True)
+    losses = [h["loss"] for h in state.history]
+    assert len(set(round(x, 6) for x in losses)) > 3, losses
+    assert mean_fpo(model, items, pad, ref) < 0.95 * 0.25 * torch.log(torch.tensor(2.0)).item()
+
+
 def test_train_short_term_lowers_fpo_loss(tiny_base, items, tmp_path):
     recipe = tiny_recipe()
     model = attach_adapters(tiny_base, recipe)

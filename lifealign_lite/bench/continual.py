@@ -46,6 +46,20 @@ NOT_IMPLEMENTED = {"ewc", "olora"}
 SHARED_TRAINING = {"lifealign-bank": "lifealign"}
 
 
+_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # the shared data beside a checkout
+_PAPER_ORDER = ("truthfulqa", "hh-harmless", "hh-helpful", "safe-rlhf")
+PRESETS = {
+    # CI: two domains, a handful of pairs, two steps per task; proves the pipeline end to end in minutes
+    "smoke": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in ("truthfulqa", "safe-rlhf")],
+              "methods": "seq-dpo,lifealign,lifealign-bank", "max_pairs": 8, "max_test": 6,
+              "overrides": {"max_steps": 2, "batch_size": 4}},
+    # the four shared domains in the paper's order, sized for about an hour on a 2-core CPU
+    "paper4": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in _PAPER_ORDER],
+               "methods": "seq-dpo,seq-fpo,replay,lifealign,lifealign-bank,mtl", "max_pairs": 64, "max_test": 40,
+               "overrides": {"batch_size": 4, "lr": 2e-4, "epochs": 1}},
+}
+
+
 class BenchError(ValueError):
     """A bench that cannot run as asked."""
 
