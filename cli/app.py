@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +36,13 @@ def default_bank() -> Path:
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def fail_data(exc: DataError) -> None:
+    """Every problem of invalid data, one `FILE:LINE: what; what to do` per line on stderr, then exit 2."""
+    for line in exc.problems:
+        err.print(line, highlight=False, soft_wrap=True, markup=False)
+    raise typer.Exit(2)
 
 
 def build_recipe(recipe: Optional[str], sets: list[str], **flags):
@@ -85,9 +91,7 @@ def align(
         with RichReporter(err) as reporter:
             result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait)
     except DataError as exc:
-        for line in exc.problems:
-            err.print(line, highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(2)
+        fail_data(exc)
     except (ValueError, AlignError, BankError, ModelError) as exc:
         fail(str(exc))
     except Interrupted as exc:
@@ -223,9 +227,7 @@ def eval_cmd(
         with RichReporter(err) as reporter:
             result = evaluate(session, pairs, rcp, domain, reporter=reporter)
     except DataError as exc:
-        for line in exc.problems:
-            err.print(line, highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(2)
+        fail_data(exc)
     except (BankError, ModelError, ValueError) as exc:
         fail(str(exc))
     result.pop("_base_scores")

@@ -189,6 +189,8 @@ def continual_cmd(
     from lifealign_lite.progress import RichReporter
     from lifealign_lite.recipe import RecipeError, parse_set_options
 
+    from .app import fail_data
+
     err, fail, home_dir, out = _helpers()
     if preset and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -199,15 +201,13 @@ def continual_cmd(
             raise BenchError("give tasks as NAME=TRAIN.jsonl:TEST.jsonl, or --preset smoke|paper4")
         overrides = {**spec.get("overrides", {}), **parse_set_options(sets or [])}
         with RichReporter(err) as reporter:
-            results = run_continual(
+            run_continual(
                 task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
                 recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),
                 max_test=max_test if max_test is not None else spec.get("max_test", 0), reporter=reporter,
                 command=" ".join(shlex.quote(a) for a in ["lifealign-lite", *sys.argv[1:]]))
     except DataError as exc:
-        for line in exc.problems:
-            err.print(line, highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(2)
+        fail_data(exc)
     except (BenchError, RecipeError, ValueError) as exc:
         fail(str(exc))
     out.print((out_dir / "results.md").read_text())

@@ -11,12 +11,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from .memory.bank import Bank, BankError, BankState
-from .memory.router import CORE, Route, prompt_text, route
+from .memory.router import CORE, Route, route
 from .model import _quiet, autocast, load_base
 
 BASE = "base"

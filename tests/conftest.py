@@ -122,3 +122,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def two_domain_bank(tmp_path_factory, lifealign_home) -> Path:
+    """The sample medical (bank version 1) then support (version 2) domains aligned into one bank with the real
+    model, in tiny runs (2 steps of 2 pairs, 8 pairs each), once per session. Tests copy it before changing it."""
+    from lifealign_lite.align import align
+    from lifealign_lite.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("two-domain") / "bank"
+    recipe = load_recipe("edge-cpu", {"max_steps": 2, "batch_size": 2, "max_pairs": 8})
+    for domain in ("medical", "support"):
+        align(Path(__file__).resolve().parents[1] / "examples" / f"{domain}.jsonl", recipe, lifealign_home, root, domain=domain)
+    return root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifealign_lite.align import align
 from lifealign_lite.memory.bank import Bank, BankError, read_adapter
 from lifealign_lite.recipe import load_recipe
 
@@ -26,44 +24,22 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CLI = Path(sys.executable).parent / "lifealign-lite"
 # Tiny runs (the CPU is shared): 2 optimizer steps of 2 pairs, 8 pairs per task.
-PAIRS = 8
-OVERRIDES = {"max_steps": 2, "batch_size": 2, "max_pairs": PAIRS}
-DOMAINS = ("medical", "support")
+PAIRS = 8  # per domain in the two_domain_bank fixture (conftest.py)
 MEDICAL_PROMPT = "I have a mild headache. Can I take ibuprofen?"
 SUPPORT_PROMPT = "I forgot my password and the reset email never arrived. How do I get back into my account?"
 TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def model_home() -> Path:
-    home = Path(os.environ.get("LIFEALIGN_TEST_HOME") or Path.home() / ".cache" / "lifealign-lite-test")
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
-def two_domain_bank(tmp_path_factory, home: Path) -> Path:
-    """medical (v1) then support (v2) aligned into one bank; built once per session, read-only for users."""
-    root = tmp_path_factory.getbasetemp() / "two-domain-bank"
-    marker = tmp_path_factory.getbasetemp() / "two-domain-bank.built"
-    if not marker.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        recipe = load_recipe("edge-cpu", OVERRIDES)
-        for domain in DOMAINS:
-            align(EXAMPLES / f"{domain}.jsonl", recipe, home, root, domain=domain)
-        marker.touch()
-    return root
+def bank_dir(two_domain_bank) -> Path:
+    return two_domain_bank
 
 
 @pytest.fixture(scope="module")
-def bank_dir(tmp_path_factory, model_home) -> Path:
-    return two_domain_bank(tmp_path_factory, model_home)
-
-
-@pytest.fixture(scope="module")
-def session(bank_dir, model_home):
+def session(bank_dir, lifealign_home):
     from lifealign_lite.chat import open_session
 
-    return open_session(bank_dir, model_home, load_recipe(None), domain="medical")
+    return open_session(bank_dir, lifealign_home, load_recipe(None), domain="medical")
 
 
 def invoke(args: list[str], home: Path):
@@ -86,7 +62,7 @@ def test_ask_with_medical_memory(session):
 
 
 @pytest.mark.integration
-def test_cli_chat_prints_only_the_answer(session, bank_dir, model_home):
+def test_cli_chat_prints_only_the_answer(session, bank_dir, lifealign_home):
     if not CLI.is_file():
         pytest.skip(f"console script not found: {CLI}")
     session.history = []
@@ -94,7 +70,7 @@ def test_cli_chat_prints_only_the_answer(session, bank_dir, model_home):
     expected = session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS, keep_history=False).text
     proc = subprocess.run(
         [str(CLI), "chat", "--prompt", MEDICAL_PROMPT, "--domain", "medical", "--bank", str(bank_dir), "--max-new-tokens", str(TOKENS)],
-        env=dict(os.environ, LIFEALIGN_HOME=str(model_home)), capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, LIFEALIGN_HOME=str(lifealign_home)), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == expected, f"stdout should be the answer alone; stderr: {proc.stderr[-500:]}"
@@ -126,15 +102,15 @@ def test_auto_routing_sends_support_prompt_to_support(session):
 # -- CLI -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_cli_chat_unknown_domain_fails_with_known_domains(bank_dir, model_home):
-    result = invoke(["chat", "--prompt", "hi", "--domain", "unknown", "--bank", str(bank_dir)], model_home)
+def test_cli_chat_unknown_domain_fails_with_known_domains(bank_dir, lifealign_home):
+    result = invoke(["chat", "--prompt", "hi", "--domain", "unknown", "--bank", str(bank_dir)], lifealign_home)
     assert result.exit_code != 0 and result.stdout == ""
     assert "unknown domain 'unknown'" in result.stderr and "medical, support" in result.stderr
 
 
 @pytest.mark.integration
-def test_cli_memory_list_json(bank_dir, model_home):
-    result = invoke(["memory", "list", "--json", "--bank", str(bank_dir)], model_home)
+def test_cli_memory_list_json(bank_dir, lifealign_home):
+    result = invoke(["memory", "list", "--json", "--bank", str(bank_dir)], lifealign_home)
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["version"] == 2 and data["bank_bytes"] > 0
@@ -146,8 +122,8 @@ def test_cli_memory_list_json(bank_dir, model_home):
 
 
 @pytest.mark.integration
-def test_cli_route_json(bank_dir, model_home):
-    result = invoke(["route", SUPPORT_PROMPT, "--json", "--bank", str(bank_dir)], model_home)
+def test_cli_route_json(bank_dir, lifealign_home):
+    result = invoke(["route", SUPPORT_PROMPT, "--json", "--bank", str(bank_dir)], lifealign_home)
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert isinstance(data["scores"], dict) and set(data["scores"]) == {"medical", "support"}
@@ -164,11 +140,11 @@ def _base_tensor(home: Path, name: str) -> torch.Tensor:
 
 
 @pytest.mark.integration
-def test_cli_export_merged_loads_in_transformers(bank_dir, model_home, tmp_path):
+def test_cli_export_merged_loads_in_transformers(bank_dir, lifealign_home, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    result = invoke(["memory", "export", "medical", str(out), "--format", "merged", "--bank", str(bank_dir)], model_home)
+    result = invoke(["memory", "export", "medical", str(out), "--format", "merged", "--bank", str(bank_dir)], lifealign_home)
     assert result.exit_code == 0, result.stderr
     assert "checked" in result.stderr
     model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
@@ -176,25 +152,25 @@ def test_cli_export_merged_loads_in_transformers(bank_dir, model_home, tmp_path)
     module = "model.layers.0.self_attn.q_proj"
     delta = read_adapter(Bank(bank_dir).load().slot_dir("medical"))[0][module].dense()
     merged = model.get_submodule(module).weight.detach()
-    torch.testing.assert_close(merged, _base_tensor(model_home, f"{module}.weight") + delta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged, _base_tensor(lifealign_home, f"{module}.weight") + delta, rtol=1e-5, atol=1e-6)
     # A second export into the now non-empty folder is refused.
-    again = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(bank_dir)], model_home)
+    again = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(bank_dir)], lifealign_home)
     assert again.exit_code == 2 and "not empty" in again.stderr
 
 
 @pytest.mark.integration
-def test_cli_export_peft_loads_in_peft(bank_dir, model_home, tmp_path):
+def test_cli_export_peft_loads_in_peft(bank_dir, lifealign_home, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from lifealign_lite.model import default_model_dir
 
     out = tmp_path / "peft"
-    result = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(bank_dir)], model_home)
+    result = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(bank_dir)], lifealign_home)
     assert result.exit_code == 0, result.stderr
     slot = Bank(bank_dir).load().slot_dir("medical")
     assert (out / "adapter_model.safetensors").read_bytes() == (slot / "adapter_model.safetensors").read_bytes()
-    base = AutoModelForCausalLM.from_pretrained(default_model_dir(model_home), use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir(lifealign_home), use_safetensors=True)
     model = PeftModel.from_pretrained(base, str(out))
     module = "model.layers.0.self_attn.q_proj"
     delta = model.get_submodule(f"base_model.model.{module}").get_delta_weight("default")

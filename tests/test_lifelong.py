@@ -41,28 +41,8 @@ DOMAINS = ("medical", "support")
 # -- fixtures ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_home() -> Path:
-    home = Path(os.environ.get("LIFEALIGN_TEST_HOME") or Path.home() / ".cache" / "lifealign-lite-test")
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
-def two_domain_bank(tmp_path_factory, home: Path) -> Path:
-    """medical (v1) then support (v2) aligned into one bank; built once per session, read-only for users."""
-    root = tmp_path_factory.getbasetemp() / "two-domain-bank"
-    marker = tmp_path_factory.getbasetemp() / "two-domain-bank.built"
-    if not marker.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        recipe = load_recipe("edge-cpu", OVERRIDES)
-        for domain in DOMAINS:
-            align(EXAMPLES / f"{domain}.jsonl", recipe, home, root, domain=domain)
-        marker.touch()
-    return root
-
-
-@pytest.fixture(scope="module")
-def bank2(tmp_path_factory, model_home) -> Bank:
-    return Bank(two_domain_bank(tmp_path_factory, model_home))
+def bank2(two_domain_bank) -> Bank:
+    return Bank(two_domain_bank)
 
 
 def private_copy(bank: Bank, dest: Path, runs: bool = True) -> Bank:
@@ -109,13 +89,13 @@ def test_two_tasks_make_two_versions(bank2):
 
 
 @pytest.mark.integration
-def test_bank_adapters_load_in_peft_with_the_bank_deltas(bank2, model_home):
+def test_bank_adapters_load_in_peft_with_the_bank_deltas(bank2, lifealign_home):
     from peft import PeftModel
 
     from lifealign_lite.model import load_base
 
     state = bank2.load()
-    base = load_base("default", model_home, "none")
+    base = load_base("default", lifealign_home, "none")
     folders = {"core": state.core_dir(), **{d: state.slot_dir(d) for d in state.domains}}
     model = None
     for name, folder in folders.items():
@@ -159,10 +139,10 @@ def test_lineage_records_data_recipe_time_and_replay(bank2):
 
 
 @pytest.mark.integration
-def test_realigning_a_domain_updates_its_slot(bank2, model_home, tmp_path):
+def test_realigning_a_domain_updates_its_slot(bank2, lifealign_home, tmp_path):
     bank = private_copy(bank2, tmp_path / "bank")
     before = bank.load()
-    result = align(EXAMPLES / "medical.jsonl", load_recipe("edge-cpu", {**OVERRIDES, "max_steps": 1}), model_home, bank.root, domain="medical")
+    result = align(EXAMPLES / "medical.jsonl", load_recipe("edge-cpu", {**OVERRIDES, "max_steps": 1}), lifealign_home, bank.root, domain="medical")
     assert result.bank_version == 3 and bank.manifest()["current"] == 3
     state = assert_version_complete(bank, 3)
     med = state.domains["medical"]
@@ -178,13 +158,13 @@ def test_realigning_a_domain_updates_its_slot(bank2, model_home, tmp_path):
 
 
 @pytest.mark.integration
-def test_bank_of_another_base_is_refused(bank2, model_home, tmp_path):
+def test_bank_of_another_base_is_refused(bank2, lifealign_home, tmp_path):
     bank = private_copy(bank2, tmp_path / "bank", runs=False)
     manifest = bank.manifest()
     manifest["base"]["fingerprint"] = "0000000000000000"
     bank.manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(BankError, match=r"was built on 'SmolLM2-135M-Instruct' \(fingerprint 0000000000000000\)"):
-        align(EXAMPLES / "medical.jsonl", load_recipe("edge-cpu", OVERRIDES), model_home, bank.root, domain="medical")
+        align(EXAMPLES / "medical.jsonl", load_recipe("edge-cpu", OVERRIDES), lifealign_home, bank.root, domain="medical")
     assert bank.manifest()["current"] == 2
     assert sorted(p.name for p in (bank.root / "versions").iterdir()) == ["000001", "000002"]
     assert not (bank.root / "runs").exists(), "nothing may be trained or saved for a refused bank"
@@ -193,12 +173,12 @@ def test_bank_of_another_base_is_refused(bank2, model_home, tmp_path):
 # -- killed while writing a version --------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_sigkill_while_consolidating_leaves_a_whole_version(bank2, model_home, tmp_path):
+def test_sigkill_while_consolidating_leaves_a_whole_version(bank2, lifealign_home, tmp_path):
     if not CLI.is_file():
         pytest.skip(f"console script not found: {CLI}")
     bank = private_copy(bank2, tmp_path / "bank", runs=False)
     old = {v: file_digests(bank.version_dir(v)) for v in (1, 2)}
-    env = dict(os.environ, LIFEALIGN_HOME=str(model_home))
+    env = dict(os.environ, LIFEALIGN_HOME=str(lifealign_home))
     rng = random.Random()
     delay = rng.uniform(0.0, 0.05)
     log = tmp_path / "align.log"

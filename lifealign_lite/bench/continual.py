@@ -23,7 +23,7 @@ from typing import Sequence
 
 from ..align import align
 from ..chat import open_session
-from ..data import Pair, load_pairs, validate_domain_name, write_pairs
+from ..data import load_pairs, validate_domain_name, write_pairs
 from ..evaluate import METRICS, evaluate
 from ..memory.bank import Bank
 from ..recipe import load_recipe
@@ -55,7 +55,7 @@ PRESETS = {
               "overrides": {"max_steps": 2, "batch_size": 4}},
     # the four shared domains in the paper's order, sized for about an hour on a 2-core CPU
     "paper4": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in _PAPER_ORDER],
-               "methods": "seq-dpo,seq-fpo,replay,lifealign,lifealign-bank,mtl", "max_pairs": 64, "max_test": 40,
+               "methods": "seq-dpo,replay,lifealign,lifealign-bank,mtl", "max_pairs": 64, "max_test": 40,
                "overrides": {"batch_size": 4, "lr": 2e-4, "epochs": 1}},
 }
 

@@ -9,9 +9,7 @@ threshold is calibrated as the one maximizing (in-domain accuracy + unseen fallb
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import torch
 
 from ..data import load_pairs
 from ..memory.router import CORE, prompt_text, prototypes, route
