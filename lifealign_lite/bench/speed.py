@@ -567,7 +567,7 @@ def _greedy_tokens_per_s(model, tokenizer, new_tokens: int) -> dict:
 
 def one_quant(options: dict, mode: str) -> dict:
     """Load time, weight footprint, greedy generation speed and a few FPO steps in one precision."""
-    from lifealign_lite.model import attach_adapters, load_base
+    from lifealign_lite.model import attach_adapters, autocast, load_base
     from lifealign_lite.train import tokenize_pairs, train_short_term
 
     import torch
@@ -575,11 +575,13 @@ def one_quant(options: dict, mode: str) -> dict:
     recipe = _recipe(options, quant=mode)
     pairs = _load_pairs(options)
     t = time.perf_counter()
-    base = load_base(recipe.model, Path(options["home"]), mode)
+    # full precision runs as align and chat run it: fp32 weights, bf16 autocast where this CPU measures it faster
+    base = load_base(recipe.model, Path(options["home"]), mode, autocast_setting=recipe.autocast)
     load_s = time.perf_counter() - t
-    result: dict[str, Any] = {"ok": True, "quant": base.info["quant"], "load_s": round(load_s, 2),
+    result: dict[str, Any] = {"ok": True, "quant": base.info["quant"], "bf16_autocast": base.info["bf16_autocast"], "load_s": round(load_s, 2),
                               "footprint_mb": mb(base.model.get_memory_footprint()), "rss_after_load_mb": peak_rss_mb()}
-    result.update(_greedy_tokens_per_s(base.model, base.tokenizer, options["new_tokens"]))
+    with autocast(base.info["bf16_autocast"]):
+        result.update(_greedy_tokens_per_s(base.model, base.tokenizer, options["new_tokens"]))
     torch.manual_seed(recipe.seed)
     model = attach_adapters(base, recipe)
     items, _ = tokenize_pairs(pairs, base.tokenizer, recipe.max_length, recipe.max_prompt_length)
