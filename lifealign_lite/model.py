@@ -47,11 +47,12 @@ def pick_device() -> str:
 
 
 def resolve_quant(quant: str, device: str) -> str:
-    """``auto`` means QLoRA (NF4) on CUDA and fp32 on a CPU.
+    """``auto`` means QLoRA (NF4) on CUDA and full precision on a CPU.
 
-    On this project's 2-core CPU, NF4 through bitsandbytes cut weight memory about 3x but made
-    training and generation several times slower than fp32 (docs/PERFORMANCE.md, `bench quant`),
-    so a CPU gets full precision unless ``nf4``/``int8`` is asked for explicitly.
+    On a CPU, full precision keeps the adapters learned against the same weights chat and merged exports use;
+    NF4 is a second quantization of the GGUF's weights. ``bench quant`` (docs/PERFORMANCE.md) measured NF4
+    faster on a CPU with native bf16 but slower on others, and no smaller in peak memory for the default model,
+    so it stays opt-in there (``--quant nf4``).
     """
     if quant != "auto":
         return quant
