@@ -211,35 +211,68 @@ def eval_cmd(
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Score N pairs (seeded shuffle)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     sets: Optional[list[str]] = SetOpt,
+    judge_url: Optional[str] = typer.Option(None, "--judge", metavar="URL",
+                                            help="Also generate answers and score them 1-10 with an LLM judge at this OpenAI-compatible base URL (with or without /v1)."),
+    judge_model: str = typer.Option("judge", "--judge-model", metavar="NAME", help="Model name the judge server expects."),
+    judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", metavar="VAR", help="Name of the environment variable holding the judge's API key."),
+    judge_max_new_tokens: int = typer.Option(128, "--judge-max-new-tokens", min=1, metavar="N", help="Tokens generated per answer for the judge."),
 ) -> None:
-    """Preference accuracy (implicit reward vs the base), length-normalized accuracy and mean reward margin."""
+    """Preference accuracy (implicit reward vs the base), length-normalized accuracy and mean reward margin;
+    with --judge, also the mean LLM-judge score (1-10, one rubric per domain) of generated answers."""
     from lifealign_lite.chat import open_session
     from lifealign_lite.data import load_pairs
     from lifealign_lite.evaluate import evaluate
+    from lifealign_lite.judge import Judge, JudgeError, judge_pairs
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
     from lifealign_lite.progress import RichReporter
 
     rcp = build_recipe(recipe, sets, model=model)
+    judge = None
+    if judge_url:
+        api_key = None
+        if judge_key_env:
+            api_key = os.environ.get(judge_key_env)
+            if not api_key:
+                fail(f"--judge-key-env {judge_key_env}: that environment variable is not set or empty; export it with the judge's API key")
+        try:
+            judge = Judge(judge_url, model=judge_model, api_key=api_key)
+            judge.check()
+        except JudgeError as exc:
+            fail(str(exc))
     try:
         pairs = load_pairs(data, max_pairs=max_pairs, seed=rcp.seed)
         session = open_session(bank or default_bank(), home_dir(), rcp, domain=domain)
         with RichReporter(err) as reporter:
             result = evaluate(session, pairs, rcp, domain, reporter=reporter)
+            if judge is not None:
+                judged = judge_pairs(session, pairs, judge, domain, max_new_tokens=judge_max_new_tokens, reporter=reporter)
+                result.update({k: judged[k] for k in ("judge_score", "judged", "unparsed")}, judge_per_domain=judged["per_domain"])
+                for name, figures in result.get("per_domain", {}).items():  # pairs' own domains: one row each
+                    figures.update(judged["per_domain"].get(name, {}))
     except DataError as exc:
         fail_data(exc)
+    except JudgeError as exc:
+        fail(str(exc))
     except (BankError, ModelError, ValueError) as exc:
         fail(str(exc))
     result.pop("_base_scores")
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table("pairs", "preference acc", "length-norm acc", "mean reward margin", title=f"{data} with memory '{domain}'")
+    headers = ["pairs", "preference acc", "length-norm acc", "mean reward margin"] + (["judge score (1-10)", "judged"] if judge else [])
+    table = Table(*headers, title=f"{data} with memory '{domain}'")
     rows = [("all", result)] + list(result.get("per_domain", {}).items())
     if len(rows) > 1:
         table.columns.insert(0, type(table.columns[0])(header="domain"))
+
+    def fmt(r, key, spec):
+        return format(r[key], spec) if r.get(key) is not None else "-"
+
     for name, r in rows:
-        cells = [str(r["pairs"]), f"{r['pref_acc']:.3f}", f"{r['lennorm_acc']:.3f}", f"{r['margin']:+.4f}"]
+        cells = [str(r.get("pairs", "-")), fmt(r, "pref_acc", ".3f"), fmt(r, "lennorm_acc", ".3f"), fmt(r, "margin", "+.4f")]
+        if judge:
+            cells += [fmt(r, "judge_score", ".2f"), f"{r.get('judged', 0)}" + (f" ({r['unparsed']} unparsed)" if r.get("unparsed") else "")]
         table.add_row(*(([name] if len(rows) > 1 else []) + cells))
     out.print(table)
     err.print(f"memory used: {result['memory_used']}")

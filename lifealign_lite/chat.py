@@ -7,6 +7,7 @@ unmerges it and merges another. ``auto`` routes each prompt by embedding similar
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ class ChatSession:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1, streamer=streamer,
                       pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
-        run = self.model.disable_adapter() if memory == BASE and hasattr(self.model, "peft_config") else _nullcontext()
+        run = self.model.disable_adapter() if memory == BASE and hasattr(self.model, "peft_config") else contextlib.nullcontext()
 
         def generate():
             with torch.no_grad(), run, autocast(self.bf16_autocast):
@@ -117,14 +118,6 @@ class ChatSession:
             self.history = messages + [{"role": "assistant", "content": answer}]
         n_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
         return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: bool = True) -> ChatSession:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import Sequence
 
@@ -62,7 +63,7 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
 
     if base_scores is None:
         session._activate(BASE)
-        with session.model.disable_adapter() if hasattr(session.model, "peft_config") else torch.no_grad():
+        with session.model.disable_adapter() if hasattr(session.model, "peft_config") else contextlib.nullcontext():
             base_scores = score(items)
     policy = {k: v.clone() for k, v in base_scores.items()}
     for memory, idx in groups.items():
