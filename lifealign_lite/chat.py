@@ -120,14 +120,19 @@ class ChatSession:
         return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0)
 
 
-def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: bool = True) -> ChatSession:
-    """Load the base model and every adapter of the bank's current version for chatting."""
+def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: bool = True, version: int | None = None) -> ChatSession:
+    """Load the base model and every adapter of a bank version (default: the current one) for chatting.
+
+    Under bf16 autocast the adapters stay unmerged: merged into the fp32 weights and then cast to bf16, an
+    adapter's small change is rounded away (measured on 12 hh-helpful dev pairs: preference accuracy 0.50
+    merged against 0.42 unmerged and 0.42 in fp32), while the separate LoRA path keeps it.
+    """
     from peft import PeftModel
 
     from .align import make_embedder
 
     bank = Bank(bank_dir)
-    state = bank.load()
+    state = bank.load(version)
     ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
     base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast)
     bank.check_base(base.info)
@@ -142,7 +147,8 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
                 model.load_adapter(str(folder), adapter_name=name)
     model.eval()
     session = ChatSession(model=model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
-                          embedder_factory=lambda: make_embedder(state.meta.get("router", recipe.router), base), merge=merge,
+                          embedder_factory=lambda: make_embedder(state.meta.get("router", recipe.router), base),
+                          merge=merge and not base.info.get("bf16_autocast", False),
                           bf16_autocast=base.info.get("bf16_autocast", False))
     session.set_domain(domain)
     return session

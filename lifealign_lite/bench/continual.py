@@ -180,7 +180,8 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
                 domain = task.name
             if _bank_tasks(bank) <= (i if mode == "stream" else 0):
                 align(trained_file, recipe, home, bank, domain=domain)
-            sess = None if mode == "separate" else open_session(bank, home, recipe, domain=memory)
+            # the bank as it stood after task i (each task adds one version): a resumed run may have trained further
+            sess = None if mode == "separate" else open_session(bank, home, recipe, domain=memory, version=1 if mode == "joint" else i + 1)
             for j, test in enumerate(tasks):
                 if mode == "separate" and j > i:  # no adapter for a task not seen yet: the base model answers
                     scores[f"{i},{j}"] = {k: state["base"][test.name][k] for k in METRICS}
