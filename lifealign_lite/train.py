@@ -326,7 +326,8 @@ def train_short_term(
                 _sft_warmup(model, items, recipe, device, pad_id, state, report, bf16_autocast)
             report.start("train", total, state.step)
             stream = _batch_stream(items, recipe, state.step * recipe.grad_accum)
-            t0 = time.perf_counter()
+            # a resumed run continues the clock, so "time" stays the training time of every step so far
+            t0 = time.perf_counter() - (state.history[-1]["time"] if state.history else 0.0)
             while state.step < total:
                 metrics = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "pairs": 0}
                 for _ in range(recipe.grad_accum):
