@@ -12,6 +12,7 @@ import json
 import math
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,8 +51,9 @@ def pick_domain(pairs: list[Pair], domain: str | None, path: Path) -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def _find_resumable(runs: Path, domain: str, data_hash: str) -> Path:

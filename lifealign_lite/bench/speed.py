@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from ..align import peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-helpful" / "train.jsonl"
@@ -193,12 +194,6 @@ def mb(n_bytes: float) -> float:
     return round(n_bytes / 2**20, 1)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports kilobytes, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
-
-
 def machine_info() -> dict:
     import importlib.metadata as md
 
@@ -341,21 +336,26 @@ def _load_pairs(options: dict):
     return load_pairs(options["data"], max_pairs=options["pairs"], seed=options.get("seed", 0))
 
 
-def one_speed_lifealign(options: dict) -> dict:
-    """(c): lifealign-lite's own training, from the loaded model to the saved adapter."""
-    import torch
-
-    from lifealign_lite.model import attach_adapters, load_base, save_adapter
-    from lifealign_lite.train import tokenize_pairs, train_short_term
+def _load_variant(options: dict):
+    """What every `bench speed` variant starts from: recipe, pairs and the loaded model (load time and memory apart)."""
+    from lifealign_lite.model import load_base
 
     recipe = _recipe(options)
     home = Path(options["home"])
     pairs = _load_pairs(options)
     t_load = time.perf_counter()
     base = load_base(recipe.model, home, recipe.quant, autocast_setting=recipe.autocast)
-    load_s = time.perf_counter() - t_load
-    rss_loaded = peak_rss_mb()
-    params = _count_params(base.model)
+    return recipe, home, pairs, base, time.perf_counter() - t_load, peak_rss_mb(), _count_params(base.model)
+
+
+def one_speed_lifealign(options: dict) -> dict:
+    """(c): lifealign-lite's own training, from the loaded model to the saved adapter."""
+    import torch
+
+    from lifealign_lite.model import attach_adapters, save_adapter
+    from lifealign_lite.train import tokenize_pairs, train_short_term
+
+    recipe, home, pairs, base, load_s, rss_loaded, params = _load_variant(options)
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -417,16 +417,9 @@ def one_speed_trl(options: dict, tuned: bool) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from lifealign_lite.model import load_base, lora_config
+    from lifealign_lite.model import lora_config
 
-    recipe = _recipe(options)
-    home = Path(options["home"])
-    pairs = _load_pairs(options)
-    t_load = time.perf_counter()
-    base = load_base(recipe.model, home, recipe.quant, autocast_setting=recipe.autocast)
-    load_s = time.perf_counter() - t_load
-    rss_loaded = peak_rss_mb()
-    params = _count_params(base.model)
+    recipe, home, pairs, base, load_s, rss_loaded, params = _load_variant(options)
     timings: dict[str, float] = {}
 
     class TimedDPOTrainer(DPOTrainer):
