@@ -25,7 +25,9 @@ from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_
 from .memory.consolidate import add_adapters, compress_adapter, consolidate_adapter, denoise
 from .memory.router import BaseModelEmbedder, MiniLMEmbedder, prompt_text, update_key
 from .model import attach_adapters, load_base, save_adapter
+from .losses import preference_loss
 from .recipe import Recipe
+from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
 from .train import tokenize_pairs, train_short_term
 
 
@@ -98,7 +100,7 @@ def _check_bank_shape(state: BankState, recipe: Recipe) -> dict:
 
 
 def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, domain: str, pairs: list[Pair], recipe: Recipe,
-                     base_info: dict, embedder, lineage: dict) -> tuple[BankState, dict]:
+                     base_info: dict, embedder, lineage: dict, fisher: dict | None = None) -> tuple[BankState, dict]:
     """SLMC: fold the short-term ``update`` into a new bank version (core, slot, key, replay, history)."""
     t0 = time.perf_counter()
     history = state.history()
@@ -129,13 +131,23 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
         summary = {k: v for k, v in stats.items() if k != "per_module"}
         info["lineage"].append(lineage | {"consolidation": summary})
         pending.state.tasks.append(domain)
-        pending.keys, pending.history, pending.replay = keys, history + [consolidated], replay
+        pending.keys, pending.history, pending.replay, pending.fisher = keys, history + [consolidated], replay, fisher
         new_state = bank.commit(pending, base_info)
     except BaseException:
         bank.abort(pending)
         raise
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return new_state, summary
+
+
+def continual_penalty(model, state: BankState, recipe: Recipe):
+    """The EWC and O-LoRA penalties a recipe asks for, built from what the bank holds (None when off or first task)."""
+    ewc = olora = None
+    if recipe.ewc_lambda > 0 and (fisher := state.fisher()):
+        ewc = ewc_penalty(model, fisher, recipe.ewc_lambda)
+    if recipe.olora_lambda > 0 and (history := state.history()):
+        olora = olora_penalty(model, subspace_bases(history), recipe.olora_lambda)
+    return combine(ewc, olora)
 
 
 def align(
@@ -175,9 +187,18 @@ def align(
 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict()}, indent=2))
+        bf16 = base.info.get("bf16_autocast", False)
         st = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter,
-                              bf16_autocast=base.info.get("bf16_autocast", False))
+                              bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe))
         t_trained = time.perf_counter()
+        fisher = None
+        if recipe.ewc_lambda > 0:  # the Fisher of this task's own pairs (not the replayed ones), for the next tasks
+            own = items[: len(pairs)]
+            if reporter:
+                reporter.start("fisher", len(own))
+            task_fisher = fisher_diagonal(model, own, st.ref, preference_loss(recipe.loss, recipe.beta, recipe.focal_gamma), base.tokenizer.pad_token_id,
+                                          base.info["device"], bf16, progress=(lambda n: reporter.advance("fisher", n, {})) if reporter else None)
+            fisher = accumulate_fisher(state.fisher(), task_fisher)
         save_adapter(model, run_dir / "adapter")
 
         recipe_hash = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
@@ -186,7 +207,7 @@ def align(
         memory = read_adapter(memory_dir)[0] if memory_dir else {}
         del model  # training memory is no longer needed for consolidation
         new_state, cstats = consolidate_task(bank, state, read_adapter(run_dir / "adapter")[0], memory, domain, pairs, recipe,
-                                             base.info, make_embedder(recipe.router, base), lineage)
+                                             base.info, make_embedder(recipe.router, base), lineage, fisher)
 
     train_time = st.history[-1]["time"] if st.history else 0.0
     trained_pairs = sum(h["pairs"] for h in st.history)
@@ -206,6 +227,8 @@ def align(
         "reward_acc_end": st.window("acc", first=False),
         "loss_start": st.window("loss", first=True),
         "loss_end": st.window("loss", first=False),
+        "penalty_start": st.window("reg", first=True),  # EWC / O-LoRA penalty (None when off)
+        "penalty_end": st.window("reg", first=False),
         "model": base.info,
         "recipe": recipe.to_dict(),
         "consolidation": cstats,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-_LABELS = {"reference": "reference log-probs", "sft": "SFT warm-up", "train": "FPO training", "score": "scoring"}
+_LABELS = {"reference": "reference log-probs", "sft": "SFT warm-up", "train": "FPO training", "score": "scoring", "fisher": "EWC Fisher"}
 
 
 class RichReporter:
@@ -44,6 +44,8 @@ class RichReporter:
             self._pairs += metrics.get("pairs", 0)
             rate = self._pairs / metrics["time"] if metrics.get("time") else 0.0
             text = f"loss {metrics['loss']:.4f}  acc {metrics['acc']:.2f}  {rate:.2f} pairs/s"
+            if "reg" in metrics:
+                text += f"  penalty {metrics['reg']:.4f}"
         elif "loss" in metrics:
             text = f"loss {metrics['loss']:.4f}"
         self.progress.update(self.tasks[phase], advance=n, metrics=text)

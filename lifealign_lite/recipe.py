@@ -70,6 +70,9 @@ class Recipe:
     route_threshold: float = 0.2  # routing score below which chat uses the core (calibrated: docs/RESULTS.md)
     router: str = "minilm"  # minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states)
     slot_mode: str = "specialist"  # specialist: slot = memory + the domain's denoised update; core: slot = the new core
+    # continual-learning baselines (bench continual's ewc and olora; off in LifeAlign's own recipes)
+    ewc_lambda: float = 0.0  # online EWC: penalty on the short update weighted by earlier tasks' Fisher (kept in the bank)
+    olora_lambda: float = 0.0  # O-LoRA: penalty on the short adapter's A inside earlier tasks' input subspaces
 
     def validate(self) -> "Recipe":
         if self.quant not in QUANT_CHOICES:
@@ -86,7 +89,7 @@ class Recipe:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise RecipeError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("focal_gamma", "max_steps", "max_pairs", "sft_warmup_steps", "epochs", "replay_size"):
+        for key in ("focal_gamma", "max_steps", "max_pairs", "sft_warmup_steps", "epochs", "replay_size", "ewc_lambda", "olora_lambda"):
             if getattr(self, key) < 0:
                 raise RecipeError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("tau",):

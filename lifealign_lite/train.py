@@ -167,6 +167,7 @@ class TrainState:
     step: int = 0
     sft_step: int = 0
     history: list[dict] = field(default_factory=list)  # per-step metrics
+    ref: dict = field(default_factory=dict, repr=False)  # the task's reference log-probs (set by train_short_term)
 
     def window(self, key: str, first: bool, frac: float = 0.1) -> float | None:
         vals = [h[key] for h in self.history if key in h]
@@ -291,6 +292,7 @@ def train_short_term(
     resume: bool = False,
     reporter=None,
     bf16_autocast: bool = False,
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> TrainState:
     """Train the ``short`` LoRA of ``model`` on ``items`` with the recipe's preference loss.
 
@@ -298,6 +300,9 @@ def train_short_term(
     over the fp32 weights: about 1.7x faster on CPUs with native bf16 (docs/PERFORMANCE.md). Autocast is
     entered per forward pass: it caches its bf16 copies of trainable weights until its context exits, so a
     context around several optimizer steps would keep training on stale weights.
+
+    ``regularizer`` (optional) returns a penalty added to the loss once per optimizer step (EWC, O-LoRA:
+    ``regularize.py``); its value is recorded as ``reg`` in the step metrics.
 
     ``reporter`` (optional) gets ``start(phase, total)``, ``advance(phase, n, metrics)`` calls for a progress display.
     """
@@ -318,6 +323,7 @@ def train_short_term(
         state = TrainState()
         report.start("reference", len(items))
         ref = reference_logps(model, items, pad_id, device, progress=lambda n: report.advance("reference", n, {}), bf16_autocast=bf16_autocast)
+    state.ref = ref
 
     model.train()
     with _StopFlag():
@@ -330,6 +336,10 @@ def train_short_term(
             t0 = time.perf_counter() - (state.history[-1]["time"] if state.history else 0.0)
             while state.step < total:
                 metrics = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "pairs": 0}
+                if regularizer is not None:
+                    reg = regularizer()
+                    reg.backward()
+                    metrics["reg"] = reg.item()
                 for _ in range(recipe.grad_accum):
                     idx = next(stream)
                     batch = [items[i] for i in idx]
@@ -347,7 +357,10 @@ def train_short_term(
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 n = metrics.pop("pairs")
+                reg_value = metrics.pop("reg", None)
                 record = {k: v / n for k, v in metrics.items()} | {"step": state.step, "pairs": n, "time": time.perf_counter() - t0}
+                if reg_value is not None:
+                    record["reg"] = reg_value
                 state.history.append(record)
                 report.advance("train", 1, record)
         except KeyboardInterrupt:

@@ -45,8 +45,16 @@ def test_parse_methods():
     assert parse_methods("seq-dpo, lifealign") == ["seq-dpo", "lifealign"]
     with pytest.raises(BenchError, match="unknown method"):
         parse_methods("seq-dpo,magic")
-    with pytest.raises(BenchError, match="not implemented"):
-        parse_methods("ewc")
+    assert parse_methods("ewc,olora,mtl") == ["ewc", "olora", "mtl"]
+
+
+def test_ewc_and_olora_are_sequential_dpo_plus_their_penalty():
+    """Each baseline differs from seq-dpo by its own penalty only."""
+    seq = METHODS["seq-dpo"][0]
+    for name, key in (("ewc", "ewc_lambda"), ("olora", "olora_lambda")):
+        overrides, memory, mode = METHODS[name]
+        assert (memory, mode) == ("core", "stream") and overrides[key] > 0
+        assert {k: v for k, v in overrides.items() if k != key} == seq
 
 
 def test_ablation_methods_change_one_knob_at_a_time():

@@ -28,6 +28,10 @@ from ..evaluate import METRICS, evaluate
 from ..memory.bank import Bank
 from ..recipe import load_recipe
 
+# EWC strength, from a two-task probe (truthfulqa then hh-harmless, 16 pairs, 4 steps): at 1 the penalty ended at
+# 0.02 against a loss of 0.68 and the second task learned as without it; at 10 the second task stopped learning.
+EWC_LAMBDA = 3.0
+OLORA_LAMBDA = 0.5  # O-LoRA's own setting (lambda_1 = 0.5)
 _SEQ = {"tau": 1.0, "projection_gamma": 1.0, "replay_mix": 0.0}
 # name -> (recipe overrides, memory evaluated, how tasks are trained)
 METHODS: dict[str, tuple[dict, str, str]] = {
@@ -39,9 +43,10 @@ METHODS: dict[str, tuple[dict, str, str]] = {
     "lifealign": ({"loss": "fpo", "replay_mix": 0.2}, "core", "stream"),
     "lifealign-bank": ({"loss": "fpo", "replay_mix": 0.2}, "auto", "stream"),
     "sep": ({"loss": "dpo", **_SEQ}, "told", "separate"),  # one adapter per task from the base, told the domain
+    "ewc": ({"loss": "dpo", **_SEQ, "ewc_lambda": EWC_LAMBDA}, "core", "stream"),  # online EWC on the adapter's update
+    "olora": ({"loss": "dpo", **_SEQ, "olora_lambda": OLORA_LAMBDA}, "core", "stream"),  # orthogonal LoRA subspaces
     "mtl": ({"loss": "dpo", **_SEQ}, "core", "joint"),  # all tasks at once: the upper bound (final row only)
 }
-NOT_IMPLEMENTED = {"ewc", "olora"}
 # methods whose training runs are identical: the second reuses the first's bank and only evaluates differently
 SHARED_TRAINING = {"lifealign-bank": "lifealign"}
 
@@ -55,7 +60,7 @@ PRESETS = {
               "overrides": {"max_steps": 2, "batch_size": 4}},
     # the four shared domains in the paper's order, sized for about an hour on a 2-core CPU
     "paper4": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in _PAPER_ORDER],
-               "methods": "seq-dpo,replay,lifealign,lifealign-bank,mtl", "max_pairs": 64, "max_test": 40,
+               "methods": "seq-dpo,seq-fpo,replay,ewc,olora,sep,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
                "overrides": {"batch_size": 4, "lr": 2e-4, "epochs": 1}},
 }
 
@@ -83,8 +88,6 @@ def parse_task(spec: str) -> Task:
 def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     for m in names:
-        if m in NOT_IMPLEMENTED:
-            raise BenchError(f"method {m!r} is not implemented yet; available: {', '.join(METHODS)}")
         if m not in METHODS:
             raise BenchError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
     return names

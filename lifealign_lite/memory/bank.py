@@ -9,6 +9,7 @@ Layout (every adapter is a PEFT folder that ``PeftModel.from_pretrained`` loads 
         slots/<domain>/           the domain's adapter (same rank and target modules as the core)
         keys.safetensors          routing prototypes per domain (unit vectors)
         history.safetensors       consolidated update of every task, the span SLMC projects against
+        fisher.safetensors        (only with ewc_lambda > 0) accumulated diagonal Fisher of the targeted matrices
         replay.jsonl              bounded replay buffer of past pairs
     BANK/runs/                    short-term adapters and run summaries of each align
     BANK/.lock                    held by the process writing the bank
@@ -152,6 +153,10 @@ class BankState:
         path = self.folder / "history.safetensors" if self.folder else None
         return self._load(path, _load_lowrank_list) if path and path.exists() else []
 
+    def fisher(self) -> dict[str, torch.Tensor]:
+        path = self.folder / "fisher.safetensors" if self.folder else None
+        return self._load(path, load_file) if path and path.exists() else {}
+
     def replay(self) -> list[Pair]:
         path = self.folder / "replay.jsonl" if self.folder else None
         if not path or not path.exists() or path.stat().st_size == 0:
@@ -178,6 +183,7 @@ class PendingVersion:
     keys: dict[str, torch.Tensor] | None = None
     history: list[dict[str, LowRank]] | None = None
     replay: list[Pair] | None = None
+    fisher: dict[str, torch.Tensor] | None = None
 
 
 class Bank:
@@ -253,6 +259,8 @@ class Bank:
             _replace_file(folder / "keys.safetensors", lambda p: save_file({k: v.contiguous() for k, v in pending.keys.items()}, str(p)))
         if pending.history is not None:
             _replace_file(folder / "history.safetensors", lambda p: _save_lowrank_list(p, pending.history))
+        if pending.fisher is not None:
+            _replace_file(folder / "fisher.safetensors", lambda p: save_file({k: v.contiguous() for k, v in pending.fisher.items()}, str(p)))
         if pending.replay is not None:
             _replace_file(folder / "replay.jsonl", lambda p: write_pairs(p, pending.replay))
         state = pending.state
