@@ -46,6 +46,7 @@ def test_parse_methods():
     with pytest.raises(BenchError, match="unknown method"):
         parse_methods("seq-dpo,magic")
     assert parse_methods("ewc,olora,mtl") == ["ewc", "olora", "mtl"]
+    assert parse_methods("all") == list(METHODS) and {"ewc", "olora", "sep", "mtl"} <= set(parse_methods("all"))
 
 
 def test_ewc_and_olora_are_sequential_dpo_plus_their_penalty():

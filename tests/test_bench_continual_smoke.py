@@ -18,7 +18,7 @@ def test_smoke_preset_writes_results_and_resumes(tmp_path, lifealign_home, share
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["_meta"]["tasks"] == ["truthfulqa", "safe-rlhf"]
-    for method in ("seq-dpo", "lifealign", "lifealign-bank"):
+    for method in ("seq-dpo", "ewc", "olora", "lifealign", "lifealign-bank"):
         entry = results[method]
         R = entry["matrices"]["pref_acc"]
         assert len(R) == 2 and all(len(row) == 2 for row in R)
@@ -29,6 +29,9 @@ def test_smoke_preset_writes_results_and_resumes(tmp_path, lifealign_home, share
         assert (out / f"heatmap-{method}.png").stat().st_size > 1000
     assert (out / "ap-bwt.png").is_file()
     assert "| lifealign |" in (out / "results.md").read_text()
+    # ewc keeps its Fisher in the bank (one per version); olora and lifealign need none
+    assert all((v / "fisher.safetensors").is_file() for v in (out / "banks" / "ewc" / "versions").iterdir())
+    assert not any((out / "banks" / "olora" / "versions").glob("*/fisher.safetensors"))
     # lifealign-bank reuses lifealign's training: one bank, two tasks
     assert not (out / "banks" / "lifealign-bank").exists()
 
@@ -36,6 +39,6 @@ def test_smoke_preset_writes_results_and_resumes(tmp_path, lifealign_home, share
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((out / "results.json").read_text())
-    for method in ("seq-dpo", "lifealign", "lifealign-bank"):
+    for method in ("seq-dpo", "ewc", "olora", "lifealign", "lifealign-bank"):
         assert again[method]["matrices"] == results[method]["matrices"]
     assert len(list((out / "banks" / "lifealign" / "runs").iterdir())) == 2

@@ -143,3 +143,19 @@ def test_console_script_reports_bad_data_on_stderr_only(tmp_path):
     assert f"{data}:2:" not in proc.stdout
     assert "Traceback" not in proc.stderr
     assert tree(bank) == []
+
+
+def test_bench_continual_help_names_every_method(env):
+    from lifealign_lite.bench.continual import METHODS
+
+    result = invoke(["bench", "continual", "--help"], {**env, "COLUMNS": "400"})
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for name in METHODS:
+        assert name in text, name
+
+
+def test_bench_continual_unknown_method_is_a_one_line_error(env, tmp_path):
+    result = invoke(["bench", "continual", "a=x.jsonl:y.jsonl", "--methods", "seq-dpo,magic", "--out", tmp_path / "b"], env)
+    assert result.exit_code != 0
+    assert "unknown method 'magic'" in result.stderr and "ewc" in result.stderr

@@ -9,7 +9,8 @@ and ``R0[j]`` the base model's score:
 
 Every method is the project's own ``align`` with different recipe knobs, so the comparison changes one thing
 at a time: sequential fine-tuning is SLMC switched off (``tau = 1``, ``projection_gamma = 1``, a rank budget
-that truncates nothing), replay is ``replay_mix``, DPO is ``focal_gamma = 0``. The run is resumable: each
+that truncates nothing), replay is ``replay_mix``, DPO is ``focal_gamma = 0``, and the two regularized
+baselines are sequential DPO plus their penalty (``ewc_lambda``, ``olora_lambda``: ``regularize.py``). The run is resumable: each
 finished (method, task) step is recorded in ``OUT/state.json`` and skipped on the next start.
 """
 
@@ -56,7 +57,7 @@ _PAPER_ORDER = ("truthfulqa", "hh-harmless", "hh-helpful", "safe-rlhf")
 PRESETS = {
     # CI: two domains, a handful of pairs, two steps per task; proves the pipeline end to end in minutes
     "smoke": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in ("truthfulqa", "safe-rlhf")],
-              "methods": "seq-dpo,lifealign,lifealign-bank", "max_pairs": 8, "max_test": 6,
+              "methods": "seq-dpo,ewc,olora,lifealign,lifealign-bank", "max_pairs": 8, "max_test": 6,
               "overrides": {"max_steps": 2, "batch_size": 4}},
     # the four shared domains in the paper's order, sized for about an hour on a 2-core CPU
     "paper4": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in _PAPER_ORDER],
@@ -86,7 +87,10 @@ def parse_task(spec: str) -> Task:
 
 
 def parse_methods(text: str) -> list[str]:
+    """Comma-separated method names, in the order given; ``all`` is every method."""
     names = [m.strip() for m in text.split(",") if m.strip()]
+    if names == ["all"]:
+        return list(METHODS)
     for m in names:
         if m not in METHODS:
             raise BenchError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
