@@ -68,3 +68,18 @@ def test_ablation_methods_change_one_knob_at_a_time():
     assert knobs("replay-fpo") == ("fpo", False, 0.2)
     assert knobs("replay-slmc") == ("dpo", True, 0.2)
     assert knobs("lifealign") == ("fpo", True, 0.2)
+
+
+def test_mtl_reports_its_average_as_ap_and_no_transfer():
+    """mtl is scored once, after training on everything: AP is that average; BWT and FWT do not apply."""
+    from lifealign_lite.bench.continual import summarize
+
+    names = ["a", "b"]
+    base = {n: {"pref_acc": 0.5, "lennorm_acc": 0.5, "margin": 0.0} for n in names}
+    final = {"pref_acc": 0.8, "lennorm_acc": 0.6, "margin": 0.1}
+    state = {"base": base, "scores": {"mtl": {"0,0": None, "1,0": final, "1,1": {**final, "pref_acc": 0.6}},
+                                      "seq-dpo": {f"{i},{j}": final for i in range(2) for j in range(2)}}}
+    res = summarize(state, names, ["mtl", "seq-dpo"])
+    assert res["mtl"]["pref_acc"]["Last"] == res["mtl"]["pref_acc"]["AP"] == pytest.approx(0.7)
+    assert res["mtl"]["pref_acc"]["BWT"] is None and res["mtl"]["pref_acc"]["FWT"] is None
+    assert res["seq-dpo"]["pref_acc"]["AP"] == pytest.approx(0.8) and res["seq-dpo"]["pref_acc"]["BWT"] == 0.0
