@@ -83,3 +83,15 @@ def test_mtl_reports_its_average_as_ap_and_no_transfer():
     assert res["mtl"]["pref_acc"]["Last"] == res["mtl"]["pref_acc"]["AP"] == pytest.approx(0.7)
     assert res["mtl"]["pref_acc"]["BWT"] is None and res["mtl"]["pref_acc"]["FWT"] is None
     assert res["seq-dpo"]["pref_acc"]["AP"] == pytest.approx(0.8) and res["seq-dpo"]["pref_acc"]["BWT"] == 0.0
+
+
+def test_presets_name_real_tasks_and_methods():
+    from lifealign_lite.bench.continual import PRESETS
+
+    for name, spec in PRESETS.items():
+        tasks = [parse_task(t) for t in spec["tasks"]]
+        assert parse_methods(spec["methods"]), name
+        assert all(t.train.name == "train.jsonl" and t.test.name == "dev.jsonl" for t in tasks), name
+    paper = PRESETS["paper4"]
+    assert [parse_task(t).name for t in paper["tasks"]] == ["truthfulqa", "hh-harmless", "hh-helpful", "safe-rlhf"]
+    assert {"seq-dpo", "mtl", "lifealign", "lifealign-bank"} <= set(parse_methods(paper["methods"]))

@@ -59,9 +59,10 @@ PRESETS = {
     "smoke": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in ("truthfulqa", "safe-rlhf")],
               "methods": "seq-dpo,ewc,olora,lifealign,lifealign-bank", "max_pairs": 8, "max_test": 6,
               "overrides": {"max_steps": 2, "batch_size": 4}},
-    # the four shared domains in the paper's order, sized for about an hour on a 2-core CPU
+    # the four shared domains in the paper's order; these five methods took 46 min (+1 for the base model) of the
+    # measured 94-min run of all nine on a 2-core CPU (docs/RESULTS.md): `--methods all` for every baseline
     "paper4": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in _PAPER_ORDER],
-               "methods": "seq-dpo,seq-fpo,replay,ewc,olora,sep,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
+               "methods": "seq-dpo,replay,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
                "overrides": {"batch_size": 4, "lr": 2e-4, "epochs": 1}},
 }
 
@@ -275,6 +276,9 @@ def plot(results: dict, methods: list[str], out: Path) -> None:
     for ax, key in zip(axes, ("AP", "BWT")):
         vals = [results[m]["pref_acc"][key] for m in methods]
         ax.bar(methods, [0 if v is None else 100 * v for v in vals], color=["#4c72b0" if "lifealign" in m else "#999999" for m in methods])
+        for x, v in enumerate(vals):
+            if v is None:  # mtl has no sequence, so no BWT: say so rather than draw a zero
+                ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"preference accuracy {key} ({'%' if key == 'AP' else 'points'})")
         ax.tick_params(axis="x", rotation=45)
         ax.axhline(0, color="k", linewidth=0.5)
