@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from .data import DataError, Pair, load_pairs, pairs_hash, validate_domain_name
+from .losses import preference_loss
 from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
 from .memory.consolidate import add_adapters, compress_adapter, consolidate_adapter, denoise
 from .memory.router import BaseModelEmbedder, MiniLMEmbedder, prompt_text, update_key
 from .model import attach_adapters, load_base, save_adapter
-from .losses import preference_loss
 from .recipe import Recipe
 from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
 from .train import tokenize_pairs, train_short_term
