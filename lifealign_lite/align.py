@@ -140,10 +140,13 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
     return new_state, summary
 
 
-def continual_penalty(model, state: BankState, recipe: Recipe):
-    """The EWC and O-LoRA penalties a recipe asks for, built from what the bank holds (None when off or first task)."""
+def continual_penalty(model, state: BankState, recipe: Recipe, fisher: dict):
+    """The EWC and O-LoRA penalties a recipe asks for, built from what the bank holds (None when off or first task).
+
+    ``fisher`` is the bank version's accumulated Fisher (read once by the caller, which also extends it).
+    """
     ewc = olora = None
-    if recipe.ewc_lambda > 0 and (fisher := state.fisher()):
+    if recipe.ewc_lambda > 0 and fisher:
         ewc = ewc_penalty(model, fisher, recipe.ewc_lambda)
     if recipe.olora_lambda > 0 and (history := state.history()):
         olora = olora_penalty(model, subspace_bases(history), recipe.olora_lambda)
@@ -188,8 +191,9 @@ def align(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict()}, indent=2))
         bf16 = base.info.get("bf16_autocast", False)
+        prior_fisher = state.fisher() if recipe.ewc_lambda > 0 else {}
         st = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter,
-                              bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe))
+                              bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe, prior_fisher))
         t_trained = time.perf_counter()
         fisher = None
         if recipe.ewc_lambda > 0:  # the Fisher of this task's own pairs (not the replayed ones), for the next tasks
@@ -198,7 +202,7 @@ def align(
                 reporter.start("fisher", len(own))
             task_fisher = fisher_diagonal(model, own, st.ref, preference_loss(recipe.loss, recipe.beta, recipe.focal_gamma), base.tokenizer.pad_token_id,
                                           base.info["device"], bf16, progress=(lambda n: reporter.advance("fisher", n, {})) if reporter else None)
-            fisher = accumulate_fisher(state.fisher(), task_fisher)
+            fisher = accumulate_fisher(prior_fisher, task_fisher)
         save_adapter(model, run_dir / "adapter")
 
         recipe_hash = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

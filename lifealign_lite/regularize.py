@@ -18,17 +18,16 @@ from typing import Callable, Sequence
 
 import torch
 
+from .memory.bank import PEFT_PREFIX
 from .memory.consolidate import LowRank
 from .model import SHORT, autocast
-
-_PREFIX = "base_model.model."
 
 
 def lora_layers(model, adapter: str = SHORT) -> dict[str, torch.nn.Module]:
     """The PEFT LoRA layers that hold ``adapter``, by module name as the bank writes it (``model.layers.0...``)."""
     from peft.tuners.lora import LoraLayer
 
-    return {name.removeprefix(_PREFIX): mod for name, mod in model.named_modules()
+    return {name.removeprefix(PEFT_PREFIX): mod for name, mod in model.named_modules()
             if isinstance(mod, LoraLayer) and adapter in mod.lora_A}
 
 

@@ -42,7 +42,7 @@ from .consolidate import LowRank
 
 FORMAT = 1
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
-_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules
 
 
 class BankError(RuntimeError):
@@ -72,7 +72,7 @@ def read_adapter(folder: Path) -> tuple[dict[str, LowRank], dict]:
     out = {}
     for key, a in tensors.items():
         if key.endswith(_LORA_A):
-            name = key[len(_PREFIX):-len(_LORA_A)] if key.startswith(_PREFIX) else key[:-len(_LORA_A)]
+            name = key[len(PEFT_PREFIX):-len(_LORA_A)] if key.startswith(PEFT_PREFIX) else key[:-len(_LORA_A)]
             b = tensors[key[: -len(_LORA_A)] + _LORA_B]
             out[name] = LowRank(b.float() * scale, a.float())
     return out, config
@@ -89,8 +89,8 @@ def write_adapter(folder: Path, update: dict[str, LowRank], rank: int, target_mo
         b = torch.zeros(u.shape[0], rank)
         a = torch.zeros(rank, u.shape[1])
         b[:, : u.rank], a[: u.rank] = u.B, u.A
-        tensors[f"{_PREFIX}{name}{_LORA_B}"] = b.contiguous()
-        tensors[f"{_PREFIX}{name}{_LORA_A}"] = a.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}{_LORA_B}"] = b.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}{_LORA_A}"] = a.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
@@ -99,6 +99,10 @@ def write_adapter(folder: Path, update: dict[str, LowRank], rank: int, target_mo
     }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
 def _save_lowrank_list(path: Path, items: list[dict[str, LowRank]]) -> None:
@@ -146,16 +150,13 @@ class BankState:
         return self.folder / "slots" / domain
 
     def keys(self) -> dict[str, torch.Tensor]:
-        path = self.folder / "keys.safetensors" if self.folder else None
-        return self._load(path, load_file) if path and path.exists() else {}
+        return self._optional("keys.safetensors", load_file, {})
 
     def history(self) -> list[dict[str, LowRank]]:
-        path = self.folder / "history.safetensors" if self.folder else None
-        return self._load(path, _load_lowrank_list) if path and path.exists() else []
+        return self._optional("history.safetensors", _load_lowrank_list, [])
 
     def fisher(self) -> dict[str, torch.Tensor]:
-        path = self.folder / "fisher.safetensors" if self.folder else None
-        return self._load(path, load_file) if path and path.exists() else {}
+        return self._optional("fisher.safetensors", load_file, {})
 
     def replay(self) -> list[Pair]:
         path = self.folder / "replay.jsonl" if self.folder else None
@@ -165,6 +166,11 @@ class BankState:
             return load_pairs(path)
         except DataError as exc:
             raise BankError(f"{path}: corrupted replay buffer ({exc.problems[0]}); try `lifealign-lite memory rollback`") from None
+
+    def _optional(self, name: str, loader, empty):
+        """A file of this version read with ``loader``, or ``empty`` when the version has none."""
+        path = self.folder / name if self.folder else None
+        return self._load(path, loader) if path and path.exists() else empty
 
     @staticmethod
     def _load(path: Path, loader):
@@ -256,11 +262,11 @@ class Bank:
         """Finish a version: write its small files, fsync, rename into place, then move the manifest pointer."""
         folder = pending.folder
         if pending.keys is not None:
-            _replace_file(folder / "keys.safetensors", lambda p: save_file({k: v.contiguous() for k, v in pending.keys.items()}, str(p)))
+            _replace_file(folder / "keys.safetensors", lambda p: _save_tensors(p, pending.keys))
         if pending.history is not None:
             _replace_file(folder / "history.safetensors", lambda p: _save_lowrank_list(p, pending.history))
         if pending.fisher is not None:
-            _replace_file(folder / "fisher.safetensors", lambda p: save_file({k: v.contiguous() for k, v in pending.fisher.items()}, str(p)))
+            _replace_file(folder / "fisher.safetensors", lambda p: _save_tensors(p, pending.fisher))
         if pending.replay is not None:
             _replace_file(folder / "replay.jsonl", lambda p: write_pairs(p, pending.replay))
         state = pending.state
