@@ -46,8 +46,11 @@ def fail_data(exc: DataError) -> None:
 
 
 def build_recipe(recipe: Optional[str], sets: list[str], **flags):
+    """The recipe: YAML preset < ``--set key=value`` < a flag given on the command line (a flag not given is None
+    and overrides nothing)."""
     try:
-        return load_recipe(recipe, {**parse_set_options(sets or []), **flags})
+        given = {k: v for k, v in flags.items() if v is not None}
+        return load_recipe(recipe, {**parse_set_options(sets or []), **given})
     except RecipeError as exc:
         fail(str(exc))
 
@@ -257,6 +260,7 @@ def eval_cmd(
     except (BankError, ModelError, ValueError) as exc:
         fail(str(exc))
     result.pop("_base_scores")
+    result.pop("_per_pair")
     if as_json:
         print(json.dumps(result, indent=2))
         return

@@ -177,6 +177,7 @@ def continual_cmd(
     out_dir: Path = typer.Option(Path("bench-continual"), "--out", help="Output folder (results.json, results.md, PNG plots); rerun to resume."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Training pairs per task (seeded sample)."),
     max_test: Optional[int] = typer.Option(None, "--max-test", help="Test pairs per task."),
+    tests_dir: Optional[Path] = typer.Option(None, "--tests", help="Score each task on DIR/NAME/test.jsonl instead of its own test file (training unchanged)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r"),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any recipe field: --set key=value."),
 ) -> None:
@@ -184,7 +185,7 @@ def continual_cmd(
     import shlex
     import sys
 
-    from lifealign_lite.bench.continual import PRESETS, BenchError, parse_methods, parse_task, run_continual
+    from lifealign_lite.bench.continual import PRESETS, BenchError, parse_methods, parse_task, run_continual, with_test_dir
     from lifealign_lite.data import DataError
     from lifealign_lite.progress import RichReporter
     from lifealign_lite.recipe import RecipeError, parse_set_options
@@ -198,7 +199,9 @@ def continual_cmd(
     try:
         task_list = [parse_task(t) for t in (tasks or spec.get("tasks", []))]
         if not task_list:
-            raise BenchError("give tasks as NAME=TRAIN.jsonl:TEST.jsonl, or --preset smoke|paper4")
+            raise BenchError("give tasks as NAME=TRAIN.jsonl:TEST.jsonl, or --preset " + "|".join(PRESETS))
+        if tests_dir is not None:
+            task_list = with_test_dir(task_list, tests_dir)
         overrides = {**spec.get("overrides", {}), **parse_set_options(sets or [])}
         with RichReporter(err) as reporter:
             run_continual(

@@ -105,6 +105,7 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
     t0 = time.perf_counter()
     history = state.history()
     consolidated, stats = consolidate_adapter(update, history, recipe.tau, recipe.projection_gamma)
+    consolidated = compress_adapter(consolidated)  # exact, at its numerical rank: history entries stay small
     core = read_adapter(state.core_dir())[0] if state.core_dir() else {}
     new_core = compress_adapter(add_adapters(core, consolidated), recipe.bank_rank)
     if recipe.slot_mode == "core":
@@ -182,7 +183,8 @@ def align(
 
         memory_dir = state.slot_dir(domain) if domain in state.domains else state.core_dir()
         trained_from = f"slot {domain} v{state.version}" if domain in state.domains else (f"core v{state.version}" if memory_dir else "base")
-        replay = replay_sample(state.replay(), domain, round(recipe.replay_mix * len(pairs)), recipe.seed)
+        buffer = state.replay()
+        replay = replay_sample(buffer, domain, len(buffer) if recipe.replay_all else round(recipe.replay_mix * len(pairs)), recipe.seed)
         torch.manual_seed(recipe.seed)  # the new LoRA's initialization must follow the recipe's seed
         model = attach_adapters(base, recipe, memory_dir)
         items, tstats = tokenize_pairs(pairs + replay, base.tokenizer, recipe.max_length, recipe.max_prompt_length)

@@ -23,14 +23,20 @@ from .train import score_pairs, tokenize_pairs
 METRICS = ("pref_acc", "lennorm_acc", "margin")
 
 
-def metrics_from_scores(policy: dict[str, torch.Tensor], base: dict[str, torch.Tensor], beta: float) -> dict[str, float]:
-    """The three scores of a set of pairs from its policy and base log-probs (outputs of ``score_pairs``)."""
+def per_pair_scores(policy: dict[str, torch.Tensor], base: dict[str, torch.Tensor], beta: float) -> dict[str, torch.Tensor]:
+    """Each pair's three scores (1, 0.5 or 0 for the accuracies; ``beta * h`` for the margin): the bootstrap's input."""
     h = (policy["chosen"] - policy["rejected"]) - (base["chosen"] - base["rejected"])
-    pref = ((h > 0).float() + 0.5 * (h == 0).float()).mean()
     c = policy["chosen"] / policy["chosen_tokens"].clamp(min=1)
     r = policy["rejected"] / policy["rejected_tokens"].clamp(min=1)
-    lennorm = ((c > r).float() + 0.5 * (c == r).float()).mean()
-    return {"pref_acc": float(pref), "lennorm_acc": float(lennorm), "margin": float((beta * h).mean()), "pairs": int(h.numel())}
+    return {"pref_acc": (h > 0).float() + 0.5 * (h == 0).float(), "lennorm_acc": (c > r).float() + 0.5 * (c == r).float(),
+            "margin": beta * h}
+
+
+def metrics_from_scores(policy: dict[str, torch.Tensor], base: dict[str, torch.Tensor], beta: float) -> dict[str, float]:
+    """The three scores of a set of pairs from its policy and base log-probs (outputs of ``score_pairs``)."""
+    per_pair = per_pair_scores(policy, base, beta)
+    h = per_pair["margin"]
+    return {k: float(v.mean()) for k, v in per_pair.items()} | {"ties": int((h == 0).sum()), "pairs": int(h.numel())}
 
 
 def _subset(scores: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
@@ -58,8 +64,12 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
     device = next(session.model.parameters()).device
     pad = session.tokenizer.pad_token_id
 
+    # scores run in the recipe's score_precision (fp32 by default) whatever training used: bf16 rounding moves the
+    # logits by more than a short adapter does, and would make most pairs exact ties
+    bf16 = recipe.score_precision == "bf16"
+
     def score(subset):
-        return score_pairs(session.model, subset, pad, device, progress=lambda n: report("score", n, {}), bf16_autocast=session.bf16_autocast)
+        return score_pairs(session.model, subset, pad, device, progress=lambda n: report("score", n, {}), bf16_autocast=bf16)
 
     if base_scores is None:
         session._activate(BASE)
@@ -73,7 +83,8 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
         scored = score([items[i] for i in idx])
         for k in policy:
             policy[k][idx] = scored[k]
-    result = {"domain": domain, **metrics_from_scores(policy, base_scores, recipe.beta), "memory_used": {m: len(i) for m, i in groups.items()}}
+    result = {"domain": domain, **metrics_from_scores(policy, base_scores, recipe.beta), "memory_used": {m: len(i) for m, i in groups.items()},
+              "score_precision": recipe.score_precision}
     by_domain: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
         if p.domain:
@@ -81,4 +92,5 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
     if by_domain:
         result["per_domain"] = {d: metrics_from_scores(_subset(policy, idx), _subset(base_scores, idx), recipe.beta) for d, idx in sorted(by_domain.items())}
     result["_base_scores"] = base_scores
+    result["_per_pair"] = {k: v.tolist() for k, v in per_pair_scores(policy, base_scores, recipe.beta).items()}
     return result

@@ -72,30 +72,28 @@ def bnb_double_quant_supported(device: str) -> bool:
 
 
 @lru_cache(maxsize=None)
-def cpu_bf16_faster() -> bool:
-    """Measure whether bf16 matrix multiplies beat fp32 on this CPU by 1.3x or more (about 0.3 s, once).
+def cpu_native_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), read from its feature flags.
 
-    CPUs with AVX512-BF16 or AMX run bf16 about twice as fast (measured here: 207 vs 92 GFLOP/s);
-    older ones emulate it and are slower.
+    A capability, not a timing: the same machine always decides the same way, however loaded it is, so a fixed
+    seed gives the same training run and the same scores (an earlier timing probe flipped with the load).
+    Measured on a CPU with AVX512-BF16: bf16 matrix multiplies about twice as fast as fp32 (207 vs 92 GFLOP/s).
     """
-    import time
-
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            x @ y
-        timings[dtype] = min(timings.get(dtype, 1e9), time.perf_counter() - t0)
-    return timings[torch.bfloat16] * 1.3 <= timings[torch.float32]
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
 
 
 def use_bf16_autocast(setting: str, info: dict) -> bool:
-    """bf16 autocast applies to a full-precision model on a CPU only (CUDA runs bf16 weights or compute already)."""
+    """bf16 autocast applies to a full-precision model on a CPU only (CUDA runs bf16 weights or compute already).
+
+    ``auto`` turns it on where the CPU has native bf16 (:func:`cpu_native_bf16`); ``bf16`` forces it, ``none``
+    keeps fp32. Scoring (``evaluate``) runs in fp32 whatever this says: the recipe's ``score_precision``.
+    """
     if setting == "none" or info["device"] != "cpu" or info["quant"] != "none":
         return False
-    return setting == "bf16" or cpu_bf16_faster()
+    return setting == "bf16" or cpu_native_bf16()
 
 
 def autocast(enabled: bool):
@@ -275,27 +273,35 @@ def attach_adapters(base: BaseModel, recipe, memory_dir: Path | None = None, gra
             model = PeftModel.from_pretrained(model, str(memory_dir), adapter_name=MEMORY, is_trainable=False)
             model.add_adapter(SHORT, lora_config(recipe))
             model.base_model.set_adapter([MEMORY, SHORT])
-            for name, param in model.named_parameters():
-                param.requires_grad = f".{SHORT}." in name
+            _train_short_only(model)
         else:
             model = get_peft_model(model, lora_config(recipe), adapter_name=SHORT)
     return model
 
 
+def _train_short_only(model) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad = f".{SHORT}." in name
+
+
 @contextlib.contextmanager
-def reference_mode(model) -> Iterator[None]:
-    """Run the model as it stood when the task began: long-term memory on, short-term adapter off."""
-    if MEMORY in model.peft_config:
+def reference_mode(model, bare: bool = False) -> Iterator[None]:
+    """Run the model as the task's reference: by default as it stood when the task began (long-term memory on,
+    short-term adapter off); ``bare`` switches every adapter off (the bare base: the LifeAlign authors' reference)."""
+    if MEMORY in model.peft_config and not bare:
         model.base_model.set_adapter(MEMORY)
         try:
             yield
         finally:
             model.base_model.set_adapter([MEMORY, SHORT])
-            for name, param in model.named_parameters():
-                param.requires_grad = f".{SHORT}." in name
+            _train_short_only(model)
     else:
-        with model.disable_adapter():
-            yield
+        try:
+            with model.disable_adapter():
+                yield
+        finally:  # re-enabling adapter layers marks every active adapter trainable again
+            if MEMORY in model.peft_config:
+                _train_short_only(model)
 
 
 def save_adapter(model, out_dir: Path, adapter_name: str = SHORT) -> Path:

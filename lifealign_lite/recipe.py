@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 import importlib.util
 from pathlib import Path
@@ -35,7 +36,8 @@ class Recipe:
     model: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct; else a local folder or hub id
     quant: str = "auto"  # auto|nf4|int8|none; auto = nf4 (QLoRA) on CUDA, none (fp32) on CPU
     trust_remote_code: bool = False
-    autocast: str = "auto"  # auto|bf16|none: bf16 autocast over fp32 weights on a CPU; auto = where it measures faster
+    autocast: str = "auto"  # auto|bf16|none: bf16 autocast over fp32 weights for training on a CPU; auto = where the CPU has native bf16
+    score_precision: str = "fp32"  # fp32|bf16: precision of eval/bench scoring (fp32: bf16 rounding is larger than an adapter's effect)
     # preference optimization (FPO; focal_gamma = 0 is DPO)
     loss: str = "fpo"
     beta: float = 0.1
@@ -47,6 +49,7 @@ class Recipe:
     batch_size: int = 4
     grad_accum: int = 1
     warmup_ratio: float = 0.1
+    lr_schedule: str = "linear"  # linear|cosine decay after warm-up (the authors use cosine)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -60,6 +63,7 @@ class Recipe:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     sft_warmup_steps: int = 0  # steps of SFT on the chosen responses before FPO, as the authors do
+    reference: str = "memory"  # memory: ref = base + the frozen long-term memory; base: ref = the bare base (the authors')
     # long-term memory (consolidation, bank, replay, routing)
     tau: float = 0.9  # energy kept when denoising an update
     projection_gamma: float = 0.5  # weight kept on the part of an update inside the history span
@@ -67,6 +71,7 @@ class Recipe:
     replay_ratio: float = 0.2  # share of each task added to the replay buffer
     replay_size: int = 2000  # bound on pairs in the replay buffer
     replay_mix: float = 0.2  # replayed pairs mixed into a task, as a fraction of its pairs
+    replay_all: bool = False  # mix the whole replay buffer into each task (the authors') instead of replay_mix of it
     route_threshold: float = 0.2  # routing score below which chat uses the core (calibrated: docs/RESULTS.md)
     router: str = "minilm"  # minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states)
     slot_mode: str = "specialist"  # specialist: slot = memory + the domain's denoised update; core: slot = the new core
@@ -75,6 +80,10 @@ class Recipe:
     olora_lambda: float = 0.0  # O-LoRA: penalty on the short adapter's A inside earlier tasks' input subspaces
 
     def validate(self) -> "Recipe":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"{f.name} must be a finite number, got {value}")
         if self.quant not in QUANT_CHOICES:
             raise RecipeError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
         if self.autocast not in ("auto", "bf16", "none"):
@@ -83,6 +92,9 @@ class Recipe:
             raise RecipeError(f"router must be minilm or base, got {self.router!r}")
         if self.slot_mode not in ("specialist", "core"):
             raise RecipeError(f"slot_mode must be specialist or core, got {self.slot_mode!r}")
+        for key, choices in (("score_precision", ("fp32", "bf16")), ("lr_schedule", ("linear", "cosine")), ("reference", ("memory", "base"))):
+            if getattr(self, key) not in choices:
+                raise RecipeError(f"{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
         if self.loss not in LOSS_CHOICES:
             raise RecipeError(f"loss must be one of {', '.join(LOSS_CHOICES)}, got {self.loss!r}")
         positive = ("lr", "beta", "batch_size", "grad_accum", "max_length", "max_prompt_length", "lora_r", "bank_rank")

@@ -156,9 +156,11 @@ def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_si
     return out
 
 
-def reference_logps(model, items, pad_id, device, batch_size=8, progress=None, bf16_autocast: bool = False) -> dict[str, torch.Tensor]:
-    """Reference log-probs: the model as the task began (short-term adapter off), computed once per task."""
-    with reference_mode(model):
+def reference_logps(model, items, pad_id, device, batch_size=8, progress=None, bf16_autocast: bool = False,
+                    bare: bool = False) -> dict[str, torch.Tensor]:
+    """Reference log-probs, computed once per task: the model as the task began (short-term adapter off), or
+    with ``bare`` the base model alone (every adapter off)."""
+    with reference_mode(model, bare=bare):
         return score_pairs(model, items, pad_id, device, batch_size, progress, bf16_autocast)
 
 
@@ -186,11 +188,12 @@ class Interrupted(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
-def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+def _lr_lambda(total: int, warmup: int, schedule: str = "linear") -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        left = max(0.0, (total - step) / max(1, total - warmup))  # 1 right after warm-up, 0 at the end
+        return 0.5 * (1.0 - math.cos(math.pi * left)) if schedule == "cosine" else left
 
     return f
 
@@ -312,7 +315,7 @@ def train_short_term(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = int(recipe.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup, recipe.lr_schedule))
     loss_fn = preference_loss(recipe.loss, recipe.beta, recipe.focal_gamma)
     report = reporter or _NullReporter()
 
@@ -322,7 +325,8 @@ def train_short_term(
     else:
         state = TrainState()
         report.start("reference", len(items))
-        ref = reference_logps(model, items, pad_id, device, progress=lambda n: report.advance("reference", n, {}), bf16_autocast=bf16_autocast)
+        ref = reference_logps(model, items, pad_id, device, progress=lambda n: report.advance("reference", n, {}), bf16_autocast=bf16_autocast,
+                              bare=recipe.reference == "base")
     state.ref = ref
 
     model.train()

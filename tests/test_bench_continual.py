@@ -95,3 +95,64 @@ def test_presets_name_real_tasks_and_methods():
     paper = PRESETS["paper4"]
     assert [parse_task(t).name for t in paper["tasks"]] == ["truthfulqa", "hh-harmless", "hh-helpful", "safe-rlhf"]
     assert {"seq-dpo", "mtl", "lifealign", "lifealign-bank"} <= set(parse_methods(paper["methods"]))
+
+
+def _pair_state(cells: dict[str, dict[str, list[float]]], base: dict[str, list[float]]) -> dict:
+    """A bench state for two tasks whose every score is given per test pair (the same list for each metric)."""
+    def triple(v):
+        return {"pref_acc": v, "lennorm_acc": v, "margin": v}
+
+    return {"base": {n: {k: sum(v) / len(v) for k in ("pref_acc", "lennorm_acc", "margin")} for n, v in base.items()},
+            "base_pairs": {n: triple(v) for n, v in base.items()},
+            "scores": {m: {k: {metric: sum(v) / len(v) for metric in ("pref_acc", "lennorm_acc", "margin")} for k, v in c.items()} for m, c in cells.items()},
+            "pairs": {m: {k: triple(v) for k, v in c.items()} for m, c in cells.items()}}
+
+
+def test_bootstrap_interval_hand_computed():
+    """Two test pairs per task: a resampled mean of [0, 1] is 0, 1/2 or 1 with chances 1/4, 1/2, 1/4, so the
+    95 % interval of that task's score is [0, 1]; a task whose pairs all score 1 has the point interval [1, 1]."""
+    from lifealign_lite.bench.continual import bootstrap
+
+    base = {"a": [0.5, 0.5], "b": [0.5, 0.5]}
+    cells = {"seq-dpo": {"0,0": [1.0, 1.0], "0,1": [0.5, 0.5], "1,0": [0.0, 1.0], "1,1": [1.0, 1.0]}}
+    iv = bootstrap(_pair_state(cells, base), ["a", "b"], ["seq-dpo"], n_boot=2000, seed=1)["intervals"]["seq-dpo"]["pref_acc"]
+    # Last = (R[1][0] + R[1][1]) / 2 = (mean of a resample of [0, 1] + 1) / 2: from 0.5 to 1.0
+    assert iv["Last"] == pytest.approx([0.5, 1.0])
+    # BWT = R[1][0] - R[0][0] = (resample of [0, 1]) - 1: from -1 to 0
+    assert iv["BWT"] == pytest.approx([-1.0, 0.0])
+    # FWT = R[0][1] - R0[1] = 0.5 - 0.5 on every resample
+    assert iv["FWT"] == pytest.approx([0.0, 0.0])
+
+
+def test_bootstrap_differences_are_paired():
+    """Two methods that differ by the same amount on every pair differ by exactly that on every resample (the
+    draw is shared), so the interval is a point outside noise; a method compared with itself is within noise."""
+    from lifealign_lite.bench.continual import bootstrap
+
+    base = {"a": [0.5, 0.5, 0.5], "b": [0.5, 0.5, 0.5]}
+    noisy = {"0,0": [0.0, 1.0, 1.0], "0,1": [0.5, 0.5, 0.5], "1,0": [1.0, 0.0, 0.0], "1,1": [0.0, 1.0, 0.0]}
+    better = {k: [v + 0.25 for v in vals] for k, vals in noisy.items()}
+    out = bootstrap(_pair_state({"seq-dpo": noisy, "lifealign": better, "sep": dict(noisy)}, base), ["a", "b"],
+                    ["seq-dpo", "lifealign", "sep"], n_boot=500)
+    by = {(d["a"], d["b"], d["score"], d["measure"]): d for d in out["differences"]}
+    d = by[("seq-dpo", "lifealign", "pref_acc", "Last")]
+    assert d["interval"] == pytest.approx([-0.25, -0.25]) and d["outside_noise"]
+    assert by[("seq-dpo", "lifealign", "pref_acc", "BWT")]["interval"] == pytest.approx([0.0, 0.0])
+    same = by[("seq-dpo", "sep", "pref_acc", "Last")]
+    assert same["interval"] == pytest.approx([0.0, 0.0]) and not same["outside_noise"]
+    assert out["intervals"]["seq-dpo"]["pref_acc"]["Last"][0] < out["intervals"]["seq-dpo"]["pref_acc"]["Last"][1]
+
+
+def test_tests_dir_replaces_each_tasks_test_file(tmp_path):
+    from lifealign_lite.bench.continual import with_test_dir
+
+    tasks = [parse_task("alpha=a/train.jsonl:a/dev.jsonl"), parse_task("beta=b/train.jsonl:b/dev.jsonl")]
+    for name in ("alpha", "beta"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "test.jsonl").write_text("{}\n")
+    moved = with_test_dir(tasks, tmp_path)
+    assert [(str(t.train), t.test) for t in moved] == [("a/train.jsonl", tmp_path / "alpha" / "test.jsonl"),
+                                                       ("b/train.jsonl", tmp_path / "beta" / "test.jsonl")]
+    (tmp_path / "beta" / "test.jsonl").unlink()
+    with pytest.raises(BenchError, match="beta"):
+        with_test_dir(tasks, tmp_path)

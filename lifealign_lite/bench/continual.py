@@ -50,6 +50,8 @@ METHODS: dict[str, tuple[dict, str, str]] = {
 }
 # methods whose training runs are identical: the second reuses the first's bank and only evaluates differently
 SHARED_TRAINING = {"lifealign-bank": "lifealign"}
+# lifealign-bank's bank scored with each test pair sent to its true domain's slot: routing's ceiling
+ORACLE = "lifealign-bank-oracle"
 
 
 _DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # the shared data beside a checkout
@@ -85,6 +87,17 @@ def parse_task(spec: str) -> Task:
     if not sep or not sep2 or not train or not test:
         raise BenchError(f"task {spec!r}: expected NAME=TRAIN.jsonl:TEST.jsonl")
     return Task(validate_domain_name(name), Path(train), Path(test))
+
+
+def with_test_dir(tasks: list[Task], test_dir: Path) -> list[Task]:
+    """The same tasks scored on ``TEST_DIR/NAME/test.jsonl`` instead of their own test files (training unchanged)."""
+    out = []
+    for t in tasks:
+        path = Path(test_dir) / t.name / "test.jsonl"
+        if not path.is_file():
+            raise BenchError(f"{path}: no test file for task {t.name!r}; --tests DIR needs DIR/NAME/test.jsonl for every task")
+        out.append(Task(t.name, t.train, path))
+    return out
 
 
 def parse_methods(text: str) -> list[str]:
@@ -137,6 +150,7 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
         raise BenchError(f"{out} holds a bench with other tasks or settings; use another --out")
     state.setdefault("config", config)
     state.setdefault("scores", {})  # method -> "i,j" -> metrics
+    state.setdefault("pairs", {})  # method -> "i,j" -> metric -> one score per test pair (the bootstrap's input)
     state.setdefault("seconds", {})
     started = time.perf_counter()
     steps = [(m, i) for m in methods for i in range(len(tasks))]
@@ -155,6 +169,7 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
         res = evaluate(session, tests[t.name], base_recipe, "base")
         base_cache[t.name] = res.pop("_base_scores")
         state.setdefault("base", {})[t.name] = {k: res[k] for k in METRICS}
+        state.setdefault("base_pairs", {})[t.name] = res["_per_pair"]
     step_done()
     del session
 
@@ -164,6 +179,9 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
         recipe = load_recipe(recipe_name, {**(overrides or {}), **overrides_m,
                                            **({"bank_rank": base_recipe.lora_r * T} if overrides_m.get("tau") == 1.0 else {})})
         scores = state["scores"].setdefault(method, {})
+        pair_scores = state["pairs"].setdefault(method, {})
+        oracle = state["scores"].setdefault(ORACLE, {}) if method == "lifealign-bank" else None
+        oracle_pairs = state["pairs"].setdefault(ORACLE, {}) if oracle is not None else None
         for i, task in enumerate(tasks):
             if f"{i},0" in scores:
                 if reporter:
@@ -193,19 +211,27 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
             for j, test in enumerate(tasks):
                 if mode == "separate" and j > i:  # no adapter for a task not seen yet: the base model answers
                     scores[f"{i},{j}"] = {k: state["base"][test.name][k] for k in METRICS}
+                    pair_scores[f"{i},{j}"] = state["base_pairs"][test.name]
                     continue
                 if mode == "separate":
                     sess = open_session(out / "banks" / method / test.name, home, recipe, domain=test.name)
                 res = evaluate(sess, tests[test.name], recipe, test.name if mode == "separate" else memory, base_scores=base_cache[test.name])
                 scores[f"{i},{j}"] = {k: res[k] for k in METRICS}
+                pair_scores[f"{i},{j}"] = res["_per_pair"]
+                if oracle is not None:  # each test pair answered by its true domain's slot (the core for a domain not seen yet)
+                    told = test.name if j <= i else "core"
+                    res = evaluate(sess, tests[test.name], recipe, told, base_scores=base_cache[test.name])
+                    oracle[f"{i},{j}"] = {k: res[k] for k in METRICS}
+                    oracle_pairs[f"{i},{j}"] = res["_per_pair"]
             state["seconds"][f"{method},{i}"] = round(time.perf_counter() - t0, 1)
             step_done()
 
     results = summarize(state, [t.name for t in tasks], methods)
+    results["_meta"]["score_precision"] = base_recipe.score_precision
     results["_meta"] |= {"command": command, "wall_s_this_start": round(time.perf_counter() - started, 1)}
     _save_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results, methods))
-    plot(results, methods, out)
+    plot(results, reported_methods(methods), out)
     return results
 
 
@@ -214,11 +240,26 @@ def _bank_tasks(bank: Path) -> int:
     return len(Bank(bank).load().tasks)
 
 
-def summarize(state: dict, task_names: list[str], methods: list[str]) -> dict:
+def reported_methods(methods: list[str]) -> list[str]:
+    """The rows of the results: the methods run, with lifealign-bank's oracle-routing row right after it."""
+    out = []
+    for m in methods:
+        out.append(m)
+        if m == "lifealign-bank":
+            out.append(ORACLE)
+    return out
+
+
+def _mode(method: str) -> str:
+    return "stream" if method == ORACLE else METHODS[method][2]
+
+
+def summarize(state: dict, task_names: list[str], methods: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
     T = len(task_names)
+    rows = reported_methods(methods)
     results: dict = {"_meta": {"tasks": task_names, "base": state.get("base", {}), "seconds": state.get("seconds", {}),
-                               "config": state.get("config")}}
-    for method in methods:
+                               "config": state.get("config"), "methods": rows}}
+    for method in rows:
         scores = state["scores"].get(method, {})
         entry: dict = {"matrices": {}}
         for metric in METRICS:
@@ -226,26 +267,128 @@ def summarize(state: dict, task_names: list[str], methods: list[str]) -> dict:
             R0 = [state["base"][n][metric] for n in task_names]
             entry["matrices"][metric] = R
             entry[metric] = transfer_metrics(R, R0)
-            if METHODS[method][2] == "joint":
+            if _mode(method) == "joint":
                 # trained once on every task, so there is no sequence: its average over all tasks is the
                 # upper bound each method's AP is compared with; BWT and FWT do not apply
                 entry[metric]["AP"] = entry[metric]["Last"]
         results[method] = entry
+    if state.get("pairs") and state.get("base_pairs"):
+        boot = bootstrap(state, task_names, rows, n_boot, seed)
+        results["_meta"]["intervals"] = {"method": "paired percentile bootstrap over test pairs", "resamples": n_boot, "level": 0.95, "seed": seed}
+        for method in rows:
+            results[method]["intervals"] = boot["intervals"].get(method, {})
+        results["_meta"]["differences"] = boot["differences"]
     return results
 
 
-def markdown_table(results: dict, methods: list[str]) -> str:
-    def f(v, pct=True):
-        return "n/a" if v is None else (f"{100 * v:.1f}" if pct else f"{v:+.4f}")
+# -- uncertainty: a paired bootstrap over test pairs --------------------------------------------------------
 
-    lines = ["| method | pref acc Last | AP | BWT | FWT | len-norm acc Last | AP | BWT | FWT |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in methods:
-        a, b = results[m]["pref_acc"], results[m]["lennorm_acc"]
-        lines.append(f"| {m} | " + " | ".join(f(x[k]) for x in (a, b) for k in ("Last", "AP", "BWT", "FWT")) + " |")
+MEASURES = ("Last", "AP", "BWT", "FWT")
+
+
+def _measures(R, R0, joint: bool) -> dict[str, "np.ndarray"]:
+    """Last, AP, BWT, FWT of a batch of score matrices ``R`` (B, T, T) and base scores ``R0`` (B, T)."""
+    import numpy as np
+
+    T = R.shape[1]
+    last = R[:, T - 1, :].mean(axis=1)
+    if joint:
+        return {"Last": last, "AP": last}
+    ap = np.mean([R[:, k, : k + 1].mean(axis=1) for k in range(T)], axis=0)
+    bwt = np.mean([R[:, T - 1, j] - R[:, j, j] for j in range(T - 1)], axis=0) if T > 1 else np.zeros(len(R))
+    fwt = np.mean([R[:, j - 1, j] - R0[:, j] for j in range(1, T)], axis=0) if T > 1 else np.zeros(len(R))
+    return {"Last": last, "AP": ap, "BWT": bwt, "FWT": fwt}
+
+
+def bootstrap(state: dict, task_names: list[str], methods: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
+    """95 % percentile intervals of Last/AP/BWT/FWT for every method and score, and of every difference between
+    two methods, from ``n_boot`` resamples of each task's test pairs.
+
+    The resample is paired: one draw of test-pair indices per task is used for every cell of every method's
+    matrix and for the base model, so a difference between two methods varies only with what differs between
+    them (each method is scored on the same test pairs). A difference is "outside noise" when its interval
+    excludes 0.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    T = len(task_names)
+    sizes = [len(state["base_pairs"][n]["pref_acc"]) for n in task_names]
+    draws = [rng.integers(0, n, size=(n_boot, n)) for n in sizes]
+    per_method: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for metric in METRICS:
+        base = [np.asarray(state["base_pairs"][n][metric], dtype=np.float64) for n in task_names]
+        R0 = np.stack([base[j][draws[j]].mean(axis=1) for j in range(T)], axis=1)
+        for method in methods:
+            cells = state["pairs"].get(method, {})
+            joint = _mode(method) == "joint"
+            rows = [T - 1] if joint else range(T)
+            if any(cells.get(f"{i},{j}") is None for i in rows for j in range(T)):
+                continue  # not finished: no interval
+            R = np.full((n_boot, T, T), np.nan)
+            for i in rows:
+                for j in range(T):
+                    R[:, i, j] = np.asarray(cells[f"{i},{j}"][metric], dtype=np.float64)[draws[j]].mean(axis=1)
+            per_method.setdefault(method, {})[metric] = _measures(R, R0, joint)
+
+    def interval(x: np.ndarray) -> list[float]:
+        lo, hi = np.percentile(x, [2.5, 97.5])
+        return [float(lo), float(hi)]
+
+    intervals = {m: {metric: {k: interval(v) for k, v in measures.items()} for metric, measures in by_metric.items()}
+                 for m, by_metric in per_method.items()}
+    differences = []
+    names = list(per_method)
+    for a_i, a in enumerate(names):
+        for b in names[a_i + 1:]:
+            for metric in METRICS:
+                for k in MEASURES:
+                    if k in per_method[a].get(metric, {}) and k in per_method[b].get(metric, {}):
+                        d = per_method[a][metric][k] - per_method[b][metric][k]
+                        lo, hi = interval(d)
+                        differences.append({"a": a, "b": b, "score": metric, "measure": k, "diff": float(np.mean(d)),
+                                            "interval": [lo, hi], "outside_noise": bool(lo > 0 or hi < 0)})
+    return {"intervals": intervals, "differences": differences}
+
+
+def markdown_table(results: dict, methods: list[str]) -> str:
+    rows = reported_methods(methods) if ORACLE not in methods else methods
+
+    def f(v, metric):
+        if v is None:
+            return "n/a"
+        return f"{100 * v:.1f}" if metric != "margin" else f"{v:+.3f}"
+
+    def cell(m, metric, k):
+        v = results[m][metric][k]
+        iv = results[m].get("intervals", {}).get(metric, {}).get(k)
+        if v is None or iv is None:
+            return f(v, metric)
+        return f"{f(v, metric)} [{f(iv[0], metric)}, {f(iv[1], metric)}]"
+
+    lines = []
+    for metric, title in (("pref_acc", "preference accuracy (%)"), ("margin", "mean reward margin (beta * h)"),
+                          ("lennorm_acc", "length-normalized accuracy (%)")):
+        lines += [f"**{title}**, 95 % intervals in brackets", "",
+                  "| method | Last | AP | BWT | FWT |", "|---|---|---|---|---|"]
+        for m in rows:
+            lines.append(f"| {m} | " + " | ".join(cell(m, metric, k) for k in MEASURES) + " |")
+        lines.append("")
     base = results["_meta"]["base"]
-    lines.append("")
-    lines.append("Base model (R0): " + ", ".join(f"{n} pref {100 * v['pref_acc']:.1f} / len-norm {100 * v['lennorm_acc']:.1f}" for n, v in base.items()))
-    lines.append("Scores are percentages of held-out pairs; BWT and FWT in percentage points.")
+    lines.append("Base model (R0): " + ", ".join(f"{n} len-norm {100 * v['lennorm_acc']:.1f}" for n, v in base.items())
+                 + " (its preference accuracy is 50 by definition: it is the reference).")
+    lines.append("Accuracies are percentages of held-out pairs; BWT and FWT in percentage points (margins in reward units). "
+                 f"Scored in {results['_meta'].get('score_precision', 'fp32')}.")
+    diffs = [d for d in results["_meta"].get("differences", []) if d["score"] in ("pref_acc", "margin") and d["measure"] in ("Last", "BWT")]
+    if diffs:
+        lines += ["", "**Differences between methods outside noise** (paired bootstrap, 95 % interval of a - b excludes 0):", ""]
+        shown = [d for d in diffs if d["outside_noise"]]
+        for d in shown:
+            scale, unit = (100, " points") if d["score"] != "margin" else (1, "")
+            lines.append(f"- {d['score']} {d['measure']}: {d['a']} - {d['b']} = {scale * d['diff']:+.1f}{unit} "
+                         f"[{scale * d['interval'][0]:+.1f}, {scale * d['interval'][1]:+.1f}]")
+        if not shown:
+            lines.append("- none: every difference of Last and BWT is within noise")
     return "\n".join(lines) + "\n"
 
 

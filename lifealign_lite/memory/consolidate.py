@@ -41,6 +41,10 @@ _WORK_DTYPE = torch.float64
 # which a direction is round-off, not signal: far below float32 resolution
 # (~1e-7), so dropping it never changes a float32 result.
 _ZERO_RTOL = 1e-10
+# The projection's pseudo-inverse acts on the Gram matrix of the history, whose eigenvalues are squared singular
+# values: a cut-off of 1e-14 on them drops history directions below 1e-7 of the largest (float32 resolution of
+# the stored factors), the same relative scale as _ZERO_RTOL's intent for singular values.
+_GRAM_RTOL = 1e-14
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensor-valued fields make `==` ambiguous
@@ -175,7 +179,8 @@ def project(
     ``U_new + gamma_p U_hist = u - (1 - gamma_p) sum_i c_i h_i``
     (Li et al., LifeAlign, AAAI 2026, arXiv:2509.17183, SLMC projection).
 
-    The pseudo-inverse (eigenvalues below ``1e-10`` of the largest treated as
+    The pseudo-inverse (Gram eigenvalues below ``1e-14`` of the largest, that is
+    history directions below ``1e-7`` of the largest singular value, treated as
     zero) makes linearly dependent or zero history entries harmless. The
     result is returned uncompressed, by concatenating factors
     ``B' = [u.B, -(1 - gamma_p) c_i h_i.B, ...]``, ``A' = [u.A; h_i.A; ...]``;
@@ -189,7 +194,7 @@ def project(
         return u, {"hist_fraction": 0.0, "coeffs": []}
     gram = torch.stack([torch.stack([_inner64(hi, hj) for hj in history]) for hi in history])
     rhs = torch.stack([_inner64(h, u) for h in history])
-    coeffs = torch.linalg.pinv(gram, rtol=_ZERO_RTOL, hermitian=True) @ rhs
+    coeffs = torch.linalg.pinv(gram, rtol=_GRAM_RTOL, hermitian=True) @ rhs
     u_norm2 = _inner64(u, u)
     hist_norm2 = coeffs @ gram @ coeffs  # ||sum_i c_i h_i||^2 without densifying
     hist_fraction = float(hist_norm2 / u_norm2) if u_norm2 > 0 else 0.0
@@ -306,9 +311,13 @@ def consolidate_adapter(
     return out, stats
 
 
-def compress_adapter(u: dict[str, LowRank], max_rank: int) -> dict[str, LowRank]:
-    """Apply :func:`compress` (best rank-``max_rank`` approximation) to every module."""
-    return {name: compress(v, max_rank) for name, v in u.items()}
+def compress_adapter(u: dict[str, LowRank], max_rank: int | None = None) -> dict[str, LowRank]:
+    """Apply :func:`compress` (best rank-``max_rank`` approximation) to every module.
+
+    ``max_rank=None`` keeps every direction above round-off: the exact update refactored at its numerical rank
+    (a concatenation's factor rank is the sum of its parts' ranks, which would double with every task).
+    """
+    return {name: compress(v, v.rank if max_rank is None else max_rank) for name, v in u.items()}
 
 
 def add_adapters(*adapters: dict[str, LowRank]) -> dict[str, LowRank]:
