@@ -105,7 +105,6 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
     t0 = time.perf_counter()
     history = state.history()
     consolidated, stats = consolidate_adapter(update, history, recipe.tau, recipe.projection_gamma)
-    consolidated = compress_adapter(consolidated)  # exact, at its numerical rank: history entries stay small
     core = read_adapter(state.core_dir())[0] if state.core_dir() else {}
     new_core = compress_adapter(add_adapters(core, consolidated), recipe.bank_rank)
     if recipe.slot_mode == "core":

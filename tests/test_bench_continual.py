@@ -156,3 +156,18 @@ def test_tests_dir_replaces_each_tasks_test_file(tmp_path):
     (tmp_path / "beta" / "test.jsonl").unlink()
     with pytest.raises(BenchError, match="beta"):
         with_test_dir(tasks, tmp_path)
+
+
+def test_signal_preset_is_a_real_stream_scored_on_held_out_pairs():
+    """At least three shared domains, trained on their train split and scored on their dev split (never the
+    training pairs), with the five methods the issue's targets name."""
+    from lifealign_lite.bench.continual import PRESETS
+
+    spec = PRESETS["signal"]
+    tasks = [parse_task(t) for t in spec["tasks"]]
+    assert len(tasks) >= 3 and len({t.name for t in tasks}) == len(tasks)
+    for t in tasks:
+        assert t.train.parent == t.test.parent and t.train.parent.parent.name == "data" and t.train.parent.name == t.name
+        assert (t.train.name, t.test.name) == ("train.jsonl", "dev.jsonl")
+    assert {"seq-dpo", "sep", "mtl", "lifealign", "lifealign-bank"} <= set(parse_methods(spec["methods"]))
+    assert spec["max_pairs"] > 0 and spec["max_test"] > 0

@@ -98,6 +98,24 @@ def test_set_close_key_suggests_the_right_one(env, tmp_path):
     assert "focal_gamma" in result.stderr
 
 
+@pytest.mark.parametrize("setting", ["lr=abc", "lr=nan", "beta=inf", "batch_size=0", "batch_size=abc", "max_steps=1.5", "max_grad_norm=nan"])
+def test_set_values_of_keys_with_flags_are_used_and_checked(env, tmp_path, setting):
+    """A flag that is not given must not override --set (it used to, so these all trained with the recipe's value)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    result = invoke(["align", data, "--bank", tmp_path / "bank", "--set", setting], env)
+    assert result.exit_code == 2, result.stdout
+    assert setting.split("=")[0] in result.stderr
+    assert tree(tmp_path / "bank") == []
+
+
+def test_precedence_yaml_then_set_then_flag(env):
+    from lifealign_lite.cli.app import build_recipe
+
+    assert build_recipe("paper", ["lr=2e-4"], lr=None).lr == pytest.approx(2e-4)
+    assert build_recipe("paper", ["lr=2e-4"], lr=1e-3).lr == pytest.approx(1e-3)
+    assert build_recipe("paper", [], lr=None).lr == pytest.approx(5e-6)
+
+
 def test_set_without_equals_exits_2(env, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
     result = invoke(["align", data, "--bank", tmp_path / "bank", "--set", "lr"], env)

@@ -366,3 +366,22 @@ def test_invalid_arguments_raise() -> None:
         add(u, LowRank.zeros(3, 4))
     with pytest.raises(ValueError):
         project(u, [LowRank.zeros(4, 3)], 0.5)
+
+
+def test_history_entries_stay_at_their_numerical_rank_over_a_dozen_tasks():
+    """Each stored history entry is its task's denoised update plus a combination of earlier entries, so its true
+    rank is at most 4 per task so far; the factors must not carry more (concatenation would double them per task),
+    and refactoring must not change the update."""
+    from lifealign_lite.memory.consolidate import consolidate_adapter, denoise, project
+
+    gen = torch.Generator().manual_seed(0)
+    history: list[dict] = []
+    for k in range(12):
+        u = LowRank(torch.randn(96, 4, generator=gen), torch.randn(4, 80, generator=gen))
+        out, _ = consolidate_adapter({"m": u}, history, tau=1.0, gamma_p=0.5)
+        entry = out["m"]
+        assert entry.rank <= min(4 * (k + 1), 80), (k, entry.rank)
+        exact, _ = project(denoise(u, 1.0)[0], [h["m"] for h in history], 0.5)
+        assert torch.allclose(entry.dense(), exact.dense(), atol=1e-4 * exact.dense().abs().max().item())
+        history.append(out)
+    assert history[-1]["m"].rank <= 48

@@ -72,6 +72,27 @@ def test_paper_preset_has_the_authors_settings():
     assert r.target_modules == ["q_proj", "v_proj"]
     assert r.replay_ratio == pytest.approx(0.2)
     assert r.loss == "fpo"
+    # their runs: effective batch 16, cosine schedule, no LoRA dropout, cut-off 2048, SFT first, the bare base as
+    # the reference, the whole replay buffer in every task
+    assert r.batch_size * r.grad_accum == 16 and r.lr_schedule == "cosine" and r.lora_dropout == 0.0
+    assert r.max_length == 2048 and r.sft_warmup_steps > 0 and r.reference == "base" and r.replay_all
+
+
+def test_non_finite_values_are_refused_from_every_source(tmp_path):
+    for key, value in (("lr", "nan"), ("beta", "inf"), ("max_grad_norm", "nan"), ("epochs", "inf")):
+        with pytest.raises(RecipeError, match=key):
+            load_recipe("edge-cpu", {key: value})
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: .nan\n")
+    with pytest.raises(RecipeError, match="lr"):
+        load_recipe(str(path))
+
+
+def test_new_choice_fields_are_checked():
+    for key in ("score_precision", "lr_schedule", "reference"):
+        with pytest.raises(RecipeError, match=key):
+            load_recipe("edge-cpu", {key: "bogus"})
+    assert load_recipe(None).score_precision == "fp32"
 
 
 def test_default_recipe_is_edge_cpu():

@@ -401,6 +401,34 @@ def test_memory_adapter_is_the_reference_and_stays_frozen(tiny_base_factory, ite
     assert all(p.requires_grad == (f".{SHORT}." in n) for n, p in model.named_parameters())
 
 
+def test_bare_reference_is_the_base_alone_and_memory_stays_frozen(tiny_base_factory, items, tmp_path):
+    """``reference: base`` (the authors' choice): the reference log-probs are the bare base's, with the memory
+    adapter switched off too, and switching it back on leaves only the short adapter trainable."""
+    recipe = tiny_recipe(max_steps=2, reference="base")
+    mem_dir = random_memory_adapter(tiny_base_factory(), recipe, tmp_path / "memory")
+    base = tiny_base_factory()
+    model = attach_adapters(base, recipe, memory_dir=mem_dir)
+    pad = base.tokenizer.pad_token_id
+    plain = score_pairs(tiny_base_factory().model, items, pad, DEVICE)
+    with_memory = reference_logps(model, items, pad, DEVICE)
+    bare = reference_logps(model, items, pad, DEVICE, bare=True)
+    assert torch.allclose(bare["chosen"], plain["chosen"], atol=1e-4)
+    assert not torch.allclose(with_memory["chosen"], plain["chosen"], atol=1e-3)
+    assert all(p.requires_grad == (f".{SHORT}." in n) for n, p in model.named_parameters())
+    state = train_short_term(model, base.tokenizer, items, recipe, DEVICE, tmp_path / "ckpt")
+    assert torch.allclose(state.ref["chosen"], plain["chosen"], atol=1e-4)
+
+
+def test_cosine_schedule_decays_to_zero_after_warmup():
+    from lifealign_lite.train import _lr_lambda
+
+    linear, cosine = _lr_lambda(10, 2, "linear"), _lr_lambda(10, 2, "cosine")
+    assert [cosine(s) for s in (0, 1)] == [0.5, 1.0] == [linear(s) for s in (0, 1)]
+    assert cosine(2) == pytest.approx(1.0) and cosine(10) == pytest.approx(0.0)
+    assert cosine(6) == pytest.approx(0.5) and linear(6) == pytest.approx(0.5)
+    assert cosine(4) > linear(4) and cosine(8) < linear(8)  # cosine stays high longer, then drops faster
+
+
 def test_save_adapter_loads_in_peft_with_same_logits(tiny_base_factory, items, tmp_path):
     from peft import PeftModel
 

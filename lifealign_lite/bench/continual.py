@@ -56,6 +56,8 @@ ORACLE = "lifealign-bank-oracle"
 
 _DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # the shared data beside a checkout
 _PAPER_ORDER = ("truthfulqa", "hh-harmless", "hh-helpful", "safe-rlhf")
+SIGNAL_ORDER = ("truthfulqa", "hc3", "safe-rlhf")
+SIGNAL_OVERRIDES = {"batch_size": 4, "lr": 5e-4, "epochs": 1, "max_length": 128, "max_prompt_length": 64}
 PRESETS = {
     # CI: two domains, a handful of pairs, two steps per task; proves the pipeline end to end in minutes
     "smoke": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in ("truthfulqa", "safe-rlhf")],
@@ -63,6 +65,10 @@ PRESETS = {
               "overrides": {"max_steps": 2, "batch_size": 4}},
     # the four shared domains in the paper's order; these five methods took 46 min (+1 for the base model) of the
     # measured 94-min run of all nine on a 2-core CPU (docs/RESULTS.md): `--methods all` for every baseline
+    # a stream this CPU can learn and forget within the hour (docs/RESULTS.md): see SIGNAL_ORDER
+    "signal": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in SIGNAL_ORDER],
+               "methods": "seq-dpo,sep,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
+               "overrides": SIGNAL_OVERRIDES},
     "paper4": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in _PAPER_ORDER],
                "methods": "seq-dpo,replay,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
                "overrides": {"batch_size": 4, "lr": 2e-4, "epochs": 1}},
@@ -216,12 +222,12 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
                 if mode == "separate":
                     sess = open_session(out / "banks" / method / test.name, home, recipe, domain=test.name)
                 res = evaluate(sess, tests[test.name], recipe, test.name if mode == "separate" else memory, base_scores=base_cache[test.name])
-                scores[f"{i},{j}"] = {k: res[k] for k in METRICS}
+                scores[f"{i},{j}"] = {k: res[k] for k in (*METRICS, "ties")}
                 pair_scores[f"{i},{j}"] = res["_per_pair"]
                 if oracle is not None:  # each test pair answered by its true domain's slot (the core for a domain not seen yet)
                     told = test.name if j <= i else "core"
                     res = evaluate(sess, tests[test.name], recipe, told, base_scores=base_cache[test.name])
-                    oracle[f"{i},{j}"] = {k: res[k] for k in METRICS}
+                    oracle[f"{i},{j}"] = {k: res[k] for k in (*METRICS, "ties")}
                     oracle_pairs[f"{i},{j}"] = res["_per_pair"]
             state["seconds"][f"{method},{i}"] = round(time.perf_counter() - t0, 1)
             step_done()

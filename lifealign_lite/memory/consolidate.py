@@ -255,8 +255,8 @@ def consolidate(
     """Full SLMC step for one module: denoise, project, optionally compress.
 
     ``U_k = denoise(u, tau)``; ``U' = U_new + gamma_p U_hist`` with respect to
-    ``span(history)``; if ``max_rank`` is given, ``U'`` is replaced by its best
-    rank-``max_rank`` approximation (Li et al., LifeAlign, AAAI 2026,
+    ``span(history)``; ``U'`` is refactored at its numerical rank, or if ``max_rank``
+    is given replaced by its best rank-``max_rank`` approximation (Li et al., LifeAlign, AAAI 2026,
     arXiv:2509.17183, SLMC).
 
     Stats: ``kept_rank`` (``k`` from denoising), ``energy_kept``
@@ -268,8 +268,9 @@ def consolidate(
     total = _inner64(u, u)
     energy_kept = float(_inner64(kept, kept) / total) if total > 0 else 1.0
     out, proj_stats = project(kept, history, gamma_p)
-    if max_rank is not None:
-        out = compress(out, max_rank)
+    # project() concatenates factors (rank = own + every history entry's); refactor at the numerical rank (or the
+    # budget) so a stored history entry never grows beyond its true rank, task after task
+    out = compress(out, out.rank if max_rank is None else max_rank)
     stats = {"kept_rank": k, "energy_kept": energy_kept, **proj_stats, "rank": out.rank}
     return out, stats
 
