@@ -109,6 +109,9 @@ def _msg_copy(m: dict[str, str]) -> dict[str, str]:
 # domain names
 
 
+RESERVED_NAMES = ("core", "base", "auto")  # memories chat, eval and export name beside the domains
+
+
 def _domain_name_problem(name: Any) -> str | None:
     """Why ``name`` is not a valid domain name, or None if it is."""
     if not isinstance(name, str):
@@ -119,6 +122,8 @@ def _domain_name_problem(name: Any) -> str | None:
         return f"it is {len(name)} characters long (at most {MAX_DOMAIN_LEN})"
     if name == "..":
         return "'..' is not allowed"
+    if name in RESERVED_NAMES:
+        return f"'{name}' is reserved (core: the long-term memory, base: the base model, auto: routing)"
     if "/" in name or "\\" in name:
         return "it contains a path separator ('/' or '\\')"
     if name.startswith("."):

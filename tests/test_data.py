@@ -599,6 +599,9 @@ def test_domain_name_ok(name):
     ("héllo", "outside [A-Za-z0-9._-]"),
     ("a b", "outside"),
     ("a\nb", "outside"),
+    ("core", "reserved"),
+    ("base", "reserved"),
+    ("auto", "reserved"),
 ])
 def test_domain_name_refused(name, phrase):
     with pytest.raises(ValueError) as ei:

@@ -56,8 +56,9 @@ ORACLE = "lifealign-bank-oracle"
 
 _DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # the shared data beside a checkout
 _PAPER_ORDER = ("truthfulqa", "hh-harmless", "hh-helpful", "safe-rlhf")
-SIGNAL_ORDER = ("truthfulqa", "hc3", "safe-rlhf")
-SIGNAL_OVERRIDES = {"batch_size": 4, "lr": 5e-4, "epochs": 1, "max_length": 128, "max_prompt_length": 64}
+SIGNAL_ORDER = ("safe-rlhf", "truthfulqa", "hc3")
+SIGNAL_OVERRIDES = {"batch_size": 4, "lr": 5e-4, "epochs": 1, "max_length": 128, "max_prompt_length": 64, "bank_rank": 24,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 PRESETS = {
     # CI: two domains, a handful of pairs, two steps per task; proves the pipeline end to end in minutes
     "smoke": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in ("truthfulqa", "safe-rlhf")],
@@ -67,7 +68,7 @@ PRESETS = {
     # measured 94-min run of all nine on a 2-core CPU (docs/RESULTS.md): `--methods all` for every baseline
     # a stream this CPU can learn and forget within the hour (docs/RESULTS.md): see SIGNAL_ORDER
     "signal": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in SIGNAL_ORDER],
-               "methods": "seq-dpo,sep,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
+               "methods": "seq-dpo,lifealign,lifealign-bank,sep,mtl", "max_pairs": 64, "max_test": 40,
                "overrides": SIGNAL_OVERRIDES},
     "paper4": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in _PAPER_ORDER],
                "methods": "seq-dpo,replay,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
