@@ -171,7 +171,7 @@ def chat_cmd(
 @bench_app.command("continual")
 def continual_cmd(
     tasks: list[str] = typer.Argument(None, help="Tasks in order, each NAME=TRAIN.jsonl:TEST.jsonl (or use --preset)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="smoke (CI, minutes) or paper4 (the four shared domains, under an hour; --methods all: about 95 min)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="signal (safe-rlhf, truthfulqa, hc3: a stream this CPU learns, about an hour), smoke (CI, minutes) or paper4 (the four shared domains in the paper's order)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated, or all: " + ", ".join(
         ["seq-dpo", "seq-fpo", "replay", "replay-fpo", "replay-slmc", "ewc", "olora", "sep", "mtl", "lifealign", "lifealign-bank"])),
     out_dir: Path = typer.Option(Path("bench-continual"), "--out", help="Output folder (results.json, results.md, PNG plots); rerun to resume."),

@@ -14,7 +14,7 @@ def test_smoke_preset_writes_results_and_resumes(tmp_path, lifealign_home, share
     out = tmp_path / "bench"
     env = {**os.environ, "LIFEALIGN_HOME": str(lifealign_home), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "lifealign_lite.cli.app", "bench", "continual", "--preset", "smoke", "--out", str(out)]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["_meta"]["tasks"] == ["truthfulqa", "safe-rlhf"]

@@ -63,7 +63,7 @@ PRESETS = {
     # CI: two domains, a handful of pairs, two steps per task; proves the pipeline end to end in minutes
     "smoke": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in ("truthfulqa", "safe-rlhf")],
               "methods": "seq-dpo,ewc,olora,lifealign,lifealign-bank", "max_pairs": 8, "max_test": 6,
-              "overrides": {"max_steps": 2, "batch_size": 4}},
+              "overrides": {"max_steps": 2, "batch_size": 4, "max_length": 96, "max_prompt_length": 48}},
     # the four shared domains in the paper's order; these five methods took 46 min (+1 for the base model) of the
     # measured 94-min run of all nine on a 2-core CPU (docs/RESULTS.md): `--methods all` for every baseline
     # a stream this CPU can learn and forget within the hour (docs/RESULTS.md): see SIGNAL_ORDER
