@@ -32,11 +32,15 @@ def per_pair_scores(policy: dict[str, torch.Tensor], base: dict[str, torch.Tenso
             "margin": beta * h}
 
 
-def metrics_from_scores(policy: dict[str, torch.Tensor], base: dict[str, torch.Tensor], beta: float) -> dict[str, float]:
-    """The three scores of a set of pairs from its policy and base log-probs (outputs of ``score_pairs``)."""
-    per_pair = per_pair_scores(policy, base, beta)
+def summarize_pairs(per_pair: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The three scores of a set of pairs (means of ``per_pair_scores``), with its tie and pair counts."""
     h = per_pair["margin"]
     return {k: float(v.mean()) for k, v in per_pair.items()} | {"ties": int((h == 0).sum()), "pairs": int(h.numel())}
+
+
+def metrics_from_scores(policy: dict[str, torch.Tensor], base: dict[str, torch.Tensor], beta: float) -> dict[str, float]:
+    """The three scores of a set of pairs from its policy and base log-probs (outputs of ``score_pairs``)."""
+    return summarize_pairs(per_pair_scores(policy, base, beta))
 
 
 def _subset(scores: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
@@ -83,7 +87,8 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
         scored = score([items[i] for i in idx])
         for k in policy:
             policy[k][idx] = scored[k]
-    result = {"domain": domain, **metrics_from_scores(policy, base_scores, recipe.beta), "memory_used": {m: len(i) for m, i in groups.items()},
+    per_pair = per_pair_scores(policy, base_scores, recipe.beta)
+    result = {"domain": domain, **summarize_pairs(per_pair), "memory_used": {m: len(i) for m, i in groups.items()},
               "score_precision": recipe.score_precision}
     by_domain: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
@@ -92,5 +97,5 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
     if by_domain:
         result["per_domain"] = {d: metrics_from_scores(_subset(policy, idx), _subset(base_scores, idx), recipe.beta) for d, idx in sorted(by_domain.items())}
     result["_base_scores"] = base_scores
-    result["_per_pair"] = {k: v.tolist() for k, v in per_pair_scores(policy, base_scores, recipe.beta).items()}
+    result["_per_pair"] = {k: v.tolist() for k, v in per_pair.items()}
     return result

@@ -84,19 +84,12 @@ class Recipe:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise RecipeError(f"{f.name} must be a finite number, got {value}")
-        if self.quant not in QUANT_CHOICES:
-            raise RecipeError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
-        if self.autocast not in ("auto", "bf16", "none"):
-            raise RecipeError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
-        if self.router not in ("minilm", "base"):
-            raise RecipeError(f"router must be minilm or base, got {self.router!r}")
-        if self.slot_mode not in ("specialist", "core"):
-            raise RecipeError(f"slot_mode must be specialist or core, got {self.slot_mode!r}")
-        for key, choices in (("score_precision", ("fp32", "bf16")), ("lr_schedule", ("linear", "cosine")), ("reference", ("memory", "base"))):
-            if getattr(self, key) not in choices:
-                raise RecipeError(f"{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
-        if self.loss not in LOSS_CHOICES:
-            raise RecipeError(f"loss must be one of {', '.join(LOSS_CHOICES)}, got {self.loss!r}")
+        choices = {"quant": QUANT_CHOICES, "autocast": ("auto", "bf16", "none"), "router": ("minilm", "base"),
+                   "slot_mode": ("specialist", "core"), "loss": LOSS_CHOICES, "score_precision": ("fp32", "bf16"),
+                   "lr_schedule": ("linear", "cosine"), "reference": ("memory", "base")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise RecipeError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         positive = ("lr", "beta", "batch_size", "grad_accum", "max_length", "max_prompt_length", "lora_r", "bank_rank")
         for key in positive:
             if getattr(self, key) <= 0:

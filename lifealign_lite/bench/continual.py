@@ -359,7 +359,7 @@ def bootstrap(state: dict, task_names: list[str], methods: list[str], n_boot: in
 
 
 def markdown_table(results: dict, methods: list[str]) -> str:
-    rows = reported_methods(methods) if ORACLE not in methods else methods
+    rows = reported_methods(methods)
 
     def f(v, metric):
         if v is None:

@@ -312,13 +312,9 @@ def consolidate_adapter(
     return out, stats
 
 
-def compress_adapter(u: dict[str, LowRank], max_rank: int | None = None) -> dict[str, LowRank]:
-    """Apply :func:`compress` (best rank-``max_rank`` approximation) to every module.
-
-    ``max_rank=None`` keeps every direction above round-off: the exact update refactored at its numerical rank
-    (a concatenation's factor rank is the sum of its parts' ranks, which would double with every task).
-    """
-    return {name: compress(v, v.rank if max_rank is None else max_rank) for name, v in u.items()}
+def compress_adapter(u: dict[str, LowRank], max_rank: int) -> dict[str, LowRank]:
+    """Apply :func:`compress` (best rank-``max_rank`` approximation) to every module."""
+    return {name: compress(v, max_rank) for name, v in u.items()}
 
 
 def add_adapters(*adapters: dict[str, LowRank]) -> dict[str, LowRank]:
