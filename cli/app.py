@@ -169,15 +169,19 @@ def chat(
 
 @app.command("route")
 def route_cmd(
-    text: str = typer.Argument(..., help="A prompt to route."),
+    text: Optional[str] = typer.Argument(None, help="A prompt to route (or give --messages)."),
+    messages: Optional[Path] = typer.Option(None, "--messages", help="A JSON file holding a conversation: a list of {role, content} messages, or {\"messages\": [...]}."),
     bank: Optional[Path] = BankOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Rank the bank's domains by similarity to TEXT and say which memory chat would use."""
+    """Say which memory chat would use for TEXT or a conversation, with each domain's probability."""
     from lifealign_lite.align import make_embedder
     from lifealign_lite.memory.bank import Bank, BankError
-    from lifealign_lite.memory.router import route
+    from lifealign_lite.memory.router import prompt_text
 
+    if (text is None) == (messages is None):
+        fail("give a prompt TEXT or --messages FILE (one of them)")
+    conversation = text if messages is None else read_messages(messages)
     try:
         bank_ = Bank(bank or default_bank())
         state = bank_.load()
@@ -191,17 +195,37 @@ def route_cmd(
             embedder = make_embedder(kind, load_base(rcp.model, home_dir(), "none"))
         else:
             embedder = make_embedder(kind)
-        threshold = state.meta.get("route_threshold", rcp.route_threshold)
-        result = route(embedder([text])[0], state.keys(), threshold)
+        routed = prompt_text(conversation)
+        result = state.router().route(embedder([routed])[0], routed)
     except BankError as exc:
         fail(str(exc))
     if as_json:
-        print(json.dumps({"domain": result.domain, "threshold": threshold, "scores": result.scores}))
+        print(json.dumps({"domain": result.domain, "threshold": result.threshold, "similarity": result.similarity, "scores": result.scores}))
         return
-    table = Table("domain", "similarity", title=f"routes to: {result.domain} (threshold {threshold})")
+    table = Table("domain", "probability", title=f"routes to: {result.domain} (nearest prompts' similarity {result.similarity:.3f}, "
+                  f"core below {result.threshold:.3f})")
     for name, score in result.scores.items():
         table.add_row(name, f"{score:.3f}")
     out.print(table)
+
+
+def read_messages(path: Path) -> list[dict]:
+    """A conversation from a JSON file, checked: a list of {role, content} messages, or {"messages": [...]}."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fail(f"{path}: file not found")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(f"{path}: not valid JSON ({str(exc).splitlines()[0][:80]}); give a list of {{\"role\", \"content\"}} messages")
+    except OSError as exc:
+        fail(f"{path}: cannot read ({exc.strerror})")
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    ok = isinstance(data, list) and data and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in data)
+    if not ok:
+        fail(f"{path}: expected a non-empty list of {{\"role\": str, \"content\": str}} messages (or {{\"messages\": [...]}})")
+    return [{"role": m["role"], "content": m["content"]} for m in data]
 
 
 @app.command("eval")

@@ -220,26 +220,55 @@ def continual_cmd(
 @bench_app.command("routing")
 def routing_cmd(
     tasks: list[str] = typer.Argument(..., help="Domains, each NAME=TRAIN.jsonl:TEST.jsonl."),
-    max_train: int = typer.Option(300, "--max-train", help="Training prompts per domain used to build its key."),
+    max_train: int = typer.Option(300, "--max-train", help="Training prompts per domain kept as its key (align keeps at most 300)."),
     max_test: int = typer.Option(0, "--max-test", help="Test prompts per domain (0 = all)."),
+    quantile: Optional[float] = typer.Option(None, "--quantile", help="route_quantile to report the routers at (default: the recipe's)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Routing accuracy of domain keys on test prompts, and unseen-domain fallback to the core, by threshold."""
+    """Routing accuracy per domain of each router on test prompts, its confusion, and unseen-domain fallback to the core."""
     from lifealign_lite.bench.continual import parse_task
-    from lifealign_lite.bench.routing import routing_report
+    from lifealign_lite.bench.routing import SHIPPED, routing_report
+    from lifealign_lite.data import DataError
     from lifealign_lite.memory.router import MiniLMEmbedder
+    from lifealign_lite.recipe import Recipe
+
+    from .app import fail_data
 
     err, fail, home_dir, out = _helpers()
+    q = Recipe().route_quantile if quantile is None else quantile
+    if not 0 <= q < 1:
+        fail(f"--quantile must be in [0, 1), got {q}")
     try:
-        report = routing_report([parse_task(t) for t in tasks], {"minilm": MiniLMEmbedder()}, max_train=max_train, max_test=max_test)
+        parsed = [parse_task(t) for t in tasks]
+        if len({t.name for t in parsed}) != len(parsed):
+            fail("each domain may be given once")
+        with err.status("embedding prompts and fitting routers (leave-one-domain-out refits each router once per domain)"):
+            report = routing_report(parsed, MiniLMEmbedder(), max_train=max_train, max_test=max_test, quantile=q,
+                                    progress=lambda what: err.print(f"[dim]done: {what}[/]"))
+    except DataError as exc:
+        fail_data(exc)
     except ValueError as exc:
         fail(str(exc))
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    r = report["minilm"]
-    names = list(r["by_threshold"][0]["accuracy"])
-    table = Table("threshold", "mean accuracy", *[f"acc {n}" for n in names], "unseen → core", title="routing (all-MiniLM-L6-v2 keys)")
-    for row in r["by_threshold"]:
-        table.add_row(f"{row['threshold']:.2f}", f"{row['mean_accuracy']:.3f}", *[f"{row['accuracy'][n]:.2f}" for n in names], f"{row['mean_unseen_fallback']:.3f}")
+    names = list(report["shipped"]["accuracy"])
+
+    def pct(v, iv=None):
+        return f"{100 * v:.1f}" + (f" [{100 * iv[0]:.0f}, {100 * iv[1]:.0f}]" if iv else "")
+
+    table = Table("router", "mean accuracy", *names, "unseen → core", title=f"routing at route_quantile {q} (accuracy in %, 95 % intervals)")
+    for kind, r in report["routers"].items():
+        label = f"{kind} (shipped)" if kind == SHIPPED else kind
+        table.add_row(label, pct(r["mean_accuracy"], r["mean_accuracy_interval"]), *[pct(r["accuracy"][n]) for n in names],
+                      pct(r["mean_unseen_fallback"], r["mean_unseen_fallback_interval"]) if "mean_unseen_fallback" in r else "n/a")
+    out.print(table)
+    table = Table("route_quantile", "mean accuracy", "unseen → core", title=f"{SHIPPED}: in-domain accuracy against unseen fallback")
+    for row in report["by_quantile"]:
+        table.add_row(f"{row['route_quantile']}", pct(row["mean_accuracy"], row["mean_accuracy_interval"]),
+                      pct(row["mean_unseen_fallback"], row["mean_unseen_fallback_interval"]) if "mean_unseen_fallback" in row else "n/a")
+    out.print(table)
+    table = Table("true \\ routed", *names, "core", title=f"{SHIPPED}: confusion (test prompts)")
+    for d in names:
+        table.add_row(d, *[str(report["shipped"]["confusion"][d].get(n, 0)) for n in [*names, "core"]])
     out.print(table)

@@ -24,7 +24,7 @@ from .data import DataError, Pair, load_pairs, pairs_hash, validate_domain_name
 from .losses import preference_loss
 from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
 from .memory.consolidate import add_adapters, compress_adapter, consolidate_adapter, denoise
-from .memory.router import BaseModelEmbedder, MiniLMEmbedder, prompt_text, update_key
+from .memory.router import BaseModelEmbedder, MiniLMEmbedder, add_prompts, fit_router, prompt_text
 from .model import attach_adapters, load_base, save_adapter
 from .recipe import Recipe
 from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
@@ -113,14 +113,15 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
         denoised = {name: denoise(u, recipe.tau)[0] for name, u in update.items()}
         slot = compress_adapter(add_adapters(memory, denoised), recipe.bank_rank)
 
-    keys = state.keys()
-    new_embeddings = embedder([prompt_text(p) for p in pairs])
-    keys[domain] = update_key(keys.get(domain), new_embeddings, seed=recipe.seed)
+    keys, key_texts = state.keys(), state.key_texts()
+    texts = [prompt_text(p) for p in pairs]
+    keys[domain], key_texts[domain] = add_prompts(keys.get(domain), key_texts.get(domain), embedder(texts), texts, seed=recipe.seed)
+    router = fit_router(keys, key_texts, recipe.route_quantile)
     replay = update_replay(state.replay(), pairs, domain, recipe.replay_ratio, recipe.replay_size, recipe.seed)
 
     pending = bank.begin(state, event=f"align {domain} ({len(pairs)} pairs)")
     try:
-        meta = pending.state.meta = _check_bank_shape(state, recipe)
+        meta = pending.state.meta = _check_bank_shape(state, recipe) | {"route_quantile": recipe.route_quantile}
         folder = pending.folder
         replace_adapter(folder / "core", new_core, meta["bank_rank"], meta["target_modules"], base_info["name"])
         replace_adapter(folder / "slots" / domain, slot, meta["bank_rank"], meta["target_modules"], base_info["name"])
@@ -131,7 +132,8 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
         summary = {k: v for k, v in stats.items() if k != "per_module"}
         info["lineage"].append(lineage | {"consolidation": summary})
         pending.state.tasks.append(domain)
-        pending.keys, pending.history, pending.replay, pending.fisher = keys, history + [consolidated], replay, fisher
+        pending.keys, pending.key_texts, pending.router = keys, key_texts, router
+        pending.history, pending.replay, pending.fisher = history + [consolidated], replay, fisher
         new_state = bank.commit(pending, base_info)
     except BaseException:
         bank.abort(pending)

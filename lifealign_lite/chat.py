@@ -2,7 +2,7 @@
 
 All adapters of the bank version (core and every slot) are loaded once into one PEFT model; the active one
 is merged into the weights (measured faster than unmerged LoRA, docs/PERFORMANCE.md) and switching domain
-unmerges it and merges another. ``auto`` routes each prompt by embedding similarity to a domain's key.
+unmerges it and merges another. ``auto`` routes each turn's whole conversation with the bank's router.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .memory.bank import Bank, BankError, BankState
-from .memory.router import CORE, Route, route
+from .memory.router import CORE, Route, prompt_text
 from .model import _quiet, autocast, load_base
 
 BASE = "base"
@@ -42,13 +42,14 @@ class ChatSession:
     tokenizer: object
     state: BankState
     domain: str  # a domain name, auto, core or base
-    threshold: float
+    threshold: float | None  # None or < 0: each domain's calibrated novelty threshold
     embedder_factory: Callable[[], object]
     merge: bool = True
     bf16_autocast: bool = False
     active: str | None = None
     history: list[dict] = field(default_factory=list)
     _embedder: object | None = None
+    _router: object | None = None
 
     def available(self) -> list[str]:
         return sorted(self.state.domains) + ([CORE] if self.state.core_dir() else []) + [BASE]
@@ -59,10 +60,15 @@ class ChatSession:
             raise BankError(f"unknown domain {domain!r}; known domains: {known} (or auto, core, base)")
         self.domain = domain
 
-    def route(self, text: str) -> Route:
+    def route(self, conversation) -> Route:
+        """Route a prompt (a text, or a conversation as a list of messages) as ``route`` and the server do."""
         if self._embedder is None:
             self._embedder = self.embedder_factory()
-        return route(self._embedder([text])[0], self.state.keys(), self.threshold)
+        if self._router is None:
+            self._router = self.state.router()
+        text = prompt_text(conversation)
+        fixed = self.threshold if self.threshold is not None and self.threshold >= 0 else None
+        return self._router.route(self._embedder([text])[0], text, fixed)
 
     def _activate(self, name: str) -> None:
         """Make ``name`` (a domain, core or base) the adapter in use."""
@@ -77,10 +83,10 @@ class ChatSession:
                     self.model.merge_adapter()
         self.active = name
 
-    def memory_for(self, text: str) -> tuple[str, Route | None]:
+    def memory_for(self, conversation) -> tuple[str, Route | None]:
         if self.domain != AUTO:
             return self.domain, None
-        r = self.route(text)
+        r = self.route(conversation)
         return (r.domain if r.domain != CORE or self.state.core_dir() else BASE), r
 
     def ask(self, text: str, on_token: Callable[[str], None] | None = None, max_new_tokens: int = 256, keep_history: bool = True) -> ChatTurn:
@@ -88,9 +94,9 @@ class ChatSession:
         from transformers import TextIteratorStreamer
 
         t0 = time.perf_counter()
-        memory, r = self.memory_for(text)
-        self._activate(memory)
         messages = self.history + [{"role": "user", "content": text}]
+        memory, r = self.memory_for(messages)
+        self._activate(memory)
         enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}

@@ -17,7 +17,6 @@ import torch
 
 from .chat import AUTO, BASE, ChatSession
 from .data import Pair
-from .memory.router import prompt_text
 from .train import score_pairs, tokenize_pairs
 
 METRICS = ("pref_acc", "lennorm_acc", "margin")
@@ -56,7 +55,7 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
     items, _ = tokenize_pairs(pairs, session.tokenizer, recipe.max_length, recipe.max_prompt_length)
     session.set_domain(domain)
     if domain == AUTO:
-        memories = [session.memory_for(prompt_text(p))[0] for p in pairs]
+        memories = [session.memory_for(p.prompt)[0] for p in pairs]
     else:
         memories = [domain] * len(pairs)
     groups: dict[str, list[int]] = defaultdict(list)

