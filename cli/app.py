@@ -39,8 +39,9 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def fail_data(exc: DataError) -> None:
-    """Every problem of invalid data, one `FILE:LINE: what; what to do` per line on stderr, then exit 2."""
-    for line in exc.problems:
+    """The problems of invalid data, one `FILE:LINE: what; what to do` per line on stderr (at most
+    data.MAX_SHOWN_PROBLEMS, then how many more), then exit 2."""
+    for line in str(exc).splitlines():
         err.print(line, highlight=False, soft_wrap=True, markup=False)
     raise typer.Exit(2)
 
