@@ -130,6 +130,8 @@ def chat(
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
 
+    if max_new_tokens < 1:
+        fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     rcp = build_recipe(recipe, sets, model=model, quant=quant)
     try:
         session = open_session(bank or default_bank(), home_dir(), rcp, domain=domain, merge=not unmerged)
