@@ -130,6 +130,7 @@ def verify_cmd(
         versions = [manifest["current"]] if manifest["current"] else []
     checks: list[VersionCheck] = [b.verify(v) for v in versions]
     table = Table("version", "file", "status", title=f"{b.root} (current version {manifest['current']})")
+    table.columns[1].overflow = "fold"  # a file's whole path, never an ellipsis
     for c in checks:
         current = " (current)" if c.version == manifest["current"] else ""
         if c.intact:
@@ -139,7 +140,7 @@ def verify_cmd(
     out.print(table)
     damaged = [c.version for c in checks if not c.intact]
     if damaged:
-        err.print(f"damaged: version {', '.join(map(str, damaged))}; `lifealign-lite memory rollback N` makes an intact version current")
+        err.print(f"damaged: version {', '.join(map(str, damaged))}; `lifealign-lite memory rollback N` makes an intact version current", soft_wrap=True)
         raise typer.Exit(1)
 
 
