@@ -328,7 +328,7 @@ class Bank:
     def version_dir(self, version: int) -> Path:
         return self.root / "versions" / f"{version:06d}"
 
-    def load(self, version: int | None = None, verify: bool = True) -> BankState:
+    def load(self, version: int | None = None) -> BankState:
         """The state of ``version`` (default: the current one). Version 0 is the empty bank.
 
         The version's files are verified (:meth:`verify`) the first time this object opens it; damage raises one
@@ -341,7 +341,7 @@ class Bank:
         folder = self.version_dir(version)
         if not folder.is_dir():
             raise BankError(f"{folder}: missing; the bank's version {version} is not on disk; {self.way_out(version)}")
-        if verify and version not in self._verified:
+        if version not in self._verified:
             check = self.verify(version)
             if check.problems:
                 rel, what = check.problems[0]
