@@ -219,6 +219,10 @@ def _verify_without_bank(tmp):
     return ["memory", "verify"], ["no bank here"]
 
 
+def _resume_without_bank(tmp):
+    return ["align", write_lines(tmp / "d.jsonl", [GOOD]), "--resume"], ["nothing to resume"]
+
+
 def _set_nan(tmp):
     return ["align", write_lines(tmp / "d.jsonl", [GOOD]), "--set", "max_grad_norm=nan"], ["max_grad_norm"]
 
@@ -232,7 +236,7 @@ NO_BANK_CASES = {
     "recipe-not-utf8": _bad_yaml_utf8, "domain-core": _reserved_domain, "missing-model-folder": _missing_model,
     "chat-max-new-tokens-0": _chat_zero_tokens, "chat-max-new-tokens-negative": _chat_negative_tokens,
     "rm-without-bank": _rm_without_bank, "rollback-without-bank": _rollback_without_bank,
-    "verify-without-bank": _verify_without_bank, "set-max-grad-norm-nan": _set_nan, "flag-lr-1e30": _flag_huge_lr,
+    "verify-without-bank": _verify_without_bank, "resume-without-bank": _resume_without_bank, "set-max-grad-norm-nan": _set_nan, "flag-lr-1e30": _flag_huge_lr,
 }
 
 
