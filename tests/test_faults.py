@@ -436,8 +436,9 @@ def kill_loop(bank: Bank, tiny_model: Path, home: Path, tmp: Path, kills: int, s
     rng = random.Random(seed)
     env = dict(os.environ, LIFEALIGN_HOME=str(home), OMP_NUM_THREADS="1", COLUMNS="200")
     frozen = {v: digests(bank.version_dir(v)) for v in (1, 2)}
-    counts = {"killed": 0, "finished": 0, "runs": 0}
+    counts = {"killed": 0, "finished": 0, "runs": 0, "in commit": 0}
     domains = ["medical", "support", "extra"]
+    orphans: set[int] = set()  # complete versions a kill left unlisted (between the rename and the manifest)
     i = -1
     while counts["killed"] < kills and counts["runs"] < 2 * kills:  # a kill in the commit window may come after the exit
         i += 1
@@ -467,6 +468,11 @@ def kill_loop(bank: Bank, tiny_model: Path, home: Path, tmp: Path, kills: int, s
                 proc.wait()
         counts["runs"] += 1
         counts["killed" if proc.returncode == -signal.SIGKILL else "finished"] += 1
+        listed = {v["version"] for v in Bank(bank.root).manifest()["versions"]}
+        on_disk = {int(p.name) for p in (bank.root / "versions").iterdir() if p.name.isdigit()}
+        if proc.returncode == -signal.SIGKILL and (list((bank.root / "versions").glob(".tmp-*")) or on_disk - listed - orphans):
+            counts["in commit"] += 1  # killed while the version was written (a temporary or an unlisted folder is left)
+        orphans |= on_disk - listed
         text = log.read_text()
         where = f"kill {i} ({mode}): return code {proc.returncode}; log: {text[-600:]}"
         assert proc.returncode in (0, -signal.SIGKILL), where
@@ -478,6 +484,11 @@ def kill_loop(bank: Bank, tiny_model: Path, home: Path, tmp: Path, kills: int, s
             assert digests(bank.version_dir(v)) == frozen[v], f"version {v} changed; {where}"
         result = invoke(["memory", "verify", "--all", "--bank", bank.root], home)
         assert result.exit_code == 0, f"{result.stdout}\n{where}"
+    # The lock died with the last process: the bank takes a new version on top of what the kills left.
+    fresh = Bank(bank.root)
+    with fresh.lock(wait_s=0):
+        committed = fresh.commit(fresh.begin(fresh.load(), event="after the kills"), fresh.manifest()["base"])
+    assert Bank(bank.root).load().version == committed.version and not list((bank.root / "versions").glob(".tmp-*"))
     return counts
 
 
@@ -486,7 +497,8 @@ def _kill_test(bank, tiny_model, home, tmp_path, kills):
         pytest.skip(f"console script not found: {CLI}")
     seed = int(os.environ.get("FAULTS_SEED", time.time_ns() % 10_000))
     counts = kill_loop(bank, tiny_model, home, tmp_path, kills, seed)
-    print(f"faults: sigkill seed {seed}: {counts['runs']} runs, {counts['killed']} killed, {counts['finished']} finished first, "
+    print(f"faults: sigkill seed {seed}: {counts['runs']} runs, {counts['killed']} killed ({counts['in commit']} inside the version commit), "
+          f"{counts['finished']} finished first, "
           f"bank at version {Bank(bank.root).load().version}, tracebacks 0")
     assert counts["killed"] >= kills, counts
 
