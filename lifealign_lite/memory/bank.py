@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -47,7 +46,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data import DataError, Pair, load_pairs, write_pairs
+from ..data import DataError, Pair, file_sha256, load_pairs, write_pairs
 from .consolidate import LowRank
 
 FORMAT = 1
@@ -230,11 +229,7 @@ class VersionCheck:
 
 
 def file_checksum(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return {"sha256": h.hexdigest(), "size": path.stat().st_size}
+    return {"sha256": file_sha256(path), "size": path.stat().st_size}
 
 
 def _version_files(folder: Path) -> list[str]:
