@@ -39,8 +39,9 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def fail_data(exc: DataError) -> None:
-    """Every problem of invalid data, one `FILE:LINE: what; what to do` per line on stderr, then exit 2."""
-    for line in exc.problems:
+    """The problems of invalid data, one `FILE:LINE: what; what to do` per line on stderr (at most
+    data.MAX_SHOWN_PROBLEMS, then how many more), then exit 2."""
+    for line in str(exc).splitlines():
         err.print(line, highlight=False, soft_wrap=True, markup=False)
     raise typer.Exit(2)
 
@@ -129,6 +130,8 @@ def chat(
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
 
+    if max_new_tokens < 1:
+        fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     rcp = build_recipe(recipe, sets, model=model, quant=quant)
     try:
         session = open_session(bank or default_bank(), home_dir(), rcp, domain=domain, merge=not unmerged)

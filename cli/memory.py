@@ -1,4 +1,4 @@
-"""``lifealign-lite memory``: list, show, remove, roll back and export bank entries."""
+"""``lifealign-lite memory``: list, show, verify, remove, roll back and export bank entries."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lifealign_lite.memory.bank import Bank, BankError, folder_size
+from lifealign_lite.memory.bank import Bank, BankError, VersionCheck, folder_size
 
 memory_app = typer.Typer(help="Inspect and manage the long-term adapter bank.", no_args_is_help=True)
 
@@ -83,6 +83,7 @@ def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
 
     b = _bank(bank)
     try:
+        b.require()  # before the lock, which would create the folder
         with b.lock():
             state = b.remove_domain(name, b.manifest()["base"])
     except BankError as exc:
@@ -97,11 +98,50 @@ def rollback_cmd(version: int, bank: Optional[Path] = BankOpt) -> None:
 
     b = _bank(bank)
     try:
+        b.require()
         with b.lock():
             b.rollback(version)
     except BankError as exc:
         _fail(str(exc))
     err.print(f"bank is now at version {version}")
+
+
+@memory_app.command("verify")
+def verify_cmd(
+    bank: Optional[Path] = BankOpt,
+    all_versions: bool = typer.Option(False, "--all", help="Check every version on disk, not only the current one."),
+) -> None:
+    """Check every file of the current version (or of every version) against its recorded SHA-256 and size.
+
+    Exit 0: all intact; 1: something is damaged (the table names each file and what is wrong); 2: no bank to check.
+    Versions written before checksums existed are checked for structure only and shown as unverified.
+    """
+    from .app import err, out
+
+    b = _bank(bank)
+    try:
+        b.require()
+        manifest = b.manifest()
+    except BankError as exc:
+        _fail(str(exc))
+    if all_versions:
+        versions = sorted({v["version"] for v in manifest["versions"]} | {int(p.name) for p in (b.root / "versions").glob("[0-9]*") if p.name.isdigit()})
+    else:
+        versions = [manifest["current"]] if manifest["current"] else []
+    checks: list[VersionCheck] = [b.verify(v) for v in versions]
+    table = Table("version", "file", "status", title=f"{b.root} (current version {manifest['current']})")
+    table.columns[1].overflow = "fold"  # a file's whole path, never an ellipsis
+    for c in checks:
+        current = " (current)" if c.version == manifest["current"] else ""
+        if c.intact:
+            table.add_row(f"{c.version}{current}", f"all {c.files} files", "ok" if c.verified else "unverified (no checksums; structure ok)")
+        for rel, what in c.problems:
+            table.add_row(f"{c.version}{current}", rel or "(version folder)", f"[red]damaged:[/] {what}")
+    out.print(table)
+    damaged = [c.version for c in checks if not c.intact]
+    if damaged:
+        err.print(f"damaged: version {', '.join(map(str, damaged))}; `lifealign-lite memory rollback N` makes an intact version current", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @memory_app.command("versions")
@@ -128,12 +168,13 @@ def export_cmd(
 ) -> None:
     """Export a bank entry as a PEFT adapter or a merged model (checked against the bank entry)."""
     from lifealign_lite.export import export_entry
+    from lifealign_lite.model import ModelError
     from lifealign_lite.recipe import load_recipe
 
     from .app import err, home_dir
 
     try:
         result = export_entry(bank or _bank(None).root, name, out_dir, fmt, home_dir(), load_recipe(None))
-    except (BankError, ValueError) as exc:
+    except (BankError, ModelError, ValueError) as exc:
         _fail(str(exc))
     err.print(f"exported {name} as {result['format']} to {result['out']}" + (f" (checked: max logit difference {result['max_logit_diff']:.1e})" if "max_logit_diff" in result else ""))

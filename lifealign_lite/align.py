@@ -73,11 +73,21 @@ def replay_sample(buffer: list[Pair], domain: str, n: int, seed: int) -> list[Pa
     return random.Random(seed).sample(others, min(n, len(others)))
 
 
+REPLAY_MAX_CHARS = 8192  # per message of a stored pair: far beyond what training reads (max_length tokens), a bound on disk
+
+
+def _clip(messages: list[dict], keep_end: bool) -> list[dict]:
+    """Messages cut to REPLAY_MAX_CHARS each, as training truncates: a prompt keeps its end, an answer its start."""
+    cut = (lambda t: t[-REPLAY_MAX_CHARS:]) if keep_end else (lambda t: t[:REPLAY_MAX_CHARS])
+    return [m if len(m["content"]) <= REPLAY_MAX_CHARS else {**m, "content": cut(m["content"])} for m in messages]
+
+
 def update_replay(buffer: list[Pair], pairs: list[Pair], domain: str, ratio: float, size: int, seed: int) -> list[Pair]:
-    """Add ``ratio`` of the task's pairs (tagged with its domain) and trim the largest domains to ``size`` pairs."""
+    """Add ``ratio`` of the task's pairs (tagged with its domain, each message clipped to REPLAY_MAX_CHARS characters)
+    and trim the largest domains to ``size`` pairs."""
     take = random.Random(seed).sample(pairs, math.ceil(ratio * len(pairs))) if ratio > 0 else []
     pool: dict[str, list[Pair]] = {}
-    for p in buffer + [Pair(p.prompt, p.chosen, p.rejected, domain, p.source) for p in take]:
+    for p in buffer + [Pair(_clip(p.prompt, True), _clip(p.chosen, False), _clip(p.rejected, False), domain, p.source) for p in take]:
         pool.setdefault(p.domain or "general", []).append(p)
     while sum(map(len, pool.values())) > size:
         max(pool.values(), key=len).pop(0)
@@ -174,11 +184,20 @@ def align(
     bank = Bank(bank_dir)
     runs = bank.root / "runs"
 
+    def load_model():
+        return load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast)
+
+    base = None
+    if not bank.root.exists():  # a new bank: fail on the model (or --resume) before the lock creates its folder
+        if resume:
+            _find_resumable(runs, domain, data_hash)
+        base = load_model()
+
     with bank.lock(wait_s):
-        state = bank.load()
+        state = bank.load()  # verifies every file of the version: damage stops align before it trains
         _check_bank_shape(state, recipe)
         run_dir = _find_resumable(runs, domain, data_hash) if resume else runs / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{domain}"
-        base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast)
+        base = base or load_model()
         bank.check_base(base.info)
         t_loaded = time.perf_counter()
 

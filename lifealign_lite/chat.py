@@ -93,6 +93,8 @@ class ChatSession:
         """Answer ``text`` (with the conversation so far), streaming pieces of text to ``on_token``."""
         from transformers import TextIteratorStreamer
 
+        if max_new_tokens < 1:  # generate() would raise in its thread and leave the streamer waiting forever
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         t0 = time.perf_counter()
         messages = self.history + [{"role": "user", "content": text}]
         memory, r = self.memory_for(messages)

@@ -369,6 +369,9 @@ def load_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int 
     if p.is_dir():
         raise DataError([f"{name}: is a directory, not a file; give the path of a .jsonl file "
                          "with one preference pair per line"])
+    if not p.is_file():  # a FIFO, socket or device would block or never end
+        raise DataError([f"{name}: not a regular file (a pipe, socket or device); save the pairs to a .jsonl file "
+                         "and pass its path"])
     try:
         raw = p.read_bytes()
     except OSError as e:
@@ -397,11 +400,24 @@ def load_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int 
             continue
         try:
             obj = json.loads(text)
+            if "\\u" in text:  # an escape may spell a lone surrogate, which no encoder (nor tokenizer) accepts
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except json.JSONDecodeError as e:
-            problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {_FORMAT_HINT}")
+            if "\r" in text:
+                problems.append(f"{where}: invalid JSON, and the line holds carriage returns (CR-only line endings, as old Mac "
+                                "files have?); save the file with LF (or CRLF) line endings, one JSON object per line")
+            else:
+                problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {_FORMAT_HINT}")
             continue
         except RecursionError:
             problems.append(f"{where}: invalid JSON (nested too deeply); {_FORMAT_HINT}")
+            continue
+        except UnicodeEncodeError as e:
+            problems.append(f"{where}: a \\u escape encodes a lone UTF-16 surrogate ({e.object[e.start]!a}), which is not text; "
+                            "write the character itself or its full surrogate pair")
+            continue
+        except ValueError as e:  # e.g. an integer over Python's 4300-digit conversion limit
+            problems.append(f"{where}: invalid JSON ({str(e).split(';')[0][:90]}); {_FORMAT_HINT}")
             continue
         if not isinstance(obj, dict):
             problems.append(f"{where}: line is {_json_type(obj)}, not a JSON object; {_FORMAT_HINT}")

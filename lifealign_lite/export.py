@@ -32,10 +32,14 @@ def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, rec
     from peft import PeftModel
 
     bank = Bank(bank_dir)
-    src = entry_dir(bank, name)
+    src = entry_dir(bank, name)  # the version is verified when it is opened, so nothing damaged is copied
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BankError(f"{out}: exists and is not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise BankError(f"{out}: exists and is not empty; choose a new folder")
+    if out.resolve().is_relative_to(bank.root.resolve()):
+        raise BankError(f"{out}: inside the bank {bank.root}, whose files must not change; choose a folder outside it")
     if fmt == "peft":
         shutil.copytree(src, out, dirs_exist_ok=True)
         return {"format": "peft", "out": str(out)}

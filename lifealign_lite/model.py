@@ -174,6 +174,8 @@ def resolve_model_path(spec: str, home: Path) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
         return str(path)
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:  # a hub id is NAME or ORG/NAME
+        raise ModelError(f"{spec}: the folder does not exist; pass --model with a local model folder or a hub id such as ORG/NAME")
     return spec
 
 

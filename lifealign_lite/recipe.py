@@ -91,27 +91,32 @@ class Recipe:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise RecipeError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        positive = ("lr", "beta", "batch_size", "grad_accum", "max_length", "max_prompt_length", "lora_r", "bank_rank")
+        positive = ("beta", "batch_size", "grad_accum", "max_length", "max_prompt_length", "lora_r", "lora_alpha", "bank_rank", "max_grad_norm")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise RecipeError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("focal_gamma", "max_steps", "max_pairs", "sft_warmup_steps", "epochs", "replay_size", "ewc_lambda", "olora_lambda"):
+        for key in ("focal_gamma", "max_steps", "max_pairs", "sft_warmup_steps", "epochs", "replay_size", "ewc_lambda", "olora_lambda",
+                    "weight_decay"):
             if getattr(self, key) < 0:
                 raise RecipeError(f"{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("tau",):
+        for key in ("tau", "lr"):  # a learning rate above 1 blows LoRA weights up (--lr 1e30 once committed a useless core)
             if not 0 < getattr(self, key) <= 1:
                 raise RecipeError(f"{key} must be in (0, 1], got {getattr(self, key)}")
-        if not -1 <= self.route_threshold <= 1:
-            raise RecipeError(f"route_threshold must be in [-1, 1] (< 0: calibrated per domain), got {self.route_threshold}")
-        for key in ("route_quantile", "projection_gamma", "replay_ratio", "replay_mix", "warmup_ratio", "lora_dropout"):
+        for key in ("route_quantile", "projection_gamma", "replay_ratio", "replay_mix", "warmup_ratio"):
             if not 0 <= getattr(self, key) <= 1:
                 raise RecipeError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise RecipeError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not -1 <= self.route_threshold <= 1:
+            raise RecipeError(f"route_threshold must be in [-1, 1] (< 0: each domain's calibrated threshold), got {self.route_threshold}")
+        if not 0 <= self.seed < 2**63:
+            raise RecipeError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_prompt_length >= self.max_length:
             raise RecipeError("max_prompt_length must be smaller than max_length")
         if self.epochs == 0 and self.max_steps == 0:
             raise RecipeError("set epochs or max_steps above 0")
-        if not self.target_modules:
-            raise RecipeError("target_modules must name at least one module")
+        if not self.target_modules or not all(self.target_modules):
+            raise RecipeError("target_modules must name at least one module, and no empty name")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,11 +131,13 @@ def _coerce(key: str, value: Any) -> Any:
     default = getattr(Recipe(), key)
     try:
         if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
                 return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
+        if isinstance(value, bool) or isinstance(value, dict) or (isinstance(value, list) and not isinstance(default, list)):
+            raise TypeError(value)  # true is no number, and a list is no scalar
         if isinstance(default, int):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
@@ -140,9 +147,11 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(default, list):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
-            return [str(v) for v in value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError(value)
+            return list(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RecipeError(f"recipe key {key!r}: cannot use {value!r} as {type(default).__name__}") from None
 
 
@@ -189,6 +198,8 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | Non
         raise RecipeError(f"{path}: recipe file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at byte {exc.start + 1}); re-save the recipe as UTF-8") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -13,12 +13,21 @@ Layout (every adapter is a PEFT folder that ``PeftModel.from_pretrained`` loads 
         history.safetensors       consolidated update of every task, the span SLMC projects against
         fisher.safetensors        (only with ewc_lambda > 0) accumulated diagonal Fisher of the targeted matrices
         replay.jsonl              bounded replay buffer of past pairs
+        checksums.json            SHA-256 and size of every other file of the version (written last)
     BANK/runs/                    short-term adapters and run summaries of each align
     BANK/.lock                    held by the process writing the bank
 
 A version is written into a temporary folder, fsynced and renamed into ``versions/``; the manifest's
 ``current`` pointer is then replaced atomically. A process killed at any instant leaves the previous
 version whole. Files a new version shares with its parent are hard links, so versions cost little disk.
+
+Every file of a version is recorded in its ``checksums.json`` (whatever the file is: new kinds of files are
+covered as they appear); a file shared with the parent keeps the parent's record, so damage to the shared
+file shows in both versions. :meth:`Bank.load` verifies the whole version once when it opens it (not per
+read), so chat, eval, export and align stop before they use a damaged file, with one line naming the file,
+the version and the newest intact version to roll back to. Versions written before checksums existed are
+opened after a structural check (every JSON and safetensors file parses) and reported as unverified.
+Only safetensors weights belong in a bank: a pickle-based file (``.bin``, ``.pt``, ...) is refused by name.
 """
 
 from __future__ import annotations
@@ -39,11 +48,13 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data import DataError, Pair, load_pairs, write_pairs
+from ..data import DataError, Pair, file_sha256, load_pairs, write_pairs
 from .consolidate import LowRank
 from .router import Router, fit_router
 
 FORMAT = 1
+CHECKSUMS = "checksums.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # weights that can run code when loaded
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 PEFT_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules
 
@@ -67,18 +78,27 @@ def read_adapter(folder: Path) -> tuple[dict[str, LowRank], dict]:
             raise BankError(f"{path}: missing; the bank entry is incomplete (try `lifealign-lite memory rollback`)")
     try:
         config = json.loads(cfg_path.read_text())
-        tensors = load_file(str(weights))
+        r = config["r"]
+        scale = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupted file
-        raise BankError(f"{folder}: corrupted adapter ({type(exc).__name__}: {str(exc)[:80]}); try `lifealign-lite memory rollback`") from None
-    r = config["r"]
-    scale = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
-    out = {}
-    for key, a in tensors.items():
-        if key.endswith(_LORA_A):
-            name = key[len(PEFT_PREFIX):-len(_LORA_A)] if key.startswith(PEFT_PREFIX) else key[:-len(_LORA_A)]
-            b = tensors[key[: -len(_LORA_A)] + _LORA_B]
-            out[name] = LowRank(b.float() * scale, a.float())
+        raise BankError(f"{cfg_path}: corrupted adapter config ({_why(exc)}); try `lifealign-lite memory verify`") from None
+    try:
+        tensors = load_file(str(weights))
+        out = {}
+        for key, a in tensors.items():
+            if key.endswith(_LORA_A):
+                name = key[len(PEFT_PREFIX):-len(_LORA_A)] if key.startswith(PEFT_PREFIX) else key[:-len(_LORA_A)]
+                b = tensors[key[: -len(_LORA_A)] + _LORA_B]
+                out[name] = LowRank(b.float() * scale, a.float())
+    except Exception as exc:  # noqa: BLE001
+        raise BankError(f"{weights}: corrupted adapter weights ({_why(exc)}); try `lifealign-lite memory verify`") from None
     return out, config
+
+
+def _why(exc: Exception) -> str:
+    """An exception as a short phrase for a one-line error."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:80]}" if text else type(exc).__name__
 
 
 def write_adapter(folder: Path, update: dict[str, LowRank], rank: int, target_modules: list[str], base_name: str) -> Path:
@@ -179,7 +199,7 @@ class BankState:
         try:
             return load_pairs(path)
         except DataError as exc:
-            raise BankError(f"{path}: corrupted replay buffer ({exc.problems[0]}); try `lifealign-lite memory rollback`") from None
+            raise BankError(f"{path}: corrupted replay buffer ({exc.problems[0]}); list the damage with `lifealign-lite memory verify`") from None
 
     def _optional(self, name: str, loader, empty):
         """A file of this version read with ``loader``, or ``empty`` when the version has none."""
@@ -191,7 +211,7 @@ class BankState:
         try:
             return loader(path)
         except Exception as exc:  # noqa: BLE001
-            raise BankError(f"{path}: corrupted ({type(exc).__name__}); try `lifealign-lite memory rollback`") from None
+            raise BankError(f"{path}: corrupted ({_why(exc)}); list the damage with `lifealign-lite memory verify`") from None
 
 
 @dataclass
@@ -200,6 +220,7 @@ class PendingVersion:
 
     state: BankState
     folder: Path
+    parent: Path | None = None  # the parent version's folder, whose checksums shared files keep
     keys: dict[str, torch.Tensor] | None = None
     key_texts: dict[str, list[str]] | None = None
     router: Router | None = None
@@ -208,11 +229,78 @@ class PendingVersion:
     fisher: dict[str, torch.Tensor] | None = None
 
 
+@dataclass
+class VersionCheck:
+    """What verifying one version found: ``problems`` is a list of (file relative to the version, what is wrong)."""
+
+    version: int
+    folder: Path
+    files: int = 0
+    verified: bool = True  # False: the version has no checksums (written before they existed); checked for structure only
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+
+def file_checksum(path: Path) -> dict:
+    return {"sha256": file_sha256(path), "size": path.stat().st_size}
+
+
+def _version_files(folder: Path) -> list[str]:
+    rels = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    return sorted(rel for rel in rels if rel != CHECKSUMS)
+
+
+def _structure_problem(path: Path) -> str | None:
+    """Why a file of a version without checksums cannot be what its name says, or None."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fh:
+                fh.keys()
+        elif path.suffix == ".jsonl":
+            load_pairs(path)
+    except DataError as exc:
+        return f"not a valid replay buffer ({exc.problems[0][len(str(path)) + 1:].strip()[:80]})"
+    except Exception as exc:  # noqa: BLE001 - whatever fails to parse is damaged
+        return f"does not parse ({_why(exc)})"
+    return None
+
+
+def _state_problem(data) -> str | None:
+    """Why a parsed state.json cannot be a version's state, or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    for key, kind in (("domains", dict), ("tasks", list), ("meta", dict)):
+        if not isinstance(data.get(key), kind):
+            return f"'{key}' is missing or not a {'list' if kind is list else 'mapping'}"
+    for name, info in data["domains"].items():
+        if not isinstance(info, dict):
+            return f"domain {name!r} is not a mapping"
+        seen = info.get("pairs_seen")
+        if isinstance(seen, bool) or not isinstance(seen, int) or seen < 0:
+            return f"domain {name!r}: pairs_seen is {json.dumps(seen)}, not a count"
+        if not isinstance(info.get("lineage", []), list):
+            return f"domain {name!r}: lineage is not a list"
+    if not all(isinstance(t, str) for t in data["tasks"]):
+        return "'tasks' holds something other than domain names"
+    meta = data["meta"]
+    if meta and (not isinstance(meta.get("bank_rank"), int) or not isinstance(meta.get("target_modules"), list)):
+        return "'meta' lacks bank_rank or target_modules"
+    return None
+
+
 class Bank:
     """A versioned adapter bank folder."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._verified: set[int] = set()  # versions this object has verified (each is checked once)
 
     # manifest ------------------------------------------------------------------------------------------
     @property
@@ -226,9 +314,14 @@ class Bank:
         if not self.exists():
             return {"format": FORMAT, "current": 0, "base": None, "versions": []}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BankError(f"{self.manifest_path}: corrupted manifest; versions are kept under {self.root / 'versions'}") from None
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            why = _manifest_problem(manifest)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            why = _why(exc)
+        if why:
+            raise BankError(f"{self.manifest_path}: corrupted manifest ({why}); the versions are kept under {self.root / 'versions'}: "
+                            "restore manifest.json from a backup or align into a new --bank") from None
+        return manifest
 
     def _write_manifest(self, manifest: dict) -> None:
         _atomic_write(self.manifest_path, json.dumps(manifest, indent=2))
@@ -247,20 +340,100 @@ class Bank:
         return self.root / "versions" / f"{version:06d}"
 
     def load(self, version: int | None = None) -> BankState:
-        """The state of ``version`` (default: the current one). Version 0 is the empty bank."""
+        """The state of ``version`` (default: the current one). Version 0 is the empty bank.
+
+        The version's files are verified (:meth:`verify`) the first time this object opens it; damage raises one
+        ``BankError`` line naming the file, the version and the newest intact version to roll back to.
+        """
         manifest = self.manifest()
         version = manifest["current"] if version is None else version
         if version == 0:
             return BankState()
         folder = self.version_dir(version)
+        if not folder.is_dir():
+            raise BankError(f"{folder}: missing; the bank's version {version} is not on disk; {self.way_out(version)}")
+        if version not in self._verified:
+            check = self.verify(version)
+            if check.problems:
+                rel, what = check.problems[0]
+                more = f" (and {len(check.problems) - 1} more damaged files)" if len(check.problems) > 1 else ""
+                raise BankError(f"{folder / rel}: {what}; bank version {version} is damaged{more}; {self.way_out(version)}")
+            self._verified.add(version)
+        data = self._read_state(folder)
+        if isinstance(data, str):
+            raise BankError(f"{folder / 'state.json'}: {data}; bank version {version} is damaged; {self.way_out(version)}")
+        return BankState(version=version, folder=folder, domains=data["domains"], tasks=data["tasks"], meta=data["meta"], event=data.get("event", ""))
+
+    @staticmethod
+    def _read_state(folder: Path) -> dict | str:
+        """A version's parsed state.json, or why it cannot be used."""
         path = folder / "state.json"
         if not path.is_file():
-            raise BankError(f"{path}: missing; version {version} is damaged, try `lifealign-lite memory rollback {max(version - 1, 0)}`")
+            return "missing"
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BankError(f"{path}: corrupted; try `lifealign-lite memory rollback {max(version - 1, 0)}`") from None
-        return BankState(version=version, folder=folder, domains=data["domains"], tasks=data["tasks"], meta=data["meta"], event=data.get("event", ""))
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            return f"corrupted ({_why(exc)})"
+        why = _state_problem(data)
+        return f"corrupted ({why})" if why else data
+
+    def verify(self, version: int) -> VersionCheck:
+        """Check every file of a version against its recorded SHA-256 and size (structure only where none is recorded)."""
+        folder = self.version_dir(version)
+        check = VersionCheck(version=version, folder=folder)
+        if not folder.is_dir():
+            check.problems.append(("", "version folder missing"))
+            return check
+        files = _version_files(folder)
+        check.files = len(files)
+        recorded = None
+        if (folder / CHECKSUMS).exists():
+            try:
+                recorded = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))["files"]
+                if not isinstance(recorded, dict):
+                    raise ValueError("'files' is not a mapping")
+            except Exception as exc:  # noqa: BLE001
+                check.problems.append((CHECKSUMS, f"corrupted ({_why(exc)})"))
+                return check
+        check.verified = recorded is not None
+        for rel in files:
+            path = folder / rel
+            if path.suffix in PICKLE_SUFFIXES:
+                check.problems.append((rel, "not safetensors; a bank holds weights as safetensors only (pickle files can run code): remove it"))
+            elif not path.is_file():
+                check.problems.append((rel, "not a regular file"))
+            elif recorded is None:
+                if why := _structure_problem(path):
+                    check.problems.append((rel, why))
+            elif rel not in recorded:
+                check.problems.append((rel, f"not recorded in {CHECKSUMS} (added after the version was written)"))
+            else:
+                want, got = recorded[rel], file_checksum(path)
+                if got["size"] != want.get("size"):
+                    check.problems.append((rel, f"{got['size']} bytes, {want.get('size')} recorded (truncated or overwritten)"))
+                elif got["sha256"] != want.get("sha256"):
+                    check.problems.append((rel, "content differs from its recorded SHA-256"))
+        for rel in sorted(set(recorded or {}) - set(files)):
+            check.problems.append((rel, "missing"))
+        if check.intact:
+            data = self._read_state(folder)
+            if isinstance(data, str):
+                check.problems.append(("state.json", data))
+            else:
+                for name in data["domains"]:
+                    for part in ("adapter_config.json", "adapter_model.safetensors"):
+                        if not (folder / "slots" / name / part).is_file():
+                            check.problems.append((f"slots/{name}/{part}", "missing"))
+        return check
+
+    def way_out(self, damaged: int) -> str:
+        """What to do about a damaged or missing version: roll back to the newest intact one, or list the damage."""
+        listed = sorted({v["version"] for v in self.manifest()["versions"]} - {damaged}, reverse=True)
+        intact = next((v for v in listed if v < damaged and self.verify(v).intact), None)
+        intact = intact or next((v for v in listed if self.verify(v).intact), None)
+        if intact is None:
+            return "no intact version is left: `lifealign-lite memory rollback 0` empties the bank (versions stay on disk); `lifealign-lite memory verify --all` lists the damage"
+        return f"roll back to the newest intact version with `lifealign-lite memory rollback {intact}`, or list the damage with `lifealign-lite memory verify --all`"
 
     def begin(self, parent: BankState, event: str) -> PendingVersion:
         """Start a new version from ``parent``: unchanged files are hard-linked into a temporary folder."""
@@ -272,7 +445,7 @@ class Bank:
         if parent.folder is not None:
             _link_tree(parent.folder, tmp)
         state = BankState(version=0, folder=tmp, domains=json.loads(json.dumps(parent.domains)), tasks=list(parent.tasks), meta=dict(parent.meta), event=event)
-        return PendingVersion(state=state, folder=tmp)
+        return PendingVersion(state=state, folder=tmp, parent=parent.folder)
 
     def commit(self, pending: PendingVersion, base_info: dict) -> BankState:
         """Finish a version: write its small files, fsync, rename into place, then move the manifest pointer."""
@@ -293,6 +466,8 @@ class Bank:
         state = pending.state
         data = {"format": FORMAT, "domains": state.domains, "tasks": state.tasks, "meta": state.meta, "event": state.event, "created": now()}
         _replace_file(folder / "state.json", lambda p: p.write_text(json.dumps(data, indent=2)))
+        sums = {"format": FORMAT, "algorithm": "sha256", "files": _checksums(folder, pending.parent)}
+        _replace_file(folder / CHECKSUMS, lambda p: p.write_text(json.dumps(sums, indent=1)))
         _fsync_tree(folder)
         manifest = self.manifest()
         existing = [int(p.name) for p in (self.root / "versions").iterdir() if p.name.isdigit()]
@@ -304,12 +479,14 @@ class Bank:
         manifest["versions"].append({"version": version, "parent": manifest["current"], "event": state.event, "created": data["created"]})
         manifest["current"] = version
         self._write_manifest(manifest)
+        self._verified.add(version)  # just written and recorded
         return self.load(version)
 
     def abort(self, pending: PendingVersion) -> None:
         shutil.rmtree(pending.folder, ignore_errors=True)
 
     def rollback(self, version: int) -> BankState:
+        self.require()
         manifest = self.manifest()
         known = [v["version"] for v in manifest["versions"]]
         if version != 0 and version not in known:
@@ -322,6 +499,7 @@ class Bank:
 
     def remove_domain(self, name: str, base_info: dict) -> BankState:
         """A new version without the domain's slot, key and replay pairs (what it taught the core stays there)."""
+        self.require()
         state = self.load()
         state.slot_dir(name)  # raises for an unknown domain
         pending = self.begin(state, event=f"rm {name}")
@@ -336,6 +514,11 @@ class Bank:
         except BaseException:
             self.abort(pending)
             raise
+
+    def require(self) -> None:
+        """Refuse to act on a folder that holds no bank (before anything, the lock included, creates it)."""
+        if not self.exists():
+            raise BankError(f"{self.root}: no bank here (no manifest.json); check --bank, or align a domain first")
 
     # locking -------------------------------------------------------------------------------------------
     @contextmanager
@@ -392,6 +575,36 @@ def _atomic_write(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    current, versions = manifest.get("current"), manifest.get("versions")
+    if isinstance(current, bool) or not isinstance(current, int) or current < 0:
+        return f"'current' is {json.dumps(current)[:40]}, not a version number"
+    if not isinstance(versions, list) or not all(isinstance(v, dict) and isinstance(v.get("version"), int) for v in versions):
+        return "'versions' is not a list of versions"
+    base = manifest.get("base")
+    if base is not None and not (isinstance(base, dict) and "fingerprint" in base):
+        return "'base' lacks a fingerprint"
+    return None
+
+
+def _checksums(folder: Path, parent: Path | None) -> dict[str, dict]:
+    """SHA-256 and size of every file of a version; a file still hard-linked to the parent's keeps the parent's record."""
+    try:  # the parent was verified when it was opened; an unreadable record only means hashing everything
+        inherited = json.loads((parent / CHECKSUMS).read_text(encoding="utf-8"))["files"] if parent is not None else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        inherited = {}
+    out = {}
+    for rel in _version_files(folder):
+        path, old = folder / rel, parent / rel if parent is not None else None
+        if rel in inherited and old is not None and old.exists() and os.path.samefile(path, old):
+            out[rel] = inherited[rel]
+        else:
+            out[rel] = file_checksum(path)
+    return out
 
 
 def _replace_file(path: Path, write) -> None:
