@@ -45,6 +45,17 @@ def fail_data(exc: DataError) -> None:
     raise typer.Exit(2)
 
 
+def existing_bank(path: Optional[Path]) -> Path:
+    """The bank a reading command uses; a folder with no bank in it is an error (a mistyped --bank is not an empty bank)."""
+    from lifealign_lite.memory.bank import Bank
+
+    bank = Bank(path or default_bank())
+    if not bank.exists():
+        hint = "check --bank (or LIFEALIGN_BANK)" if path else "create it with `lifealign-lite align DATA --domain NAME`, or pass --bank"
+        fail(f"{bank.root}: no adapter bank there (no manifest.json); {hint}")
+    return bank.root
+
+
 def build_recipe(recipe: Optional[str], sets: list[str], **flags):
     """The recipe: YAML preset < ``--set key=value`` < a flag given on the command line (a flag not given is None
     and overrides nothing)."""
@@ -57,7 +68,7 @@ def build_recipe(recipe: Optional[str], sets: list[str], **flags):
 
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")
 SetOpt = typer.Option(None, "--set", help="Override any recipe field: --set key=value (repeatable).")
-BankOpt = typer.Option(None, "--bank", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
+BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
 
 
 @app.command()
@@ -112,6 +123,13 @@ def align(
     err.print(table)
 
 
+CHAT_HELP = """/domain NAME   answer from NAME's memory (a domain, auto, core or base); /domain alone shows the current one
+/reset         forget the conversation so far
+/help          this list
+/bye, /exit, /quit (or Ctrl-D)   leave
+Ctrl-C stops an answer and returns to the prompt; arrow keys edit the line, up and down recall earlier lines."""
+
+
 @app.command()
 def chat(
     domain: str = typer.Option("auto", "--domain", "-d", help="A domain's memory, 'auto' (route each prompt), 'core' or 'base'."),
@@ -120,51 +138,106 @@ def chat(
     recipe: Optional[str] = RecipeOpt,
     model: Optional[str] = typer.Option(None, "--model", help="Base model (must be the bank's)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="auto|nf4|int8|none."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, metavar="N", help="Longest answer, in tokens."),
     unmerged: bool = typer.Option(False, "--unmerged", help="Keep the adapter unmerged (slower; for comparison)."),
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Chat with the model and the bank's memory. Inside: /domain NAME, /reset, /quit."""
+    """Chat with the model and the bank's memory. Inside: /domain [NAME], /reset, /help, /bye (also /exit, /quit).
+
+    Ctrl-C stops an answer and returns to the prompt; line editing and history work as in a shell."""
     from lifealign_lite.chat import open_session
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
 
     rcp = build_recipe(recipe, sets, model=model, quant=quant)
+    bank_dir = existing_bank(bank)
+    if prompt is None:
+        err.print("[dim]loading the model and the bank's memory ...[/]")
     try:
-        session = open_session(bank or default_bank(), home_dir(), rcp, domain=domain, merge=not unmerged)
+        session = open_session(bank_dir, home_dir(), rcp, domain=domain, merge=not unmerged)
     except (BankError, ModelError, ValueError) as exc:
         fail(str(exc))
     if prompt is not None:
         turn = session.ask(prompt, on_token=lambda t: print(t, end="", flush=True), max_new_tokens=max_new_tokens)
         print()
         err.print(f"[dim]memory: {turn.memory}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
-        return
-    err.print(f"[bold]lifealign-lite chat[/]  domains: {', '.join(session.available())}  (/domain NAME, /reset, /quit)")
-    while True:
-        try:
-            text = out.input(f"[bold cyan]\\[{session.domain}] you>[/] ").strip()
-        except (EOFError, KeyboardInterrupt):
-            out.print()
-            return
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
-            return
-        if text == "/reset":
-            session.history = []
-            out.print("[dim]conversation cleared[/]")
-            continue
-        if text.startswith("/domain"):
+        raise typer.Exit(130 if turn.interrupted else 0)
+    _chat_loop(session, max_new_tokens)
+
+
+def _chat_loop(session, max_new_tokens: int) -> None:
+    """The interactive loop: Ctrl-C stops an answer (never the session), readline edits lines and keeps history."""
+    from lifealign_lite.memory.bank import BankError
+
+    history = _line_editing(home_dir() / "chat_history")
+    out.print(f"[bold]lifealign-lite chat[/]  domains: {', '.join(session.available())}  (/help for commands, /bye to leave)")
+    try:
+        while True:
             try:
-                session.set_domain(text.split(maxsplit=1)[1].strip() if " " in text else "")
-                out.print(f"[dim]memory: {session.domain}[/]")
-            except BankError as exc:
-                out.print(f"[red]{exc}[/]")
-            continue
-        out.print("[bold green]assistant>[/] ", end="")
-        turn = session.ask(text, on_token=lambda t: out.print(t, end="", markup=False, highlight=False), max_new_tokens=max_new_tokens)
-        where = f"{turn.memory} (routed, {turn.route.scores.get(turn.memory, 0):.2f})" if turn.route else turn.memory
-        out.print(f"\n[dim]memory: {where}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
+                text = input(f"[{session.domain}] you> ").strip()
+            except EOFError:
+                out.print()
+                return
+            except KeyboardInterrupt:
+                out.print("\n[dim](/bye or Ctrl-D leaves)[/]")
+                continue
+            if not text:
+                continue
+            command, _, arg = text.partition(" ")
+            if command in ("/bye", "/exit", "/quit"):
+                return
+            if command == "/help":
+                out.print(CHAT_HELP, markup=False, highlight=False)
+            elif command == "/reset":
+                session.history = []
+                out.print("[dim]conversation cleared[/]")
+            elif command == "/domain":
+                try:
+                    if arg.strip():
+                        session.set_domain(arg.strip())
+                    out.print(f"[dim]memory: {session.domain} (available: {', '.join(session.available())}, auto)[/]")
+                except BankError as exc:
+                    out.print(str(exc), style="red", markup=False, highlight=False)
+            elif command.startswith("/"):
+                out.print(f"unknown command {command}; /help lists them", style="red", markup=False, highlight=False)
+            else:
+                try:
+                    _answer(session, text, max_new_tokens)
+                except KeyboardInterrupt:  # Ctrl-C before the answer began (routing, switching memory)
+                    out.print("\n[yellow]stopped[/]")
+    finally:
+        history()
+
+
+def _answer(session, text: str, max_new_tokens: int) -> None:
+    out.print("[bold green]assistant>[/] ", end="")
+    turn = session.ask(text, on_token=lambda t: out.print(t, end="", markup=False, highlight=False), max_new_tokens=max_new_tokens)
+    if turn.interrupted:
+        out.print("\n[yellow]stopped[/]", end="")
+    where = f"{turn.memory} (routed, {turn.route.scores.get(turn.memory, 0):.2f})" if turn.route else turn.memory
+    out.print(f"\n[dim]memory: {where}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
+
+
+def _line_editing(history_file: Path):
+    """Turn on readline line editing for input() with a persistent history; returns the function that saves it."""
+    try:
+        import readline
+    except ImportError:  # not on every platform (Windows)
+        return lambda: None
+    try:
+        readline.read_history_file(history_file)
+    except OSError:
+        pass
+
+    def save() -> None:
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            readline.set_history_length(1000)
+            readline.write_history_file(history_file)
+        except OSError:
+            pass
+
+    return save
 
 
 @app.command("route")
@@ -179,7 +252,7 @@ def route_cmd(
     from lifealign_lite.memory.router import route
 
     try:
-        bank_ = Bank(bank or default_bank())
+        bank_ = Bank(existing_bank(bank))
         state = bank_.load()
         if not state.domains:
             fail(f"{bank_.root}: no domains aligned yet; run `lifealign-lite align DATA --domain NAME` first")
@@ -245,7 +318,7 @@ def eval_cmd(
             fail(str(exc))
     try:
         pairs = load_pairs(data, max_pairs=max_pairs, seed=rcp.seed)
-        session = open_session(bank or default_bank(), home_dir(), rcp, domain=domain)
+        session = open_session(existing_bank(bank), home_dir(), rcp, domain=domain)
         with RichReporter(err) as reporter:
             result = evaluate(session, pairs, rcp, domain, reporter=reporter)
             if judge is not None:

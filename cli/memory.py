@@ -15,9 +15,9 @@ memory_app = typer.Typer(help="Inspect and manage the long-term adapter bank.", 
 
 
 def _bank(path: Optional[Path]) -> Bank:
-    from .app import default_bank
+    from .app import existing_bank
 
-    return Bank(path or default_bank())
+    return Bank(existing_bank(path))
 
 
 def _fail(message: str) -> None:
@@ -26,7 +26,7 @@ def _fail(message: str) -> None:
     fail(message)
 
 
-BankOpt = typer.Option(None, "--bank", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
+BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
 
 
 def _rows(bank: Bank) -> list[dict]:
@@ -133,7 +133,7 @@ def export_cmd(
     from .app import err, home_dir
 
     try:
-        result = export_entry(bank or _bank(None).root, name, out_dir, fmt, home_dir(), load_recipe(None))
+        result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None))
     except (BankError, ValueError) as exc:
         _fail(str(exc))
     err.print(f"exported {name} as {result['format']} to {result['out']}" + (f" (checked: max logit difference {result['max_logit_diff']:.1e})" if "max_logit_diff" in result else ""))
