@@ -38,6 +38,11 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def status(message: str) -> None:
+    """A one-line status message on stderr (what a silent phase is doing)."""
+    err.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+
+
 def fail_data(exc: DataError) -> None:
     """Every problem of invalid data, one `FILE:LINE: what; what to do` per line on stderr, then exit 2."""
     for line in exc.problems:
@@ -96,13 +101,13 @@ def align(
     from lifealign_lite.align import AlignError, align as run_align
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
-    from lifealign_lite.progress import RichReporter
+    from lifealign_lite.progress import reporter_for
     from lifealign_lite.train import Interrupted
 
     rcp = build_recipe(recipe, sets, model=model, quant=quant, loss=loss, max_pairs=max_pairs, max_steps=max_steps,
                        epochs=epochs, lr=lr, beta=beta, focal_gamma=focal_gamma, batch_size=batch_size, seed=seed)
     try:
-        with RichReporter(err) as reporter:
+        with reporter_for(err) as reporter:
             result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait)
     except DataError as exc:
         fail_data(exc)
@@ -113,8 +118,11 @@ def align(
         raise typer.Exit(130)
     s = result.summary
     table = Table(title=f"aligned domain '{s['domain']}'", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a long saved path wraps instead of being cut
     for key, val in [
-        ("pairs", s["pairs"]), ("steps", s["steps"]), ("reward acc start → end", f"{s['reward_acc_start']:.2f} → {s['reward_acc_end']:.2f}"),
+        ("pairs trained / given", f"{s['pairs_trained']} / {s['pairs']}"),
+        ("replayed pairs trained / mixed in", f"{s['replayed_trained']} / {s['replayed_pairs']}"), ("steps", s["steps"]), ("reward acc start → end", f"{s['reward_acc_start']:.2f} → {s['reward_acc_end']:.2f}"),
         ("loss start → end", f"{s['loss_start']:.4f} → {s['loss_end']:.4f}"), ("pairs/s", s["pairs_per_s"]),
         ("truncated (prompt / response)", f"{s['truncated_prompts']} / {s['truncated_responses']}"),
         ("wall time", f"{s['timings_s']['total']} s"), ("peak memory", f"{s['peak_rss_mb']:.0f} MB"), ("saved", str(result.run_dir)),
@@ -152,9 +160,9 @@ def chat(
     rcp = build_recipe(recipe, sets, model=model, quant=quant)
     bank_dir = existing_bank(bank)
     if prompt is None:
-        err.print("[dim]loading the model and the bank's memory ...[/]")
+        status(f"loading the model and the memory of {bank_dir} ...")
     try:
-        session = open_session(bank_dir, home_dir(), rcp, domain=domain, merge=not unmerged)
+        session = open_session(bank_dir, home_dir(), rcp, domain=domain, merge=not unmerged, note=status)
     except (BankError, ModelError, ValueError) as exc:
         fail(str(exc))
     if prompt is not None:
@@ -301,7 +309,7 @@ def eval_cmd(
     from lifealign_lite.judge import Judge, JudgeError, judge_pairs
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
-    from lifealign_lite.progress import RichReporter
+    from lifealign_lite.progress import reporter_for
 
     rcp = build_recipe(recipe, sets, model=model)
     judge = None
@@ -318,8 +326,8 @@ def eval_cmd(
             fail(str(exc))
     try:
         pairs = load_pairs(data, max_pairs=max_pairs, seed=rcp.seed)
-        session = open_session(existing_bank(bank), home_dir(), rcp, domain=domain)
-        with RichReporter(err) as reporter:
+        session = open_session(existing_bank(bank), home_dir(), rcp, domain=domain, note=status)
+        with reporter_for(err) as reporter:
             result = evaluate(session, pairs, rcp, domain, reporter=reporter)
             if judge is not None:
                 judged = judge_pairs(session, pairs, judge, domain, max_new_tokens=judge_max_new_tokens, reporter=reporter)

@@ -187,7 +187,7 @@ def continual_cmd(
 
     from lifealign_lite.bench.continual import PRESETS, BenchError, parse_methods, parse_task, run_continual, with_test_dir
     from lifealign_lite.data import DataError
-    from lifealign_lite.progress import RichReporter
+    from lifealign_lite.progress import reporter_for
     from lifealign_lite.recipe import RecipeError, parse_set_options
 
     from .app import fail_data
@@ -203,7 +203,7 @@ def continual_cmd(
         if tests_dir is not None:
             task_list = with_test_dir(task_list, tests_dir)
         overrides = {**spec.get("overrides", {}), **parse_set_options(sets or [])}
-        with RichReporter(err) as reporter:
+        with reporter_for(err) as reporter:
             run_continual(
                 task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
                 recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),

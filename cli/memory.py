@@ -34,11 +34,13 @@ def _rows(bank: Bank) -> list[dict]:
     rows = []
     for name, info in sorted(state.domains.items()):
         rows.append({
-            "domain": name, "rank": info.get("rank"), "pairs_seen": info.get("pairs_seen"), "versions": len(info.get("lineage", [])),
+            "domain": name, "rank": info.get("rank"), "pairs_seen": info.get("pairs_seen"),
+            "pairs_trained": info.get("pairs_trained", info.get("pairs_seen")), "versions": len(info.get("lineage", [])),
             "size_bytes": folder_size(state.slot_dir(name)), "updated": info.get("updated"),
         })
     if state.core_dir():
         rows.append({"domain": "core", "rank": state.meta.get("bank_rank"), "pairs_seen": sum(r["pairs_seen"] for r in rows),
+                     "pairs_trained": sum(r["pairs_trained"] for r in rows),
                      "versions": len(state.tasks), "size_bytes": folder_size(state.core_dir()), "updated": None})
     return rows
 
@@ -57,9 +59,9 @@ def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = typer.Option(False,
     if as_json:
         print(json.dumps({"version": version, "bank_bytes": folder_size(b.root / "versions"), "entries": rows}, indent=2))
         return
-    table = Table("domain", "rank", "pairs seen", "updates", "size", "last update", title=f"{b.root} (version {version})")
+    table = Table("domain", "rank", "pairs trained / given", "updates", "size", "last update", title=f"{b.root} (version {version})")
     for r in rows:
-        table.add_row(r["domain"], str(r["rank"]), str(r["pairs_seen"]), str(r["versions"]), f"{r['size_bytes'] / 1e6:.2f} MB", r["updated"] or "")
+        table.add_row(r["domain"], str(r["rank"]), f"{r['pairs_trained']} / {r['pairs_seen']}", str(r["versions"]), f"{r['size_bytes'] / 1e6:.2f} MB", r["updated"] or "")
     out.print(table)
 
 

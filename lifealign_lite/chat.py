@@ -140,7 +140,8 @@ class _StopOnEvent:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: bool = True, version: int | None = None) -> ChatSession:
+def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: bool = True, version: int | None = None,
+                 note: Callable[[str], None] | None = None) -> ChatSession:
     """Load the base model and every adapter of a bank version (default: the current one) for chatting.
 
     Under bf16 autocast the adapters stay unmerged: merged into the fp32 weights and then cast to bf16, an
@@ -155,7 +156,7 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
 
     from .align import make_embedder
 
-    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast)
+    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast, note=note)
     bank.check_base(base.info)
     base.model.eval()
     model = base.model

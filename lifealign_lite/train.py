@@ -170,6 +170,7 @@ class TrainState:
     sft_step: int = 0
     history: list[dict] = field(default_factory=list)  # per-step metrics
     ref: dict = field(default_factory=dict, repr=False)  # the task's reference log-probs (set by train_short_term)
+    trained: list[int] = field(default_factory=list)  # indices of the items the preference steps use (set by train_short_term)
 
     def window(self, key: str, first: bool, frac: float = 0.1) -> float | None:
         vals = [h[key] for h in self.history if key in h]
@@ -203,6 +204,12 @@ def _schedule(n_items: int, recipe) -> tuple[int, int]:
     per_epoch = math.ceil(n_items / recipe.batch_size)
     total = recipe.max_steps or max(1, math.ceil(recipe.epochs * per_epoch / recipe.grad_accum))
     return total, per_epoch
+
+
+def trained_indices(items, recipe, steps: int) -> list[int]:
+    """The items that ``steps`` optimizer steps see (fewer than all when ``max_steps`` stops early), sorted."""
+    stream = _batch_stream(items, recipe, 0)
+    return sorted({i for _ in range(steps * recipe.grad_accum) for i in next(stream)})
 
 
 def _batch_stream(items, recipe, start_batch: int) -> Iterator[list[int]]:
@@ -320,14 +327,17 @@ def train_short_term(
     report = reporter or _NullReporter()
 
     ckpt = Path(checkpoint_dir)
+    used = trained_indices(items, recipe, total)
     if resume and (ckpt / "state.json").is_file():
         state, ref = load_checkpoint(ckpt, model, optimizer, scheduler)
     else:
         state = TrainState()
-        report.start("reference", len(items))
-        ref = reference_logps(model, items, pad_id, device, progress=lambda n: report.advance("reference", n, {}), bf16_autocast=bf16_autocast,
-                              bare=recipe.reference == "base")
-    state.ref = ref
+        report.start("reference", len(used))
+        # only the pairs the steps will see need reference log-probs (max_steps may stop before the end of the data)
+        sub = reference_logps(model, [items[i] for i in used], pad_id, device, progress=lambda n: report.advance("reference", n, {}),
+                              bf16_autocast=bf16_autocast, bare=recipe.reference == "base")
+        ref = {k: torch.zeros(len(items), dtype=v.dtype).index_copy(0, torch.tensor(used, dtype=torch.long), v) for k, v in sub.items()}
+    state.ref, state.trained = ref, used
 
     model.train()
     with _StopFlag():
@@ -394,6 +404,9 @@ def _sft_warmup(model, items, recipe, device, pad_id, state: TrainState, report,
 
 
 class _NullReporter:
+    def note(self, message: str) -> None:
+        pass
+
     def start(self, phase: str, total: int, done: int = 0) -> None:
         pass
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 from lifealign_lite.cli.app import app
 
 PRESETS = ["consumer-gpu-qlora", "edge-cpu", "paper"]
+REPO = Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 
 
@@ -177,3 +179,71 @@ def test_bench_continual_unknown_method_is_a_one_line_error(env, tmp_path):
     result = invoke(["bench", "continual", "a=x.jsonl:y.jsonl", "--methods", "seq-dpo,magic", "--out", tmp_path / "b"], env)
     assert result.exit_code != 0
     assert "unknown method 'magic'" in result.stderr and "ewc" in result.stderr
+
+
+# -- progress and counts when output is not a terminal (tiny model from conftest, so seconds) --------------------
+
+def test_piped_align_prints_progress_lines_and_true_counts(tiny_model_dir, tmp_path):
+    """`align ... 2>&1 | cat`: plain status and progress lines (every 10% of the steps: here every step), and
+    counts that say 4 of the 8 pairs were trained when --max-steps stops early."""
+    bank = tmp_path / "bank"
+    env = {**os.environ, "LIFEALIGN_HOME": str(tmp_path / "home"), "COLUMNS": "80"}
+    proc = subprocess.run([*console_script(), "align", str(REPO / "examples" / "medical.jsonl"), "--domain", "medical", "--bank", str(bank),
+                           "--model", str(tiny_model_dir), "--set", "router=base", "--max-steps", "4", "--batch-size", "1", "--max-pairs", "8"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("loading model") for line in lines)
+    assert any(line.startswith("consolidating into the bank") for line in lines)
+    assert "reference log-probs: 4 pairs" in lines  # only the pairs the 4 steps use
+    for step in range(1, 5):
+        line = next((x for x in lines if x.startswith(f"FPO training: step {step}/4")), None)
+        assert line is not None, proc.stdout[-3000:]
+        assert "loss " in line and "reward acc " in line and "pairs/s" in line and "ETA " in line
+    assert "\x1b[" not in proc.stdout  # no terminal control codes in a log
+    summary = json.loads(next((bank / "runs").glob("*-medical/summary.json")).read_text())
+    assert (summary["pairs"], summary["pairs_trained"], summary["replayed_trained"]) == (8, 4, 0)
+    assert re.search(r"pairs trained / given\s*│\s*4 / 8", proc.stdout)
+    listing = invoke(["memory", "list", "--json", "--bank", bank], env)
+    medical = json.loads(listing.stdout)["entries"][0]
+    assert (medical["pairs_trained"], medical["pairs_seen"]) == (4, 8)
+
+
+def test_line_reporter_prints_every_tenth_and_every_30_seconds():
+    """A fake clock: 100 steps, 1 s each for 50 steps, then one 40-second step: lines at every 10th step, and
+    one more after the long step although it is no tenth."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lifealign_lite.progress import LineReporter
+
+    now = [0.0]
+    buf = StringIO()
+    rep = LineReporter(Console(file=buf, width=80), clock=lambda: now[0])
+    rep.start("train", 100)
+    for step in range(1, 56):
+        now[0] += 40.0 if step == 52 else 1.0
+        rep.advance("train", 1, {"loss": 0.5, "acc": 0.75, "pairs": 4, "time": now[0]})
+    steps = [int(m) for m in re.findall(r"step (\d+)/100", buf.getvalue())]
+    assert steps == [10, 20, 30, 40, 50, 52]
+    assert "ETA 0:01:30" in buf.getvalue().splitlines()[1]  # after 10 steps of 1 s, 90 left
+
+
+def test_bars_fit_80_columns_with_counts_and_eta():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lifealign_lite.progress import RichReporter
+
+    now = [0.0]
+    buf = StringIO()
+    console = Console(file=buf, width=80, force_terminal=True, color_system=None)
+    with RichReporter(console, clock=lambda: now[0]) as rep:
+        rep.start("train", 40)
+        for _ in range(16):
+            now[0] += 2.0
+            rep.advance("train", 1, {"loss": 0.6931, "acc": 0.5, "pairs": 4, "time": now[0]})
+    last = [x for x in re.split(r"[\r\n]", buf.getvalue()) if "FPO training" in x][-1]
+    assert "16/40" in last and "ETA 0:00:48" in last and "reward acc 0.50" in last and "…" not in last
