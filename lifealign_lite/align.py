@@ -25,7 +25,7 @@ from .losses import preference_loss
 from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
 from .memory.consolidate import add_adapters, compress_adapter, consolidate_adapter, denoise
 from .memory.router import BaseModelEmbedder, MiniLMEmbedder, prompt_text, update_key
-from .model import attach_adapters, load_base, save_adapter
+from .model import attach_adapters, check_device, load_base, save_adapter
 from .recipe import Recipe
 from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
 from .train import tokenize_pairs, train_short_term
@@ -169,6 +169,7 @@ def align(
 ) -> AlignResult:
     """Align the model to the pairs in ``data_path`` and consolidate the result into the bank at ``bank_dir``."""
     t_start = time.perf_counter()
+    check_device(recipe)
     data_path = Path(data_path)
     pairs = load_pairs(data_path, max_pairs=recipe.max_pairs or None, seed=recipe.seed)
     domain = pick_domain(pairs, domain, data_path)

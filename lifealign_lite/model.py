@@ -46,6 +46,13 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(recipe) -> None:
+    """Refuse at once a recipe that needs a GPU on a machine without one (rather than fetching a 7B model first)."""
+    if recipe.needs_cuda and not torch.cuda.is_available():
+        raise ModelError(f"recipe {recipe.name!r} needs a CUDA GPU and none is visible here; on this machine use --recipe edge-cpu "
+                         "(or --set needs_cuda=false to try it anyway)")
+
+
 def resolve_quant(quant: str, device: str) -> str:
     """``auto`` means QLoRA (NF4) on CUDA and full precision on a CPU.
 

@@ -36,6 +36,7 @@ class Recipe:
     model: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct; else a local folder or hub id
     quant: str = "auto"  # auto|nf4|int8|none; auto = nf4 (QLoRA) on CUDA, none (fp32) on CPU
     trust_remote_code: bool = False
+    needs_cuda: bool = False  # the preset only makes sense on a CUDA GPU: refused at once on a machine without one
     autocast: str = "auto"  # auto|bf16|none: bf16 autocast over fp32 weights for training on a CPU; auto = where the CPU has native bf16
     score_precision: str = "fp32"  # fp32|bf16: precision of eval/bench scoring (fp32: bf16 rounding is larger than an adapter's effect)
     # preference optimization (FPO; focal_gamma = 0 is DPO)

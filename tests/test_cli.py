@@ -247,3 +247,46 @@ def test_bars_fit_80_columns_with_counts_and_eta():
             rep.advance("train", 1, {"loss": 0.6931, "acc": 0.5, "pairs": 4, "time": now[0]})
     last = [x for x in re.split(r"[\r\n]", buf.getvalue()) if "FPO training" in x][-1]
     assert "16/40" in last and "ETA 0:00:48" in last and "reward acc 0.50" in last and "…" not in last
+
+
+# -- models that cannot load fail at once, in one line ----------------------------------------------------------
+
+def test_uncached_hub_id_offline_fails_at_once_in_one_line(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    env = {**os.environ, "LIFEALIGN_HOME": str(tmp_path / "home"), "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([*console_script(), "align", str(data), "--bank", str(tmp_path / "bank"), "--model", "some-org/not-cached-model"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("loading model")]  # the status line, then the error
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "some-org/not-cached-model" in lines[0] and "not in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_model_that_is_neither_folder_nor_hub_id_is_named(env, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    result = invoke(["align", data, "--bank", tmp_path / "bank", "--model", "./no/such//model"], env)
+    assert result.exit_code == 2
+    assert "no such local folder" in result.stderr and "./no/such//model" in result.stderr
+
+
+def test_default_model_name_is_accepted_as_model(tmp_path):
+    """The bank's mismatch error names the base as SmolLM2-135M-Instruct; passing that name must work."""
+    from lifealign_lite.model import DEFAULT_MODEL_NAME, resolve_model_path
+
+    folder = tmp_path / "models" / DEFAULT_MODEL_NAME
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    assert resolve_model_path(DEFAULT_MODEL_NAME, tmp_path) == str(folder)
+
+
+def test_gpu_recipe_without_cuda_fails_at_once(env, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    result = invoke(["align", data, "--bank", tmp_path / "bank", "--recipe", "consumer-gpu-qlora"], env)
+    assert result.exit_code == 2
+    assert "needs a CUDA GPU" in result.stderr and "edge-cpu" in result.stderr
+    assert tree(tmp_path / "bank") == []
