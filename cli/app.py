@@ -14,11 +14,13 @@ from rich.table import Table
 from lifealign_lite.data import DataError
 from lifealign_lite.recipe import RecipeError, list_recipes, load_recipe, parse_set_options
 
+# Plain (click-style) help: a flag shows no type placeholder, an option shows what it takes; -h works everywhere.
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
 app = typer.Typer(
-    help="Keep a language model aligned as new preference data arrives (LifeAlign: FPO + memory consolidation).",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings=HELP_SETTINGS,
 )
 err = Console(stderr=True)
 out = Console()
@@ -71,9 +73,34 @@ def build_recipe(recipe: Optional[str], sets: list[str], **flags):
         fail(str(exc))
 
 
-RecipeOpt = typer.Option(None, "--recipe", "-r", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")
-SetOpt = typer.Option(None, "--set", help="Override any recipe field: --set key=value (repeatable).")
-BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"lifealign-lite {version('lifealign-lite')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Keep a language model aligned as new preference data arrives (LifeAlign: FPO + memory consolidation)."""
+
+
+_DEFAULT_RECIPE = load_recipe(None)
+
+
+def recipe_flag(key: str, *names: str, help: str, metavar: str | None = None):
+    """A flag for recipe field ``key``: None unless given (so it overrides nothing), its help naming the key and
+    the default recipe's value (another --recipe has its own: `lifealign-lite recipes NAME`)."""
+    return typer.Option(None, *names, metavar=metavar, help=f"{help} (recipe key {key})",
+                        show_default=f"{_DEFAULT_RECIPE.name}: {getattr(_DEFAULT_RECIPE, key)}")
+
+
+RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="NAME|PATH", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any recipe field (repeatable); `lifealign-lite recipes NAME` lists them.")
+BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", metavar="FOLDER", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
 
 
 @app.command()
@@ -82,20 +109,20 @@ def align(
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name of this task (default: the lines' domain field, else 'general')."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Local model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="auto|nf4|int8|none."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="fpo|dpo."),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Use N pairs (seeded shuffle)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
-    epochs: Optional[float] = typer.Option(None, "--epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    beta: Optional[float] = typer.Option(None, "--beta"),
-    focal_gamma: Optional[float] = typer.Option(None, "--focal-gamma"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    model: Optional[str] = recipe_flag("model", "--model", metavar="FOLDER|HUB_ID", help="Local model folder or hub id; default = the embedded SmolLM2-135M-Instruct."),
+    quant: Optional[str] = recipe_flag("quant", "--quant", metavar="auto|nf4|int8|none", help="Weight precision; auto = NF4 on CUDA, fp32 on a CPU."),
+    loss: Optional[str] = recipe_flag("loss", "--loss", metavar="fpo|dpo", help="Preference loss."),
+    max_pairs: Optional[int] = recipe_flag("max_pairs", "--max-pairs", metavar="N", help="Use N pairs (seeded shuffle); 0 = all."),
+    max_steps: Optional[int] = recipe_flag("max_steps", "--max-steps", metavar="N", help="Stop after N optimizer steps; 0 = run --epochs."),
+    epochs: Optional[float] = recipe_flag("epochs", "--epochs", metavar="X", help="Passes over the data (when --max-steps is 0)."),
+    lr: Optional[float] = recipe_flag("lr", "--lr", "--learning-rate", metavar="RATE", help="Peak learning rate of AdamW."),
+    beta: Optional[float] = recipe_flag("beta", "--beta", metavar="B", help="DPO/FPO beta: how far the model may move from the reference."),
+    focal_gamma: Optional[float] = recipe_flag("focal_gamma", "--focal-gamma", metavar="G", help="FPO's focal exponent; 0 is plain DPO."),
+    batch_size: Optional[int] = recipe_flag("batch_size", "--batch-size", metavar="N", help="Pairs per optimizer step (per accumulation)."),
+    seed: Optional[int] = recipe_flag("seed", "--seed", metavar="N", help="Seed of the data shuffle, the LoRA initialization and replay sampling."),
     sets: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this domain and data."),
-    wait: float = typer.Option(0.0, "--wait", help="If another align is writing the bank, wait up to SECONDS for it."),
+    wait: float = typer.Option(0.0, "--wait", metavar="SECONDS", help="If another align is writing the bank, wait up to SECONDS for it."),
 ) -> None:
     """Align the model to preference pairs with FPO into a short-term LoRA saved in the bank."""
     from lifealign_lite.align import AlignError, align as run_align
@@ -144,8 +171,8 @@ def chat(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one prompt on stdout and exit."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Base model (must be the bank's)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="auto|nf4|int8|none."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
+    quant: Optional[str] = typer.Option(None, "--quant", metavar="auto|nf4|int8|none", help="Weight precision (default: the recipe's)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, metavar="N", help="Longest answer, in tokens."),
     unmerged: bool = typer.Option(False, "--unmerged", help="Keep the adapter unmerged (slower; for comparison)."),
     sets: Optional[list[str]] = SetOpt,
@@ -291,8 +318,8 @@ def eval_cmd(
     domain: str = typer.Option("auto", "--domain", "-d", help="A domain's memory, 'auto' (route each pair), 'core' or 'base'."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model"),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Score N pairs (seeded shuffle)."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", metavar="N", help="Score N pairs (seeded shuffle)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     sets: Optional[list[str]] = SetOpt,
     judge_url: Optional[str] = typer.Option(None, "--judge", metavar="URL",

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from lifealign_lite.memory.bank import Bank, BankError, folder_size
 
-memory_app = typer.Typer(help="Inspect and manage the long-term adapter bank.", no_args_is_help=True)
+memory_app = typer.Typer(help="Inspect and manage the long-term adapter bank.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def _bank(path: Optional[Path]) -> Bank:
@@ -46,7 +46,7 @@ def _rows(bank: Bank) -> list[dict]:
 
 
 @memory_app.command("list")
-def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
     """A table of the bank's domains (and the core)."""
     from .app import out
 
