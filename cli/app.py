@@ -123,6 +123,7 @@ def align(
     sets: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this domain and data."),
     wait: float = typer.Option(0.0, "--wait", metavar="SECONDS", help="If another align is writing the bank, wait up to SECONDS for it."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout (progress stays on stderr)."),
 ) -> None:
     """Align the model to preference pairs with FPO into a short-term LoRA saved in the bank."""
     from lifealign_lite.align import AlignError, align as run_align
@@ -144,6 +145,9 @@ def align(
         err.print(f"[yellow]interrupted:[/] {exc}; continue with the same command plus --resume")
         raise typer.Exit(130)
     s = result.summary
+    if as_json:
+        print(json.dumps({**s, "run_dir": str(result.run_dir)}, indent=2))
+        return
     table = Table(title=f"aligned domain '{s['domain']}'", show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # a long saved path wraps instead of being cut
@@ -358,9 +362,10 @@ def eval_cmd(
             result = evaluate(session, pairs, rcp, domain, reporter=reporter)
             if judge is not None:
                 judged = judge_pairs(session, pairs, judge, domain, max_new_tokens=judge_max_new_tokens, reporter=reporter)
-                result.update({k: judged[k] for k in ("judge_score", "judged", "unparsed")}, judge_per_domain=judged["per_domain"])
-                for name, figures in result.get("per_domain", {}).items():  # pairs' own domains: one row each
-                    figures.update(judged["per_domain"].get(name, {}))
+                result.update({k: judged[k] for k in ("judge_score", "judged", "unparsed")})
+                per_domain = result.setdefault("per_domain", {})
+                for name, figures in judged["per_domain"].items():  # one row per domain, the judge's figures beside the rest
+                    per_domain.setdefault(name, {}).update(figures)
     except DataError as exc:
         fail_data(exc)
     except JudgeError as exc:
@@ -391,11 +396,35 @@ def eval_cmd(
 
 
 @app.command()
-def recipes() -> None:
-    """List the recipe presets."""
-    table = Table("recipe", "description")
-    for name, desc in list_recipes():
-        table.add_row(name, desc)
+def recipes(
+    name: Optional[str] = typer.Argument(None, metavar="[NAME|PATH]", help="Show this preset's every field and where its YAML file is."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    """List the recipe presets, or show one preset's fields (what --set and the flags override)."""
+    from lifealign_lite.recipe import recipe_path
+
+    if name is None:
+        rows = [{"name": n, "description": d, "path": str(recipe_path(n))} for n, d in list_recipes()]
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table("recipe", "description", title="lifealign-lite recipes NAME shows a preset's fields")
+        for row in rows:
+            table.add_row(row["name"], row["description"])
+        out.print(table)
+        return
+    try:
+        path, rcp = recipe_path(name), load_recipe(name)
+    except RecipeError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps({"path": str(path), "fields": rcp.to_dict()}, indent=2))
+        return
+    table = Table("key", "value", title=f"{rcp.name}: {path}")
+    for key, value in rcp.to_dict().items():
+        if key != "description":
+            table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    out.print(rcp.description, highlight=False)
     out.print(table)
 
 

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from lifealign_lite.memory.bank import Bank, BankError, folder_size
+from lifealign_lite.memory.router import CORE
 
 memory_app = typer.Typer(help="Inspect and manage the long-term adapter bank.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -27,6 +28,7 @@ def _fail(message: str) -> None:
 
 
 BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout.")
 
 
 def _rows(bank: Bank) -> list[dict]:
@@ -46,7 +48,7 @@ def _rows(bank: Bank) -> list[dict]:
 
 
 @memory_app.command("list")
-def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """A table of the bank's domains (and the core)."""
     from .app import out
 
@@ -66,16 +68,34 @@ def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = typer.Option(False,
 
 
 @memory_app.command("show")
-def show_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
-    """Everything recorded about one domain: lineage of every update (data hash, recipe, time, consolidation)."""
+def show_cmd(name: str = typer.Argument(..., help="A domain, or 'core'."), bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
+    """Everything recorded about one domain (lineage of every update: data, pairs, recipe, time, consolidation),
+    or about the core (the tasks folded into it)."""
     from .app import out
 
     try:
-        state = _bank(bank).load()
-        state.slot_dir(name)
+        b = _bank(bank)
+        state = b.load()
+        if name == CORE:
+            if not state.core_dir():
+                raise BankError(f"{b.root}: the bank has no core yet; align a domain first")
+            lineage = [entry | {"domain": d} for d, info in state.domains.items() for entry in info.get("lineage", [])]
+            info = {"tasks": state.tasks, "domains": sorted(state.domains), "lineage": sorted(lineage, key=lambda e: e.get("time", ""))}
+        else:
+            state.slot_dir(name)
+            info = state.domains[name]
     except BankError as exc:
         _fail(str(exc))
-    out.print_json(json.dumps({"domain": name, "version": state.version, **state.domains[name]}))
+    record = {"domain": name, "version": state.version, **info}
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    table = Table("time", "domain", "data", "pairs trained / given", "replayed", "recipe", "trained from",
+                  title=f"{name} at bank version {state.version}" + (f": tasks {', '.join(state.tasks)}" if name == CORE else ""))
+    for e in record["lineage"]:
+        table.add_row(e.get("time", ""), e.get("domain", name), e.get("data", ""), f"{e.get('trained_pairs', e.get('pairs'))} / {e.get('pairs')}",
+                      str(e.get("replayed_trained", e.get("replayed", ""))), e.get("recipe", ""), e.get("trained_from", ""))
+    out.print(table)
 
 
 @memory_app.command("rm")
@@ -107,7 +127,7 @@ def rollback_cmd(version: int, bank: Optional[Path] = BankOpt) -> None:
 
 
 @memory_app.command("versions")
-def versions_cmd(bank: Optional[Path] = BankOpt) -> None:
+def versions_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """The version log."""
     from .app import out
 
@@ -115,6 +135,9 @@ def versions_cmd(bank: Optional[Path] = BankOpt) -> None:
         manifest = _bank(bank).manifest()
     except BankError as exc:
         _fail(str(exc))
+    if as_json:
+        print(json.dumps({"current": manifest["current"], "versions": manifest["versions"]}, indent=2))
+        return
     table = Table("version", "parent", "event", "created", title=f"current: {manifest['current']}")
     for v in manifest["versions"]:
         table.add_row(str(v["version"]), str(v["parent"]), v["event"], v["created"])

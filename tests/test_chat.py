@@ -337,3 +337,17 @@ def test_errors_that_need_no_model_come_before_slow_imports(args, tiny_bank, tmp
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-1500:]
     assert "not empty" in proc.stdout or "unknown domain 'legal'" in proc.stdout
+
+
+def test_memory_show_versions_json_and_core(tiny_bank, tmp_path):
+    home = tmp_path / "home"
+    shown = invoke(["memory", "show", "medical", "--json", "--bank", str(tiny_bank)], home)
+    assert shown.exit_code == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["domain"] == "medical" and record["lineage"][0]["trained_pairs"] == 4 and record["lineage"][0]["pairs"] == 8
+    table = invoke(["memory", "show", "medical", "--bank", str(tiny_bank)], home)
+    assert "4 / 8" in table.stdout and not table.stdout.lstrip().startswith("{")
+    core = json.loads(invoke(["memory", "show", "core", "--json", "--bank", str(tiny_bank)], home).stdout)
+    assert core["tasks"] == ["medical"] and core["lineage"][0]["domain"] == "medical"
+    versions = json.loads(invoke(["memory", "versions", "--json", "--bank", str(tiny_bank)], home).stdout)
+    assert versions["current"] == 1 and [v["version"] for v in versions["versions"]] == [1]

@@ -335,3 +335,44 @@ def test_version(env):
 
     result = invoke(["--version"], env)
     assert result.exit_code == 0 and result.stdout.strip() == f"lifealign-lite {version('lifealign-lite')}"
+
+
+# -- recipe keys by other tools' names, `recipes NAME`, --json ----------------------------------------------------
+
+def test_trl_and_llamafactory_key_names_are_accepted(env):
+    from lifealign_lite.cli.app import build_recipe
+
+    rcp = build_recipe(None, ["learning_rate=1e-4", "num_train_epochs=2", "per_device_train_batch_size=2", "lora_rank=4"])
+    assert (rcp.lr, rcp.epochs, rcp.batch_size, rcp.lora_r) == (1e-4, 2.0, 2, 4)
+    assert build_recipe(None, ["learning_rate=1e-4"], lr=1e-3).lr == 1e-3  # a flag still wins over --set
+
+
+def test_bad_value_under_an_alias_names_the_recipe_key(env, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    result = invoke(["align", data, "--bank", tmp_path / "bank", "--set", "learning_rate=abc"], env)
+    assert result.exit_code == 2 and "'lr'" in result.stderr
+
+
+def test_recipes_name_shows_fields_and_yaml_path(env):
+    from lifealign_lite.recipe import recipes_dir
+
+    result = invoke(["recipes", "paper", "--json"], env)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["path"] == str(recipes_dir() / "paper.yaml") and data["fields"]["lr"] == 5e-6 and data["fields"]["reference"] == "base"
+    table = invoke(["recipes", "paper"], env)
+    assert "paper.yaml" in table.stdout and "lr_schedule" in table.stdout and "cosine" in table.stdout
+    listing = json.loads(invoke(["recipes", "--json"], env).stdout)
+    assert [r["name"] for r in listing] == PRESETS
+    unknown = invoke(["recipes", "nope"], env)
+    assert unknown.exit_code == 2 and "edge-cpu" in unknown.stderr
+
+
+def test_align_json_prints_the_summary_on_stdout(tiny_model_dir, env, tmp_path):
+    bank = tmp_path / "bank"
+    result = invoke(["align", REPO / "examples" / "support.jsonl", "--bank", bank, "--model", tiny_model_dir, "--set", "router=base",
+                     "--max-steps", "1", "--batch-size", "2", "--json"], env)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["domain"] == "support" and summary["steps"] == 1 and summary["pairs_trained"] == 2
+    assert Path(summary["run_dir"]).parent == bank / "runs"
