@@ -109,7 +109,9 @@ def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
             state = b.remove_domain(name, b.manifest()["base"])
     except BankError as exc:
         _fail(str(exc))
-    err.print(f"removed {name}; bank is now at version {state.version}")
+    err.print(f"removed {name}'s slot, key and replay pairs; bank is now at version {state.version}. The core keeps what every task taught it "
+              f"({', '.join(state.tasks)}): see `lifealign-lite memory show core`; `memory rollback {state.version - 1}` undoes the removal",
+              highlight=False, soft_wrap=True)
 
 
 @memory_app.command("rollback")
@@ -117,6 +119,8 @@ def rollback_cmd(version: int, bank: Optional[Path] = BankOpt) -> None:
     """Make an earlier version the current one (later versions stay on disk)."""
     from .app import err
 
+    if version == 0:
+        _fail("version 0 is the empty bank; to start over use a new --bank folder, or pick a version from `lifealign-lite memory versions`")
     b = _bank(bank)
     try:
         with b.lock():

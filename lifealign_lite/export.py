@@ -14,7 +14,7 @@ import torch
 
 from .memory.bank import Bank, BankError
 from .memory.router import CORE
-from .model import load_base, resolve_model_path
+from .model import _quiet, load_base, resolve_model_path
 
 PROBE = [{"role": "user", "content": "In one sentence, what should I do if I feel unwell?"}]
 
@@ -42,23 +42,22 @@ def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, rec
         raise BankError(f"{out}: exists and is not empty; choose a new folder")
     bank = Bank(bank_dir)
     src = entry_dir(bank, name)
+    base_spec = bank.manifest()["base"]["name"]  # the model the bank was built on
     if fmt == "peft":
-        return export_peft(src, out, resolve_model_path(bank.manifest()["base"]["name"], home))
+        return export_peft(src, out, resolve_model_path(base_spec, home))
     from peft import PeftModel
-
-    base = load_base(recipe.model, home, "none", trust_remote_code=recipe.trust_remote_code)
-    bank.check_base(base.info)
-    peft_model = PeftModel.from_pretrained(base.model, str(src)).eval()
-    probe = base.tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        expected = peft_model(**probe).logits[0, -1]
-    merged = peft_model.merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    base.tokenizer.save_pretrained(out)
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True).eval()
-    with torch.no_grad():
+    base = load_base(base_spec, home, "none", trust_remote_code=recipe.trust_remote_code)
+    bank.check_base(base.info)
+    probe = base.tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with _quiet(), torch.no_grad():  # no third-party warnings or progress bars around our one line
+        peft_model = PeftModel.from_pretrained(base.model, str(src)).eval()
+        expected = peft_model(**probe).logits[0, -1]
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(out, safe_serialization=True)
+        base.tokenizer.save_pretrained(out)
+        reloaded = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True).eval()
         got = reloaded(**probe).logits[0, -1]
     diff = float((got - expected).abs().max())
     if diff > 1e-3 or got.argmax() != expected.argmax():

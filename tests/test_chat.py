@@ -351,3 +351,31 @@ def test_memory_show_versions_json_and_core(tiny_bank, tmp_path):
     assert core["tasks"] == ["medical"] and core["lineage"][0]["domain"] == "medical"
     versions = json.loads(invoke(["memory", "versions", "--json", "--bank", str(tiny_bank)], home).stdout)
     assert versions["current"] == 1 and [v["version"] for v in versions["versions"]] == [1]
+
+
+def test_merged_export_prints_one_line_only(tiny_bank, tmp_path):
+    """No third-party warnings or progress bars: the export's own line is all of stderr."""
+    out = tmp_path / "merged"
+    proc = subprocess.run([str(CLI), "memory", "export", "medical", str(out), "--format", "merged", "--bank", str(tiny_bank)],
+                          env=dict(os.environ, LIFEALIGN_HOME=str(tmp_path / "home"), COLUMNS="300"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("exported medical as merged"), proc.stderr
+
+
+def test_rollback_log_names_where_it_came_from_and_version_0_is_refused(tiny_bank, tmp_path):
+    import shutil
+
+    bank = tmp_path / "bank"
+    shutil.copytree(tiny_bank, bank)
+    home = tmp_path / "home"
+    removed = invoke(["memory", "rm", "medical", "--bank", str(bank)], home)
+    assert removed.exit_code == 0, removed.stderr
+    assert "core keeps what every task taught it (medical)" in " ".join(removed.stderr.split())
+    assert invoke(["memory", "rollback", "1", "--bank", str(bank)], home).exit_code == 0
+    log = json.loads(invoke(["memory", "versions", "--json", "--bank", str(bank)], home).stdout)
+    assert log["current"] == 1
+    assert log["versions"][-1] == {**log["versions"][-1], "version": 1, "parent": 2, "event": "rollback from 2 to 1"}
+    empty = invoke(["memory", "rollback", "0", "--bank", str(bank)], home)
+    assert empty.exit_code == 2 and "empty bank" in empty.stderr
+    assert json.loads(invoke(["memory", "versions", "--json", "--bank", str(bank)], home).stdout)["current"] == 1
