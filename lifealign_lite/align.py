@@ -28,7 +28,7 @@ from .memory.router import BaseModelEmbedder, MiniLMEmbedder, prompt_text, updat
 from .model import attach_adapters, check_device, load_base, save_adapter
 from .recipe import Recipe
 from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
-from .train import tokenize_pairs, train_short_term
+from .train import plot_history, tokenize_pairs, train_short_term
 
 
 class AlignError(RuntimeError):
@@ -201,7 +201,10 @@ def align(
         bf16 = base.info.get("bf16_autocast", False)
         prior_fisher = state.fisher() if recipe.ewc_lambda > 0 else {}
         st = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter,
-                              bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe, prior_fisher))
+                              bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe, prior_fisher),
+                              log_path=run_dir / "train_log.jsonl")
+        if st.history:
+            plot_history(st.history, run_dir / "training.png")
         t_trained = time.perf_counter()
         fisher = None
         if recipe.ewc_lambda > 0:  # the Fisher of this task's own pairs (not the replayed ones), for the next tasks

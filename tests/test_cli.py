@@ -201,7 +201,11 @@ def test_piped_align_prints_progress_lines_and_true_counts(tiny_model_dir, tmp_p
         assert line is not None, proc.stdout[-3000:]
         assert "loss " in line and "reward acc " in line and "pairs/s" in line and "ETA " in line
     assert "\x1b[" not in proc.stdout  # no terminal control codes in a log
-    summary = json.loads(next((bank / "runs").glob("*-medical/summary.json")).read_text())
+    run = next((bank / "runs").glob("*-medical"))
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]  # the per-step log and its plot
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all({"loss", "acc", "pairs", "time", "lr"} <= set(r) for r in log)
+    assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run / "summary.json").read_text())
     assert (summary["pairs"], summary["pairs_trained"], summary["replayed_trained"]) == (8, 4, 0)
     assert re.search(r"pairs trained / given\s*│\s*4 / 8", proc.stdout)
     listing = invoke(["memory", "list", "--json", "--bank", bank], env)
