@@ -195,14 +195,14 @@ def check_hub_id(spec: str) -> str:
     Offline (``HF_HUB_OFFLINE``, or the hub's host does not answer within 3 s) a model that is not cached fails
     here at once with one line, instead of after a minute of download retries.
     """
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
     try:
         cached = try_to_load_from_cache(spec, "config.json")
     except HFValidationError:
         raise ModelError(f"--model {spec!r}: no such local folder, and not a hub id (ORG/NAME); pass a model folder, a hub id or `default`") from None
-    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
+    offline = hub_offline_reason()
     if not offline:
         return spec
     if isinstance(cached, str):
@@ -211,12 +211,16 @@ def check_hub_id(spec: str) -> str:
                      f"({offline}); download it while online, or pass a local model folder (or `default`)")
 
 
-def _unreachable(endpoint: str) -> str | None:
-    """Why the hub at ``endpoint`` cannot be reached (None when a connection opens)."""
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (``HF_HUB_OFFLINE``, or no connection within 3 s); None if it can."""
     import socket
     from urllib.parse import urlparse
 
-    url = urlparse(endpoint)
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
         return None
