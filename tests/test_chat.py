@@ -171,6 +171,9 @@ def test_cli_export_peft_loads_in_peft(bank_dir, lifealign_home, tmp_path):
     assert result.exit_code == 0, result.stderr
     slot = Bank(bank_dir).load().slot_dir("medical")
     assert (out / "adapter_model.safetensors").read_bytes() == (slot / "adapter_model.safetensors").read_bytes()
+    # the base it names is the converted embedded model in the model cache, and the tokenizer travels with it
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(default_model_dir(lifealign_home))
+    assert (out / "tokenizer_config.json").is_file()
     base = AutoModelForCausalLM.from_pretrained(default_model_dir(lifealign_home), use_safetensors=True)
     model = PeftModel.from_pretrained(base, str(out))
     module = "model.layers.0.self_attn.q_proj"
@@ -212,6 +215,7 @@ def _spawn_chat(tiny_bank, tiny_model_dir, tmp_path, *extra):
 
 def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tiny_bank, tiny_model_dir, tmp_path):
     child = _spawn_chat(tiny_bank, tiny_model_dir, tmp_path, "--max-new-tokens", "100000")
+    child.expect_exact("loading the model")  # a status line before the silent load
     child.expect_exact("[medical] you> ")
     child.sendline("Tell me a very long story.")
     child.expect_exact("assistant>")

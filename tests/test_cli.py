@@ -339,6 +339,7 @@ def test_version(env):
 
     result = invoke(["--version"], env)
     assert result.exit_code == 0 and result.stdout.strip() == f"lifealign-lite {version('lifealign-lite')}"
+    assert "--install-completion" in invoke(["-h"], env).stdout  # shell completion is offered
 
 
 # -- recipe keys by other tools' names, `recipes NAME`, --json ----------------------------------------------------
