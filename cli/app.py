@@ -196,6 +196,8 @@ def chat(
         session = open_session(bank_dir, home_dir(), rcp, domain=domain, merge=not unmerged, note=status)
     except (BankError, ModelError, ValueError) as exc:
         fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C while loading: leave without a traceback
+        raise typer.Exit(130)
     if prompt is not None:
         turn = session.ask(prompt, on_token=lambda t: print(t, end="", flush=True), max_new_tokens=max_new_tokens)
         print()
