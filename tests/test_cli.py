@@ -381,3 +381,20 @@ def test_align_json_prints_the_summary_on_stdout(tiny_model_dir, env, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["domain"] == "support" and summary["steps"] == 1 and summary["pairs_trained"] == 2
     assert Path(summary["run_dir"]).parent == bank / "runs"
+
+
+@pytest.mark.integration
+def test_first_use_conversion_says_so_in_one_line_without_bars(tmp_path, capfd):
+    """The one-time GGUF conversion is announced by a status note, and transformers' tqdm bar stays quiet."""
+    from lifealign_lite.model import default_model_dir, embedded_gguf_path
+
+    try:
+        embedded_gguf_path()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(str(exc))
+    notes = []
+    folder = default_model_dir(tmp_path, note=notes.append)
+    assert (folder / "model.safetensors").is_file()
+    assert len(notes) == 1 and notes[0].startswith("first use: converting the embedded SmolLM2-135M-Instruct")
+    assert "GGUF tensors" not in capfd.readouterr().err
+    assert default_model_dir(tmp_path, note=notes.append) == folder and len(notes) == 1  # cached: no note
