@@ -14,11 +14,13 @@ from rich.table import Table
 from lifealign_lite.data import DataError
 from lifealign_lite.recipe import RecipeError, list_recipes, load_recipe, parse_set_options
 
+# Plain (click-style) help: a flag shows no type placeholder, an option shows what it takes; -h works everywhere.
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
 app = typer.Typer(
-    help="Keep a language model aligned as new preference data arrives (LifeAlign: FPO + memory consolidation).",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings=HELP_SETTINGS,
 )
 err = Console(stderr=True)
 out = Console()
@@ -38,12 +40,28 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def status(message: str) -> None:
+    """A one-line status message on stderr (what a silent phase is doing)."""
+    err.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+
+
 def fail_data(exc: DataError) -> None:
     """The problems of invalid data, one `FILE:LINE: what; what to do` per line on stderr (at most
     data.MAX_SHOWN_PROBLEMS, then how many more), then exit 2."""
     for line in str(exc).splitlines():
         err.print(line, highlight=False, soft_wrap=True, markup=False)
     raise typer.Exit(2)
+
+
+def existing_bank(path: Optional[Path]) -> Path:
+    """The bank a reading command uses; a folder with no bank in it is an error (a mistyped --bank is not an empty bank)."""
+    from lifealign_lite.memory.bank import Bank
+
+    bank = Bank(path or default_bank())
+    if not bank.exists():
+        hint = "check --bank (or LIFEALIGN_BANK)" if path else "create it with `lifealign-lite align DATA --domain NAME`, or pass --bank"
+        fail(f"{bank.root}: no adapter bank there (no manifest.json); {hint}")
+    return bank.root
 
 
 def build_recipe(recipe: Optional[str], sets: list[str], **flags):
@@ -56,9 +74,34 @@ def build_recipe(recipe: Optional[str], sets: list[str], **flags):
         fail(str(exc))
 
 
-RecipeOpt = typer.Option(None, "--recipe", "-r", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")
-SetOpt = typer.Option(None, "--set", help="Override any recipe field: --set key=value (repeatable).")
-BankOpt = typer.Option(None, "--bank", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"lifealign-lite {version('lifealign-lite')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Keep a language model aligned as new preference data arrives (LifeAlign: FPO + memory consolidation)."""
+
+
+_DEFAULT_RECIPE = load_recipe(None)
+
+
+def recipe_flag(key: str, *names: str, help: str, metavar: str | None = None):
+    """A flag for recipe field ``key``: None unless given (so it overrides nothing), its help naming the key and
+    the default recipe's value (another --recipe has its own: `lifealign-lite recipes NAME`)."""
+    return typer.Option(None, *names, metavar=metavar, help=f"{help} (recipe key {key})",
+                        show_default=f"{_DEFAULT_RECIPE.name}: {getattr(_DEFAULT_RECIPE, key)}")
+
+
+RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="NAME|PATH", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any recipe field (repeatable); `lifealign-lite recipes NAME` lists them.")
+BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", metavar="FOLDER", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
 
 
 @app.command()
@@ -67,32 +110,33 @@ def align(
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name of this task (default: the lines' domain field, else 'general')."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Local model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="auto|nf4|int8|none."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="fpo|dpo."),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Use N pairs (seeded shuffle)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
-    epochs: Optional[float] = typer.Option(None, "--epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    beta: Optional[float] = typer.Option(None, "--beta"),
-    focal_gamma: Optional[float] = typer.Option(None, "--focal-gamma"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    model: Optional[str] = recipe_flag("model", "--model", metavar="FOLDER|HUB_ID", help="Local model folder or hub id; default = the embedded SmolLM2-135M-Instruct."),
+    quant: Optional[str] = recipe_flag("quant", "--quant", metavar="auto|nf4|int8|none", help="Weight precision; auto = NF4 on CUDA, fp32 on a CPU."),
+    loss: Optional[str] = recipe_flag("loss", "--loss", metavar="fpo|dpo", help="Preference loss."),
+    max_pairs: Optional[int] = recipe_flag("max_pairs", "--max-pairs", metavar="N", help="Use N pairs (seeded shuffle); 0 = all."),
+    max_steps: Optional[int] = recipe_flag("max_steps", "--max-steps", metavar="N", help="Stop after N optimizer steps; 0 = run --epochs."),
+    epochs: Optional[float] = recipe_flag("epochs", "--epochs", metavar="X", help="Passes over the data (when --max-steps is 0)."),
+    lr: Optional[float] = recipe_flag("lr", "--lr", "--learning-rate", metavar="RATE", help="Peak learning rate of AdamW."),
+    beta: Optional[float] = recipe_flag("beta", "--beta", metavar="B", help="DPO/FPO beta: how far the model may move from the reference."),
+    focal_gamma: Optional[float] = recipe_flag("focal_gamma", "--focal-gamma", metavar="G", help="FPO's focal exponent; 0 is plain DPO."),
+    batch_size: Optional[int] = recipe_flag("batch_size", "--batch-size", metavar="N", help="Pairs per optimizer step (per accumulation)."),
+    seed: Optional[int] = recipe_flag("seed", "--seed", metavar="N", help="Seed of the data shuffle, the LoRA initialization and replay sampling."),
     sets: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this domain and data."),
-    wait: float = typer.Option(0.0, "--wait", help="If another align is writing the bank, wait up to SECONDS for it."),
+    wait: float = typer.Option(0.0, "--wait", metavar="SECONDS", help="If another align is writing the bank, wait up to SECONDS for it."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout (progress stays on stderr)."),
 ) -> None:
     """Align the model to preference pairs with FPO into a short-term LoRA saved in the bank."""
     from lifealign_lite.align import AlignError, align as run_align
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
-    from lifealign_lite.progress import RichReporter
+    from lifealign_lite.progress import reporter_for
     from lifealign_lite.train import Interrupted
 
     rcp = build_recipe(recipe, sets, model=model, quant=quant, loss=loss, max_pairs=max_pairs, max_steps=max_steps,
                        epochs=epochs, lr=lr, beta=beta, focal_gamma=focal_gamma, batch_size=batch_size, seed=seed)
     try:
-        with RichReporter(err) as reporter:
+        with reporter_for(err) as reporter:
             result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait)
     except DataError as exc:
         fail_data(exc)
@@ -102,9 +146,15 @@ def align(
         err.print(f"[yellow]interrupted:[/] {exc}; continue with the same command plus --resume")
         raise typer.Exit(130)
     s = result.summary
+    if as_json:
+        print(json.dumps({**s, "run_dir": str(result.run_dir)}, indent=2))
+        return
     table = Table(title=f"aligned domain '{s['domain']}'", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a long saved path wraps instead of being cut
     for key, val in [
-        ("pairs", s["pairs"]), ("steps", s["steps"]), ("reward acc start → end", f"{s['reward_acc_start']:.2f} → {s['reward_acc_end']:.2f}"),
+        ("pairs trained / given", f"{s['pairs_trained']} / {s['pairs']}"),
+        ("replayed pairs trained / mixed in", f"{s['replayed_trained']} / {s['replayed_pairs']}"), ("steps", s["steps"]), ("reward acc start → end", f"{s['reward_acc_start']:.2f} → {s['reward_acc_end']:.2f}"),
         ("loss start → end", f"{s['loss_start']:.4f} → {s['loss_end']:.4f}"), ("pairs/s", s["pairs_per_s"]),
         ("truncated (prompt / response)", f"{s['truncated_prompts']} / {s['truncated_responses']}"),
         ("wall time", f"{s['timings_s']['total']} s"), ("peak memory", f"{s['peak_rss_mb']:.0f} MB"), ("saved", str(result.run_dir)),
@@ -113,19 +163,28 @@ def align(
     err.print(table)
 
 
+CHAT_HELP = """/domain NAME   answer from NAME's memory (a domain, auto, core or base); /domain alone shows the current one
+/reset         forget the conversation so far
+/help          this list
+/bye, /exit, /quit (or Ctrl-D)   leave
+Ctrl-C stops an answer and returns to the prompt; arrow keys edit the line, up and down recall earlier lines."""
+
+
 @app.command()
 def chat(
     domain: str = typer.Option("auto", "--domain", "-d", help="A domain's memory, 'auto' (route each prompt), 'core' or 'base'."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one prompt on stdout and exit."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Base model (must be the bank's)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="auto|nf4|int8|none."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
+    quant: Optional[str] = typer.Option(None, "--quant", metavar="auto|nf4|int8|none", help="Weight precision (default: the recipe's)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, metavar="N", help="Longest answer, in tokens."),
     unmerged: bool = typer.Option(False, "--unmerged", help="Keep the adapter unmerged (slower; for comparison)."),
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Chat with the model and the bank's memory. Inside: /domain NAME, /reset, /quit."""
+    """Chat with the model and the bank's memory. Inside: /domain [NAME], /reset, /help, /bye (also /exit, /quit).
+
+    Ctrl-C stops an answer and returns to the prompt; line editing and history work as in a shell."""
     from lifealign_lite.chat import open_session
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
@@ -133,41 +192,96 @@ def chat(
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     rcp = build_recipe(recipe, sets, model=model, quant=quant)
+    bank_dir = existing_bank(bank)
+    if prompt is None:
+        status(f"loading the model and the memory of {bank_dir} ...")
     try:
-        session = open_session(bank or default_bank(), home_dir(), rcp, domain=domain, merge=not unmerged)
+        session = open_session(bank_dir, home_dir(), rcp, domain=domain, merge=not unmerged, note=status)
     except (BankError, ModelError, ValueError) as exc:
         fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C while loading: leave without a traceback
+        raise typer.Exit(130)
     if prompt is not None:
         turn = session.ask(prompt, on_token=lambda t: print(t, end="", flush=True), max_new_tokens=max_new_tokens)
         print()
         err.print(f"[dim]memory: {turn.memory}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
-        return
-    err.print(f"[bold]lifealign-lite chat[/]  domains: {', '.join(session.available())}  (/domain NAME, /reset, /quit)")
-    while True:
-        try:
-            text = out.input(f"[bold cyan]\\[{session.domain}] you>[/] ").strip()
-        except (EOFError, KeyboardInterrupt):
-            out.print()
-            return
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
-            return
-        if text == "/reset":
-            session.history = []
-            out.print("[dim]conversation cleared[/]")
-            continue
-        if text.startswith("/domain"):
+        raise typer.Exit(130 if turn.interrupted else 0)
+    _chat_loop(session, max_new_tokens)
+
+
+def _chat_loop(session, max_new_tokens: int) -> None:
+    """The interactive loop: Ctrl-C stops an answer (never the session), readline edits lines and keeps history."""
+    from lifealign_lite.memory.bank import BankError
+
+    history = _line_editing(home_dir() / "chat_history")
+    out.print(f"[bold]lifealign-lite chat[/]  domains: {', '.join(session.available())}  (/help for commands, /bye to leave)")
+    try:
+        while True:
             try:
-                session.set_domain(text.split(maxsplit=1)[1].strip() if " " in text else "")
-                out.print(f"[dim]memory: {session.domain}[/]")
-            except BankError as exc:
-                out.print(f"[red]{exc}[/]")
-            continue
-        out.print("[bold green]assistant>[/] ", end="")
-        turn = session.ask(text, on_token=lambda t: out.print(t, end="", markup=False, highlight=False), max_new_tokens=max_new_tokens)
-        where = f"{turn.memory} (routed, {turn.route.scores.get(turn.memory, 0):.2f})" if turn.route else turn.memory
-        out.print(f"\n[dim]memory: {where}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
+                text = input(f"[{session.domain}] you> ").strip()
+            except EOFError:
+                out.print()
+                return
+            except KeyboardInterrupt:
+                out.print("\n[dim](/bye or Ctrl-D leaves)[/]")
+                continue
+            if not text:
+                continue
+            command, _, arg = text.partition(" ")
+            if command in ("/bye", "/exit", "/quit"):
+                return
+            if command == "/help":
+                out.print(CHAT_HELP, markup=False, highlight=False)
+            elif command == "/reset":
+                session.history = []
+                out.print("[dim]conversation cleared[/]")
+            elif command == "/domain":
+                try:
+                    if arg.strip():
+                        session.set_domain(arg.strip())
+                    out.print(f"[dim]memory: {session.domain} (available: {', '.join(session.available())}, auto)[/]")
+                except BankError as exc:
+                    out.print(str(exc), style="red", markup=False, highlight=False)
+            elif command.startswith("/"):
+                out.print(f"unknown command {command}; /help lists them", style="red", markup=False, highlight=False)
+            else:
+                try:
+                    _answer(session, text, max_new_tokens)
+                except KeyboardInterrupt:  # Ctrl-C before the answer began (routing, switching memory)
+                    out.print("\n[yellow]stopped[/]")
+    finally:
+        history()
+
+
+def _answer(session, text: str, max_new_tokens: int) -> None:
+    out.print("[bold green]assistant>[/] ", end="")
+    turn = session.ask(text, on_token=lambda t: out.print(t, end="", markup=False, highlight=False), max_new_tokens=max_new_tokens)
+    if turn.interrupted:
+        out.print("\n[yellow]stopped[/]", end="")
+    where = f"{turn.memory} (routed, {turn.route.scores.get(turn.memory, 0):.2f})" if turn.route else turn.memory
+    out.print(f"\n[dim]memory: {where}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
+
+
+def _line_editing(history_file: Path):
+    """Turn on readline line editing for input() with a persistent history; returns the function that saves it."""
+    try:
+        import readline
+    except ImportError:  # not on every platform (Windows)
+        return lambda: None
+    try:
+        readline.read_history_file(history_file)
+    except OSError:
+        pass
+
+    def save() -> None:
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            readline.set_history_length(1000)
+            readline.write_history_file(history_file)
+        except OSError:
+            pass
+
+    return save
 
 
 @app.command("route")
@@ -186,7 +300,7 @@ def route_cmd(
         fail("give a prompt TEXT or --messages FILE (one of them)")
     conversation = text if messages is None else read_messages(messages)
     try:
-        bank_ = Bank(bank or default_bank())
+        bank_ = Bank(existing_bank(bank))
         state = bank_.load()
         if not state.domains:
             fail(f"{bank_.root}: no domains aligned yet; run `lifealign-lite align DATA --domain NAME` first")
@@ -237,8 +351,8 @@ def eval_cmd(
     domain: str = typer.Option("auto", "--domain", "-d", help="A domain's memory, 'auto' (route each pair), 'core' or 'base'."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model"),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Score N pairs (seeded shuffle)."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", metavar="N", help="Score N pairs (seeded shuffle)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     sets: Optional[list[str]] = SetOpt,
     judge_url: Optional[str] = typer.Option(None, "--judge", metavar="URL",
@@ -255,7 +369,7 @@ def eval_cmd(
     from lifealign_lite.judge import Judge, JudgeError, judge_pairs
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
-    from lifealign_lite.progress import RichReporter
+    from lifealign_lite.progress import reporter_for
 
     rcp = build_recipe(recipe, sets, model=model)
     judge = None
@@ -272,14 +386,15 @@ def eval_cmd(
             fail(str(exc))
     try:
         pairs = load_pairs(data, max_pairs=max_pairs, seed=rcp.seed)
-        session = open_session(bank or default_bank(), home_dir(), rcp, domain=domain)
-        with RichReporter(err) as reporter:
+        session = open_session(existing_bank(bank), home_dir(), rcp, domain=domain, note=status)
+        with reporter_for(err) as reporter:
             result = evaluate(session, pairs, rcp, domain, reporter=reporter)
             if judge is not None:
                 judged = judge_pairs(session, pairs, judge, domain, max_new_tokens=judge_max_new_tokens, reporter=reporter)
-                result.update({k: judged[k] for k in ("judge_score", "judged", "unparsed")}, judge_per_domain=judged["per_domain"])
-                for name, figures in result.get("per_domain", {}).items():  # pairs' own domains: one row each
-                    figures.update(judged["per_domain"].get(name, {}))
+                result.update({k: judged[k] for k in ("judge_score", "judged", "unparsed")})
+                per_domain = result.setdefault("per_domain", {})
+                for name, figures in judged["per_domain"].items():  # one row per domain, the judge's figures beside the rest
+                    per_domain.setdefault(name, {}).update(figures)
     except DataError as exc:
         fail_data(exc)
     except JudgeError as exc:
@@ -310,11 +425,35 @@ def eval_cmd(
 
 
 @app.command()
-def recipes() -> None:
-    """List the recipe presets."""
-    table = Table("recipe", "description")
-    for name, desc in list_recipes():
-        table.add_row(name, desc)
+def recipes(
+    name: Optional[str] = typer.Argument(None, metavar="[NAME|PATH]", help="Show this preset's every field and where its YAML file is."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    """List the recipe presets, or show one preset's fields (what --set and the flags override)."""
+    from lifealign_lite.recipe import recipe_path
+
+    if name is None:
+        rows = [{"name": n, "description": d, "path": str(recipe_path(n))} for n, d in list_recipes()]
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table("recipe", "description", title="lifealign-lite recipes NAME shows a preset's fields")
+        for row in rows:
+            table.add_row(row["name"], row["description"])
+        out.print(table)
+        return
+    try:
+        path, rcp = recipe_path(name), load_recipe(name)
+    except RecipeError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps({"path": str(path), "fields": rcp.to_dict()}, indent=2))
+        return
+    table = Table("key", "value", title=f"{rcp.name}: {path}")
+    for key, value in rcp.to_dict().items():
+        if key != "description":
+            table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    out.print(rcp.description, highlight=False)
     out.print(table)
 
 

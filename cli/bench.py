@@ -13,7 +13,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-bench_app = typer.Typer(help="Benchmarks: training speed vs TRL, CPU precision, chat latency.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: continual alignment (LifeAlign vs baselines), routing accuracy, training speed vs TRL, "
+                             "CPU precision, chat latency.", no_args_is_help=True, rich_markup_mode=None)
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show each subprocess's own output on stderr.")
@@ -43,15 +44,15 @@ def speed_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Preference pairs (JSON Lines) (default: ../shared/data/hh-helpful/train.jsonl next to the repo)."),
     pairs: int = typer.Option(40, "--pairs", help="Use N pairs (seeded shuffle)."),
     steps: int = typer.Option(0, "--steps", help="Optimizer steps (default 0: one epoch, pairs / batch size)."),
-    batch_size: int = typer.Option(2, "--batch-size"),
-    max_length: int = typer.Option(256, "--max-length"),
-    lr: float = typer.Option(5e-5, "--lr"),
+    batch_size: int = typer.Option(2, "--batch-size", help="Pairs per optimizer step."),
+    max_length: int = typer.Option(256, "--max-length", help="Longest prompt + response, in tokens."),
+    lr: float = typer.Option(5e-5, "--lr", help="Learning rate of every variant."),
     model: str = ModelOpt,
     variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated subset of trl-default,trl-tuned,lifealign."),
     trl_bf16: Optional[bool] = typer.Option(None, "--trl-bf16/--trl-fp32", help="Force TRL's bf16 autocast on or off (default: TRL's default, on)."),
     threads: Optional[int] = ThreadsOpt,
-    matmul_size: int = typer.Option(2048, "--matmul-size"),
-    matmul_repeats: int = typer.Option(5, "--matmul-repeats"),
+    matmul_size: int = typer.Option(2048, "--matmul-size", help="Side of the square matrices of the peak-GFLOP/s probe."),
+    matmul_repeats: int = typer.Option(5, "--matmul-repeats", help="Timed repeats of the matmul probe (best counts)."),
     timeout: float = TimeoutOpt,
     as_json: bool = JsonOpt,
     verbose: bool = VerboseOpt,
@@ -90,9 +91,9 @@ def speed_cmd(
 @bench_app.command("quant")
 def quant_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Preference pairs (JSON Lines) (default: hh-helpful train)."),
-    pairs: int = typer.Option(8, "--pairs"),
+    pairs: int = typer.Option(8, "--pairs", help="Use N pairs (seeded shuffle)."),
     steps: int = typer.Option(0, "--steps", help="FPO steps (default 0: one epoch, pairs / batch size)."),
-    batch_size: int = typer.Option(2, "--batch-size"),
+    batch_size: int = typer.Option(2, "--batch-size", help="Pairs per optimizer step."),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens generated for the tokens/s figure."),
     model: str = ModelOpt,
     modes: Optional[str] = typer.Option(None, "--modes", help="Comma-separated subset of none,nf4,int8."),
@@ -128,7 +129,7 @@ def quant_cmd(
 def chat_cmd(
     bank: Optional[Path] = typer.Option(None, "--bank", help="Time a memory of this bank (default: a random LoRA r=16 on q_proj/v_proj)."),
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="The bank's memory to time (default: its first domain, else core)."),
-    new_tokens: int = typer.Option(64, "--new-tokens"),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens generated per timed answer."),
     repeats: int = typer.Option(3, "--repeats", help="Timed answers per mode (after one untimed answer that also merges)."),
     cold_repeats: int = typer.Option(2, "--cold-repeats", help="Cold starts of `lifealign-lite chat --prompt` to time."),
     model: str = ModelOpt,
@@ -178,7 +179,7 @@ def continual_cmd(
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Training pairs per task (seeded sample)."),
     max_test: Optional[int] = typer.Option(None, "--max-test", help="Test pairs per task."),
     tests_dir: Optional[Path] = typer.Option(None, "--tests", help="Score each task on DIR/NAME/test.jsonl instead of its own test file (training unchanged)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Preset name or YAML path every method trains with."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any recipe field: --set key=value."),
 ) -> None:
     """Train a task sequence with LifeAlign and the baselines; score every task after each (AP, BWT, FWT)."""
@@ -187,7 +188,7 @@ def continual_cmd(
 
     from lifealign_lite.bench.continual import PRESETS, BenchError, parse_methods, parse_task, run_continual, with_test_dir
     from lifealign_lite.data import DataError
-    from lifealign_lite.progress import RichReporter
+    from lifealign_lite.progress import reporter_for
     from lifealign_lite.recipe import RecipeError, parse_set_options
 
     from .app import fail_data
@@ -203,7 +204,7 @@ def continual_cmd(
         if tests_dir is not None:
             task_list = with_test_dir(task_list, tests_dir)
         overrides = {**spec.get("overrides", {}), **parse_set_options(sets or [])}
-        with RichReporter(err) as reporter:
+        with reporter_for(err) as reporter:
             run_continual(
                 task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
                 recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),

@@ -10,14 +10,15 @@ import typer
 from rich.table import Table
 
 from lifealign_lite.memory.bank import Bank, BankError, VersionCheck, folder_size
+from lifealign_lite.memory.router import CORE
 
-memory_app = typer.Typer(help="Inspect and manage the long-term adapter bank.", no_args_is_help=True)
+memory_app = typer.Typer(help="Inspect and manage the long-term adapter bank.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def _bank(path: Optional[Path]) -> Bank:
-    from .app import default_bank
+    from .app import existing_bank
 
-    return Bank(path or default_bank())
+    return Bank(existing_bank(path))
 
 
 def _fail(message: str) -> None:
@@ -26,7 +27,8 @@ def _fail(message: str) -> None:
     fail(message)
 
 
-BankOpt = typer.Option(None, "--bank", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
+BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout.")
 
 
 def _rows(bank: Bank) -> list[dict]:
@@ -34,17 +36,19 @@ def _rows(bank: Bank) -> list[dict]:
     rows = []
     for name, info in sorted(state.domains.items()):
         rows.append({
-            "domain": name, "rank": info.get("rank"), "pairs_seen": info.get("pairs_seen"), "versions": len(info.get("lineage", [])),
+            "domain": name, "rank": info.get("rank"), "pairs_seen": info.get("pairs_seen"),
+            "pairs_trained": info.get("pairs_trained", info.get("pairs_seen")), "versions": len(info.get("lineage", [])),
             "size_bytes": folder_size(state.slot_dir(name)), "updated": info.get("updated"),
         })
     if state.core_dir():
         rows.append({"domain": "core", "rank": state.meta.get("bank_rank"), "pairs_seen": sum(r["pairs_seen"] for r in rows),
+                     "pairs_trained": sum(r["pairs_trained"] for r in rows),
                      "versions": len(state.tasks), "size_bytes": folder_size(state.core_dir()), "updated": None})
     return rows
 
 
 @memory_app.command("list")
-def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """A table of the bank's domains (and the core)."""
     from .app import out
 
@@ -57,23 +61,41 @@ def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = typer.Option(False,
     if as_json:
         print(json.dumps({"version": version, "bank_bytes": folder_size(b.root / "versions"), "entries": rows}, indent=2))
         return
-    table = Table("domain", "rank", "pairs seen", "updates", "size", "last update", title=f"{b.root} (version {version})")
+    table = Table("domain", "rank", "pairs trained / given", "updates", "size", "last update", title=f"{b.root} (version {version})")
     for r in rows:
-        table.add_row(r["domain"], str(r["rank"]), str(r["pairs_seen"]), str(r["versions"]), f"{r['size_bytes'] / 1e6:.2f} MB", r["updated"] or "")
+        table.add_row(r["domain"], str(r["rank"]), f"{r['pairs_trained']} / {r['pairs_seen']}", str(r["versions"]), f"{r['size_bytes'] / 1e6:.2f} MB", r["updated"] or "")
     out.print(table)
 
 
 @memory_app.command("show")
-def show_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
-    """Everything recorded about one domain: lineage of every update (data hash, recipe, time, consolidation)."""
+def show_cmd(name: str = typer.Argument(..., help="A domain, or 'core'."), bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
+    """Everything recorded about one domain (lineage of every update: data, pairs, recipe, time, consolidation),
+    or about the core (the tasks folded into it)."""
     from .app import out
 
     try:
-        state = _bank(bank).load()
-        state.slot_dir(name)
+        b = _bank(bank)
+        state = b.load()
+        if name == CORE:
+            if not state.core_dir():
+                raise BankError(f"{b.root}: the bank has no core yet; align a domain first")
+            lineage = [entry | {"domain": d} for d, info in state.domains.items() for entry in info.get("lineage", [])]
+            info = {"tasks": state.tasks, "domains": sorted(state.domains), "lineage": sorted(lineage, key=lambda e: e.get("time", ""))}
+        else:
+            state.slot_dir(name)
+            info = state.domains[name]
     except BankError as exc:
         _fail(str(exc))
-    out.print_json(json.dumps({"domain": name, "version": state.version, **state.domains[name]}))
+    record = {"domain": name, "version": state.version, **info}
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    table = Table("time", "domain", "data", "pairs trained / given", "replayed", "recipe", "trained from",
+                  title=f"{name} at bank version {state.version}" + (f": tasks {', '.join(state.tasks)}" if name == CORE else ""))
+    for e in record["lineage"]:
+        table.add_row(e.get("time", ""), e.get("domain", name), e.get("data", ""), f"{e.get('trained_pairs', e.get('pairs'))} / {e.get('pairs')}",
+                      str(e.get("replayed_trained", e.get("replayed", ""))), e.get("recipe", ""), e.get("trained_from", ""))
+    out.print(table)
 
 
 @memory_app.command("rm")
@@ -88,7 +110,9 @@ def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
             state = b.remove_domain(name, b.manifest()["base"])
     except BankError as exc:
         _fail(str(exc))
-    err.print(f"removed {name}; bank is now at version {state.version}")
+    err.print(f"removed {name}'s slot, key and replay pairs; bank is now at version {state.version}. The core keeps what every task taught it "
+              f"({', '.join(state.tasks)}): see `lifealign-lite memory show core`; `memory rollback {state.version - 1}` undoes the removal",
+              highlight=False, soft_wrap=True)
 
 
 @memory_app.command("rollback")
@@ -96,6 +120,8 @@ def rollback_cmd(version: int, bank: Optional[Path] = BankOpt) -> None:
     """Make an earlier version the current one (later versions stay on disk)."""
     from .app import err
 
+    if version == 0:
+        _fail("version 0 is the empty bank; to start over use a new --bank folder, or pick a version from `lifealign-lite memory versions`")
     b = _bank(bank)
     try:
         b.require()
@@ -145,7 +171,7 @@ def verify_cmd(
 
 
 @memory_app.command("versions")
-def versions_cmd(bank: Optional[Path] = BankOpt) -> None:
+def versions_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """The version log."""
     from .app import out
 
@@ -153,6 +179,9 @@ def versions_cmd(bank: Optional[Path] = BankOpt) -> None:
         manifest = _bank(bank).manifest()
     except BankError as exc:
         _fail(str(exc))
+    if as_json:
+        print(json.dumps({"current": manifest["current"], "versions": manifest["versions"]}, indent=2))
+        return
     table = Table("version", "parent", "event", "created", title=f"current: {manifest['current']}")
     for v in manifest["versions"]:
         table.add_row(str(v["version"]), str(v["parent"]), v["event"], v["created"])
@@ -174,7 +203,7 @@ def export_cmd(
     from .app import err, home_dir
 
     try:
-        result = export_entry(bank or _bank(None).root, name, out_dir, fmt, home_dir(), load_recipe(None))
+        result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None))
     except (BankError, ModelError, ValueError) as exc:
         _fail(str(exc))
     err.print(f"exported {name} as {result['format']} to {result['out']}" + (f" (checked: max logit difference {result['max_logit_diff']:.1e})" if "max_logit_diff" in result else ""))

@@ -25,10 +25,10 @@ from .losses import preference_loss
 from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
 from .memory.consolidate import add_adapters, compress_adapter, consolidate_adapter, denoise
 from .memory.router import BaseModelEmbedder, MiniLMEmbedder, add_prompts, fit_router, prompt_text
-from .model import attach_adapters, load_base, save_adapter
+from .model import attach_adapters, check_device, load_base, save_adapter
 from .recipe import Recipe
 from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
-from .train import tokenize_pairs, train_short_term
+from .train import plot_history, tokenize_pairs, train_short_term
 
 
 class AlignError(RuntimeError):
@@ -111,7 +111,10 @@ def _check_bank_shape(state: BankState, recipe: Recipe) -> dict:
 
 def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, domain: str, pairs: list[Pair], recipe: Recipe,
                      base_info: dict, embedder, lineage: dict, fisher: dict | None = None) -> tuple[BankState, dict]:
-    """SLMC: fold the short-term ``update`` into a new bank version (core, slot, key, replay, history)."""
+    """SLMC: fold the short-term ``update`` into a new bank version (core, slot, key, replay, history).
+
+    ``lineage["trained_pairs"]`` (when given) is how many of ``pairs`` the steps used; the domain counts both."""
+    trained = lineage.get("trained_pairs", len(pairs))
     t0 = time.perf_counter()
     history = state.history()
     consolidated, stats = consolidate_adapter(update, history, recipe.tau, recipe.projection_gamma)
@@ -129,7 +132,7 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
     router = fit_router(keys, key_texts, recipe.route_quantile)
     replay = update_replay(state.replay(), pairs, domain, recipe.replay_ratio, recipe.replay_size, recipe.seed)
 
-    pending = bank.begin(state, event=f"align {domain} ({len(pairs)} pairs)")
+    pending = bank.begin(state, event=f"align {domain} ({trained} of {len(pairs)} pairs trained)")
     try:
         meta = pending.state.meta = _check_bank_shape(state, recipe) | {"route_quantile": recipe.route_quantile}
         folder = pending.folder
@@ -137,6 +140,7 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
         replace_adapter(folder / "slots" / domain, slot, meta["bank_rank"], meta["target_modules"], base_info["name"])
         info = pending.state.domains.setdefault(domain, {"pairs_seen": 0, "lineage": []})
         info["pairs_seen"] += len(pairs)
+        info["pairs_trained"] = info.get("pairs_trained", 0) + trained
         info["rank"] = max((u.rank for u in slot.values()), default=0)
         info["updated"] = now()
         summary = {k: v for k, v in stats.items() if k != "per_module"}
@@ -177,6 +181,7 @@ def align(
 ) -> AlignResult:
     """Align the model to the pairs in ``data_path`` and consolidate the result into the bank at ``bank_dir``."""
     t_start = time.perf_counter()
+    check_device(recipe)
     data_path = Path(data_path)
     pairs = load_pairs(data_path, max_pairs=recipe.max_pairs or None, seed=recipe.seed)
     domain = pick_domain(pairs, domain, data_path)
@@ -184,8 +189,11 @@ def align(
     bank = Bank(bank_dir)
     runs = bank.root / "runs"
 
+    note = getattr(reporter, "note", None) or (lambda message: None)  # status lines for the silent phases
+
     def load_model():
-        return load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast)
+        note(f"loading model {recipe.model} ({len(pairs)} pairs of {data_path.name}, domain {domain})")
+        return load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast, note=note)
 
     base = None
     if not bank.root.exists():  # a new bank: fail on the model (or --resume) before the lock creates its folder
@@ -215,23 +223,29 @@ def align(
         bf16 = base.info.get("bf16_autocast", False)
         prior_fisher = state.fisher() if recipe.ewc_lambda > 0 else {}
         st = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter,
-                              bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe, prior_fisher))
+                              bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe, prior_fisher),
+                              log_path=run_dir / "train_log.jsonl")
+        if st.history:
+            plot_history(st.history, run_dir / "training.png")
         t_trained = time.perf_counter()
         fisher = None
         if recipe.ewc_lambda > 0:  # the Fisher of this task's own pairs (not the replayed ones), for the next tasks
-            own = items[: len(pairs)]
+            own = [i for i in st.trained if i < len(pairs)]
             if reporter:
                 reporter.start("fisher", len(own))
-            task_fisher = fisher_diagonal(model, own, st.ref, preference_loss(recipe.loss, recipe.beta, recipe.focal_gamma), base.tokenizer.pad_token_id,
+            task_fisher = fisher_diagonal(model, [items[i] for i in own], {k: v[own] for k, v in st.ref.items()}, preference_loss(recipe.loss, recipe.beta, recipe.focal_gamma), base.tokenizer.pad_token_id,
                                           base.info["device"], bf16, progress=(lambda n: reporter.advance("fisher", n, {})) if reporter else None)
             fisher = accumulate_fisher(prior_fisher, task_fisher)
         save_adapter(model, run_dir / "adapter")
 
         recipe_hash = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-        lineage = {"run": run_dir.name, "data": str(data_path), "data_hash": data_hash, "pairs": len(pairs), "replayed": len(replay),
+        own_trained = sum(i < len(pairs) for i in st.trained)
+        lineage = {"run": run_dir.name, "data": str(data_path), "data_hash": data_hash, "pairs": len(pairs), "trained_pairs": own_trained,
+                   "replayed": len(replay), "replayed_trained": len(st.trained) - own_trained,
                    "recipe": recipe.name, "recipe_hash": recipe_hash, "trained_from": trained_from, "base": base.info["name"], "time": now()}
         memory = read_adapter(memory_dir)[0] if memory_dir else {}
         del model  # training memory is no longer needed for consolidation
+        note(f"consolidating into the bank (SLMC: denoise, project against {len(state.tasks)} earlier task(s), update key and replay)")
         new_state, cstats = consolidate_task(bank, state, read_adapter(run_dir / "adapter")[0], memory, domain, pairs, recipe,
                                              base.info, make_embedder(recipe.router, base), lineage, fisher)
 
@@ -242,7 +256,9 @@ def align(
         "data": str(data_path),
         "data_hash": data_hash,
         "pairs": len(pairs),
+        "pairs_trained": own_trained,  # distinct pairs of the data the steps used (fewer than "pairs" when max_steps stops early)
         "replayed_pairs": len(replay),
+        "replayed_trained": len(st.trained) - own_trained,
         "trained_from": trained_from,
         "truncated_prompts": tstats.truncated_prompts,
         "truncated_responses": tstats.truncated_responses,

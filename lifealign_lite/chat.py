@@ -32,6 +32,7 @@ class ChatTurn:
     first_token_s: float
     tokens: int
     seconds: float
+    interrupted: bool = False  # stopped by Ctrl-C before the answer was complete
 
 
 @dataclass
@@ -90,8 +91,12 @@ class ChatSession:
         return (r.domain if r.domain != CORE or self.state.core_dir() else BASE), r
 
     def ask(self, text: str, on_token: Callable[[str], None] | None = None, max_new_tokens: int = 256, keep_history: bool = True) -> ChatTurn:
-        """Answer ``text`` (with the conversation so far), streaming pieces of text to ``on_token``."""
-        from transformers import TextIteratorStreamer
+        """Answer ``text`` (with the conversation so far), streaming pieces of text to ``on_token``.
+
+        Ctrl-C while answering stops generation (at the next token) and returns the partial answer with
+        ``interrupted`` set, so an interactive caller can go back to its prompt.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         if max_new_tokens < 1:  # generate() would raise in its thread and leave the streamer waiting forever
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -103,46 +108,63 @@ class ChatSession:
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
         kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1, streamer=streamer,
-                      pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
+                      pad_token_id=self.tokenizer.pad_token_id, use_cache=True, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]))
         run = self.model.disable_adapter() if memory == BASE and hasattr(self.model, "peft_config") else contextlib.nullcontext()
 
         def generate():
             with torch.no_grad(), run, autocast(self.bf16_autocast):
                 self.model.generate(**kwargs)
 
-        thread = threading.Thread(target=generate)
-        thread.start()
-        pieces, first = [], None
-        for piece in streamer:
-            if first is None:
-                first = time.perf_counter() - t0
-            pieces.append(piece)
-            if on_token:
-                on_token(piece)
+        thread = threading.Thread(target=generate, daemon=True)  # daemon: an exit never waits for an answer
+        pieces, first, interrupted = [], None, False
+        try:
+            thread.start()
+            for piece in streamer:
+                if first is None:
+                    first = time.perf_counter() - t0
+                pieces.append(piece)
+                if on_token:
+                    on_token(piece)
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()  # generate() checks it after every token
         thread.join()
         answer = "".join(pieces).strip()
         if keep_history:
             self.history = messages + [{"role": "assistant", "content": answer}]
         n_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
-        return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0)
+        return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0, interrupted)
 
 
-def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: bool = True, version: int | None = None) -> ChatSession:
+class _StopOnEvent:
+    """A transformers stopping criterion: stop every sequence once ``event`` is set (from another thread)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: bool = True, version: int | None = None,
+                 note: Callable[[str], None] | None = None) -> ChatSession:
     """Load the base model and every adapter of a bank version (default: the current one) for chatting.
 
     Under bf16 autocast the adapters stay unmerged: merged into the fp32 weights and then cast to bf16, an
     adapter's small change is rounded away (measured on 12 hh-helpful dev pairs: preference accuracy 0.50
     merged against 0.42 unmerged and 0.42 in fp32), while the separate LoRA path keeps it.
     """
+    bank = Bank(bank_dir)
+    state = bank.load(version)
+    # a wrong domain is reported before the slow imports and the model load
+    ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
     from peft import PeftModel
 
     from .align import make_embedder
 
-    bank = Bank(bank_dir)
-    state = bank.load(version)
-    ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
-    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast)
+    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast, note=note)
     bank.check_base(base.info)
     base.model.eval()
     model = base.model

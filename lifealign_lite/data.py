@@ -1,4 +1,8 @@
-"""Loading, validating and writing preference data (stdlib only).
+"""Loading, validating and writing preference data.
+
+Sources: a JSON Lines file (checked line by line with the standard library), or through Hugging Face
+``datasets`` a dataset folder (``save_to_disk``), a parquet file, a JSON array file, or a hub dataset id when
+online; every row is checked the same way, problems reported as ``SOURCE: row N: ...``.
 
 Two input formats are accepted, the ones TRL's preference trainers use:
 
@@ -7,6 +11,9 @@ Two input formats are accepted, the ones TRL's preference trainers use:
   "chosen": [{"role": "assistant", "content": ...}], "rejected": [...]}``
 
 Both may carry an optional ``"domain"`` string; any other extra field is ignored.
+Without a ``"prompt"``, the shared beginning of ``chosen`` and ``rejected`` is the prompt (TRL's implicit-prompt
+format, split by TRL's ``extract_prompt``); raw HH-RLHF transcripts (``"\n\nHuman: ... \n\nAssistant: ..."``)
+are turned into messages first.
 After loading, every :class:`Pair` is conversational: a plain prompt ``"x"``
 becomes ``[{"role": "user", "content": "x"}]`` and a plain answer ``"y"``
 becomes ``[{"role": "assistant", "content": "y"}]``.
@@ -26,7 +33,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 __all__ = [
     "DataError",
@@ -262,10 +269,37 @@ def _check_conversation(
     return out
 
 
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+
+
+def _hh_messages(text: str) -> list[dict[str, str]] | None:
+    """An HH-RLHF transcript (``\n\nHuman: ...\n\nAssistant: ...``) as messages; None if it is not one."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def _with_extracted_prompt(obj: dict) -> dict:
+    """A record without a prompt: the shared beginning of chosen and rejected becomes it (TRL's extract_prompt),
+    after turning HH-RLHF transcripts into messages. Anything else is returned as it is ('prompt' stays missing)."""
+    chosen, rejected = obj["chosen"], obj["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        chosen, rejected = _hh_messages(chosen), _hh_messages(rejected)
+    if not (isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected):
+        return obj
+    from trl.data_utils import extract_prompt
+
+    return {**obj, **extract_prompt({"chosen": chosen, "rejected": rejected})}
+
+
 def _parse_record(obj: dict, problems: list[str]) -> tuple | None:
     """Validate one decoded JSON object. Appends messages (without the FILE:LINE
     prefix) to ``problems``; returns (prompt, chosen, rejected, domain) or None."""
     n_before = len(problems)
+    if "prompt" not in obj and "chosen" in obj and "rejected" in obj:
+        obj = _with_extracted_prompt(obj)
 
     missing = [f for f in FIELDS if f not in obj]
     if missing:
@@ -347,9 +381,10 @@ def _parse_record(obj: dict, problems: list[str]) -> tuple | None:
 
 
 def load_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int = 0) -> list[Pair]:
-    """Load and validate a JSONL file of preference pairs.
+    """Load and validate preference pairs: a JSONL file, or (through ``datasets``) a dataset folder, a parquet or
+    JSON array file, or a hub dataset id when online.
 
-    Every line is validated before anything is returned; all problems are
+    Every line (row) is validated before anything is returned; all problems are
     collected and raised together as a :class:`DataError`. Blank lines are
     skipped. If ``max_pairs`` is given and smaller than the number of pairs, a
     deterministic subset is taken: ``random.Random(seed)`` shuffles the pairs and
@@ -363,12 +398,96 @@ def load_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int 
 
     name = os.fspath(path)
     p = Path(name)
+    problems: list[str] = []
+    records: list[tuple] = []
+    for where, obj in _objects(p, name, problems):
+        line_problems: list[str] = []
+        parsed = _parse_record(obj, line_problems)
+        if parsed is None:
+            problems.extend(f"{where}: {msg}" for msg in line_problems)
+            continue
+        records.append((where, parsed))
+
+    if problems:
+        raise DataError(problems)
+    if not records:
+        raise DataError([f"{name}: no preference pairs found; the file is empty or has only blank "
+                         "lines, add one JSON object per line with 'prompt', 'chosen' and 'rejected'"])
+
+    pairs = [Pair(prompt=pr, chosen=ch, rejected=rj, domain=dom, source=where) for where, (pr, ch, rj, dom) in records]
+    if max_pairs is not None and max_pairs < len(pairs):
+        order = list(range(len(pairs)))
+        random.Random(seed).shuffle(order)
+        keep = sorted(order[:max_pairs])
+        pairs = [pairs[i] for i in keep]
+    return pairs
+
+
+def _objects(p: Path, name: str, problems: list[str]) -> Iterable[tuple[str, dict]]:
+    """(where, record) of every pair in the source; problems that are not one record's go to ``problems``."""
+    if p.is_dir() and any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return _dataset_rows(name, lambda: _load_from_disk(p))
+    if p.is_file() and (p.suffix == ".parquet" or (p.suffix == ".json" and _starts_with_array(p))):
+        return _dataset_rows(name, lambda: _load_file(p))
+    if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.endswith((".jsonl", ".json", ".parquet")):
+        return _dataset_rows(name, lambda: _load_hub(name))
+    return _jsonl_objects(p, name, problems)
+
+
+def _starts_with_array(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _load_from_disk(p: Path):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(p))
+
+
+def _load_file(p: Path):
+    from datasets import load_dataset
+
+    return load_dataset("parquet" if p.suffix == ".parquet" else "json", data_files=str(p), split="train")
+
+
+def _load_hub(name: str):
+    from datasets import load_dataset
+
+    from .model import hub_offline_reason
+
+    why = hub_offline_reason()
+    if why:
+        raise DataError([f"{name}: no such file, and as a hub dataset id it needs the hub, which cannot be reached ({why}); "
+                         "give a local .jsonl/.parquet/.json file or a dataset folder"])
+    return load_dataset(name, split="train")
+
+
+def _dataset_rows(name: str, load) -> list[tuple[str, dict]]:
+    """The rows of a Hugging Face dataset (one split: ``train``, else the only one), numbered from 1."""
+    try:
+        ds = load()
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure is the source's problem, said in one line
+        raise DataError([f"{name}: cannot read it as a dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"]) from None
+    if hasattr(ds, "keys"):  # a DatasetDict
+        splits = list(ds.keys())
+        if "train" not in splits and len(splits) != 1:
+            raise DataError([f"{name}: a dataset with splits {', '.join(splits)} and no 'train'; save the split to use on its own"])
+        ds = ds["train" if "train" in splits else splits[0]]
+    return [(f"{name}: row {i}", dict(row)) for i, row in enumerate(ds, start=1)]
+
+
+def _jsonl_objects(p: Path, name: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
+    """The JSON objects of a JSON Lines file, with ``FILE:LINE``; bad lines go to ``problems`` (in line order,
+    between the records' own problems, since this is read lazily)."""
     if not p.exists():
         raise DataError([f"{name}: no such file; check the path (relative paths are resolved "
                          f"from {os.getcwd()})"])
     if p.is_dir():
         raise DataError([f"{name}: is a directory, not a file; give the path of a .jsonl file "
-                         "with one preference pair per line"])
+                         "with one preference pair per line, or a Hugging Face dataset folder (save_to_disk)"])
     if not p.is_file():  # a FIFO, socket or device would block or never end
         raise DataError([f"{name}: not a regular file (a pipe, socket or device); save the pairs to a .jsonl file "
                          "and pass its path"])
@@ -377,8 +496,6 @@ def load_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int 
     except OSError as e:
         raise DataError([f"{name}: cannot read the file ({e.strerror or e}); check its permissions"]) from e
 
-    problems: list[str] = []
-    records: list[tuple] = []
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -422,29 +539,7 @@ def load_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int 
         if not isinstance(obj, dict):
             problems.append(f"{where}: line is {_json_type(obj)}, not a JSON object; {_FORMAT_HINT}")
             continue
-        line_problems: list[str] = []
-        parsed = _parse_record(obj, line_problems)
-        if parsed is None:
-            problems.extend(f"{where}: {msg}" for msg in line_problems)
-            continue
-        records.append((lineno, parsed))
-
-    if problems:
-        raise DataError(problems)
-    if not records:
-        raise DataError([f"{name}: no preference pairs found; the file is empty or has only blank "
-                         "lines, add one JSON object per line with 'prompt', 'chosen' and 'rejected'"])
-
-    pairs = [
-        Pair(prompt=pr, chosen=ch, rejected=rj, domain=dom, source=f"{name}:{lineno}")
-        for lineno, (pr, ch, rj, dom) in records
-    ]
-    if max_pairs is not None and max_pairs < len(pairs):
-        order = list(range(len(pairs)))
-        random.Random(seed).shuffle(order)
-        keep = sorted(order[:max_pairs])
-        pairs = [pairs[i] for i in keep]
-    return pairs
+        yield where, obj
 
 
 # ---------------------------------------------------------------------------

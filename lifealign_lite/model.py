@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -44,6 +45,13 @@ class BaseModel:
 
 def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(recipe) -> None:
+    """Refuse at once a recipe that needs a GPU on a machine without one (rather than fetching a 7B model first)."""
+    if recipe.needs_cuda and not torch.cuda.is_available():
+        raise ModelError(f"recipe {recipe.name!r} needs a CUDA GPU and none is visible here; on this machine use --recipe edge-cpu "
+                         "(or --set needs_cuda=false to try it anyway)")
 
 
 def resolve_quant(quant: str, device: str) -> str:
@@ -132,10 +140,11 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def default_model_dir(home: Path) -> Path:
+def default_model_dir(home: Path, note: Callable[[str], None] | None = None) -> Path:
     """Convert the embedded GGUF into a safetensors folder under ``home`` once, then reuse it.
 
     Written to a temporary folder and renamed into place, so an interrupted conversion leaves nothing half-written.
+    ``note`` (optional) is told when the one-time conversion starts, since it takes a while.
     """
     target = Path(home) / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -143,10 +152,12 @@ def default_model_dir(home: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
+    if note:
+        note(f"first use: converting the embedded {DEFAULT_MODEL_NAME} ({gguf.name}) once into {target} (about 30 s)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        with _quiet():
+        with _quiet(), contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar for the GGUF tensors
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The de-quantized weights are plain fp32 tensors; drop the GGUF marker so they save as safetensors.
@@ -165,18 +176,58 @@ def default_model_dir(home: Path) -> Path:
     return target
 
 
-def resolve_model_path(spec: str, home: Path) -> str:
-    """``default`` -> the cached embedded model; a local folder stays a path; anything else is a hub id."""
-    if spec in (DEFAULT_MODEL, "", None):
-        return str(default_model_dir(home))
+def resolve_model_path(spec: str, home: Path, note: Callable[[str], None] | None = None) -> str:
+    """``default`` (or its name, SmolLM2-135M-Instruct) -> the cached embedded model; a local folder -> its absolute
+    path; anything else is a hub id, which must be in the Hugging Face cache or reachable (:func:`check_hub_id`)."""
+    if spec in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "", None):
+        return str(default_model_dir(home, note))
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
-        return str(path)
+        return str(path.absolute())
     if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:  # a hub id is NAME or ORG/NAME
         raise ModelError(f"{spec}: the folder does not exist; pass --model with a local model folder or a hub id such as ORG/NAME")
-    return spec
+    return check_hub_id(spec)
+
+
+def check_hub_id(spec: str) -> str:
+    """A hub id that can load: its cached snapshot folder when the hub cannot be reached, else the id itself.
+
+    Offline (``HF_HUB_OFFLINE``, or the hub's host does not answer within 3 s) a model that is not cached fails
+    here at once with one line, instead of after a minute of download retries.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(spec, "config.json")
+    except HFValidationError:
+        raise ModelError(f"--model {spec!r}: no such local folder, and not a hub id (ORG/NAME); pass a model folder, a hub id or `default`") from None
+    offline = hub_offline_reason()
+    if not offline:
+        return spec
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    raise ModelError(f"--model {spec!r}: not a local folder and not in the Hugging Face cache, and the hub cannot be reached "
+                     f"({offline}); download it while online, or pass a local model folder (or `default`)")
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (``HF_HUB_OFFLINE``, or no connection within 3 s); None if it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        return None
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or type(exc).__name__}"
 
 
 def model_fingerprint(model) -> str:
@@ -205,16 +256,17 @@ def _quiet() -> Iterator[None]:
 
 
 def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = None, trust_remote_code: bool = False,
-              autocast_setting: str = "none") -> BaseModel:
+              autocast_setting: str = "none", note: Callable[[str], None] | None = None) -> BaseModel:
     """Load a base causal LM and its tokenizer in the asked precision (safetensors only).
 
     ``info["bf16_autocast"]`` says whether its forward passes should run under bf16 autocast (``autocast_setting``).
+    ``note`` (optional) receives one-line status messages (the one-time conversion of the embedded model).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or pick_device()
     quant = resolve_quant(quant, device)
-    path = resolve_model_path(spec, home)
+    path = resolve_model_path(spec, home, note)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     qcfg = quantization_config(quant, device)
@@ -235,7 +287,7 @@ def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = N
         raise ModelError(f"model {spec!r} has no chat template; use an instruct/chat model")
     model.config.use_cache = False
     info = {
-        "name": DEFAULT_MODEL_NAME if spec in (DEFAULT_MODEL, "", None) else spec,
+        "name": DEFAULT_MODEL_NAME if spec in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "", None) else spec,
         "bf16_autocast": False,  # decided below, once device and precision are known
         "fingerprint": model_fingerprint(model),
         "quant": quant,

@@ -36,6 +36,7 @@ class Recipe:
     model: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct; else a local folder or hub id
     quant: str = "auto"  # auto|nf4|int8|none; auto = nf4 (QLoRA) on CUDA, none (fp32) on CPU
     trust_remote_code: bool = False
+    needs_cuda: bool = False  # the preset only makes sense on a CUDA GPU: refused at once on a machine without one
     autocast: str = "auto"  # auto|bf16|none: bf16 autocast over fp32 weights for training on a CPU; auto = where the CPU has native bf16
     score_precision: str = "fp32"  # fp32|bf16: precision of eval/bench scoring (fp32: bf16 rounding is larger than an adapter's effect)
     # preference optimization (FPO; focal_gamma = 0 is DPO)
@@ -124,6 +125,13 @@ class Recipe:
 
 
 _FIELDS = {f.name: f for f in fields(Recipe)}
+# The names TRL's and LLaMA-Factory's configs give the same knobs, accepted as they are.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "lr_schedule", "model_name_or_path": "model",
+    "lora_rank": "lora_r", "lora_target": "target_modules", "pref_beta": "beta", "cutoff_len": "max_length",
+    "max_samples": "max_pairs",
+}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -155,6 +163,11 @@ def _coerce(key: str, value: Any) -> Any:
         raise RecipeError(f"recipe key {key!r}: cannot use {value!r} as {type(default).__name__}") from None
 
 
+def canonical_key(key: str) -> str:
+    """A recipe key, with another tool's name for it (``learning_rate``) translated (``lr``)."""
+    return ALIASES.get(key, key)
+
+
 def _check_keys(keys: list[str], where: str) -> None:
     for key in keys:
         if key not in _FIELDS:
@@ -182,11 +195,8 @@ def list_recipes() -> list[tuple[str, str]]:
     return out
 
 
-def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Load a preset by name (``edge-cpu``) or a YAML file by path, then apply overrides.
-
-    Overrides whose value is ``None`` are ignored, so CLI flags left unset keep the recipe's value.
-    """
+def recipe_path(name_or_path: str | None = None) -> Path:
+    """The YAML file of a preset name (``edge-cpu``) or a path."""
     name_or_path = name_or_path or DEFAULT_RECIPE
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") or path.exists()):
@@ -196,6 +206,16 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | Non
             raise RecipeError(f"unknown recipe {name_or_path!r}; known presets: {known}; or pass a path to a .yaml file")
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
+    return path
+
+
+def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a preset by name (``edge-cpu``) or a YAML file by path, then apply overrides.
+
+    Overrides whose value is ``None`` are ignored, so CLI flags left unset keep the recipe's value. Keys may be
+    given by TRL's or LLaMA-Factory's names (:data:`ALIASES`).
+    """
+    path = recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
@@ -204,12 +224,14 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | Non
         raise RecipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of key: value")
+    data = {canonical_key(k): v for k, v in data.items()}
     data.setdefault("name", path.stem)
     _check_keys(list(data), str(path))
     values = {k: _coerce(k, v) for k, v in data.items()}
     for key, value in (overrides or {}).items():
         if value is None:
             continue
+        key = canonical_key(key)
         _check_keys([key], "override")
         values[key] = _coerce(key, value)
     return Recipe(**values).validate()
@@ -222,6 +244,7 @@ def parse_set_options(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
-        _check_keys([key.strip()], "--set")
-        out[key.strip()] = value
+        key = canonical_key(key.strip())
+        _check_keys([key], "--set")
+        out[key] = value
     return out

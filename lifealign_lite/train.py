@@ -170,6 +170,7 @@ class TrainState:
     sft_step: int = 0
     history: list[dict] = field(default_factory=list)  # per-step metrics
     ref: dict = field(default_factory=dict, repr=False)  # the task's reference log-probs (set by train_short_term)
+    trained: list[int] = field(default_factory=list)  # indices of the items the preference steps use (set by train_short_term)
 
     def window(self, key: str, first: bool, frac: float = 0.1) -> float | None:
         vals = [h[key] for h in self.history if key in h]
@@ -203,6 +204,12 @@ def _schedule(n_items: int, recipe) -> tuple[int, int]:
     per_epoch = math.ceil(n_items / recipe.batch_size)
     total = recipe.max_steps or max(1, math.ceil(recipe.epochs * per_epoch / recipe.grad_accum))
     return total, per_epoch
+
+
+def trained_indices(items, recipe, steps: int) -> list[int]:
+    """The items that ``steps`` optimizer steps see (fewer than all when ``max_steps`` stops early), sorted."""
+    stream = _batch_stream(items, recipe, 0)
+    return sorted({i for _ in range(steps * recipe.grad_accum) for i in next(stream)})
 
 
 def _batch_stream(items, recipe, start_batch: int) -> Iterator[list[int]]:
@@ -296,6 +303,7 @@ def train_short_term(
     reporter=None,
     bf16_autocast: bool = False,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    log_path: Path | None = None,
 ) -> TrainState:
     """Train the ``short`` LoRA of ``model`` on ``items`` with the recipe's preference loss.
 
@@ -308,6 +316,9 @@ def train_short_term(
     ``regularize.py``); its value is recorded as ``reg`` in the step metrics.
 
     ``reporter`` (optional) gets ``start(phase, total)``, ``advance(phase, n, metrics)`` calls for a progress display.
+
+    ``log_path`` (optional) gets one JSON line per optimizer step (step, loss, acc, margin, pairs, time, lr), written
+    as the step ends, so a running job can be followed; a resumed run rewrites it from the checkpoint's history.
     """
     torch.manual_seed(recipe.seed)
     pad_id = tokenizer.pad_token_id
@@ -320,17 +331,21 @@ def train_short_term(
     report = reporter or _NullReporter()
 
     ckpt = Path(checkpoint_dir)
+    used = trained_indices(items, recipe, total)
     if resume and (ckpt / "state.json").is_file():
         state, ref = load_checkpoint(ckpt, model, optimizer, scheduler)
     else:
         state = TrainState()
-        report.start("reference", len(items))
-        ref = reference_logps(model, items, pad_id, device, progress=lambda n: report.advance("reference", n, {}), bf16_autocast=bf16_autocast,
-                              bare=recipe.reference == "base")
-    state.ref = ref
+        report.start("reference", len(used))
+        # only the pairs the steps will see need reference log-probs (max_steps may stop before the end of the data)
+        sub = reference_logps(model, [items[i] for i in used], pad_id, device, progress=lambda n: report.advance("reference", n, {}),
+                              bf16_autocast=bf16_autocast, bare=recipe.reference == "base")
+        ref = {k: torch.zeros(len(items), dtype=v.dtype).index_copy(0, torch.tensor(used, dtype=torch.long), v) for k, v in sub.items()}
+    state.ref, state.trained = ref, used
 
     model.train()
-    with _StopFlag():
+    log = _StepLog(log_path, state.history)
+    with _StopFlag(), log:
         try:
             if state.sft_step < recipe.sft_warmup_steps:
                 _sft_warmup(model, items, recipe, device, pad_id, state, report, bf16_autocast)
@@ -366,6 +381,7 @@ def train_short_term(
                 if reg_value is not None:
                     record["reg"] = reg_value
                 state.history.append(record)
+                log.write(record | {"lr": scheduler.get_last_lr()[0]})
                 report.advance("train", 1, record)
         except KeyboardInterrupt:
             save_checkpoint(ckpt, model, optimizer, scheduler, state, ref)
@@ -393,7 +409,54 @@ def _sft_warmup(model, items, recipe, device, pad_id, state: TrainState, report,
         report.advance("sft", 1, {"loss": loss.item()})
 
 
+class _StepLog:
+    """The per-step JSON Lines training log (nothing when ``path`` is None), started from ``history``."""
+
+    def __init__(self, path: Path | None, history: list[dict]):
+        self.path, self.history, self.file = path, history, None
+
+    def __enter__(self) -> "_StepLog":
+        if self.path is not None:
+            self.file = open(self.path, "w", encoding="utf-8")
+            for record in self.history:
+                self.write(record)
+        return self
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def plot_history(history: list[dict], path: Path) -> Path:
+    """Loss and reward accuracy per optimizer step, as a PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    ax_loss.plot(steps, [h["loss"] for h in history], marker=".")
+    ax_loss.set_ylabel("loss")
+    ax_acc.plot(steps, [h["acc"] for h in history], marker=".", color="tab:green")
+    ax_acc.set_ylabel("reward accuracy")
+    ax_acc.set_ylim(-0.05, 1.05)
+    ax_acc.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 class _NullReporter:
+    def note(self, message: str) -> None:
+        pass
+
     def start(self, phase: str, total: int, done: int = 0) -> None:
         pass
 

@@ -136,3 +136,28 @@ def two_domain_bank(tmp_path_factory, lifealign_home) -> Path:
     for domain in ("medical", "support"):
         align(Path(__file__).resolve().parents[1] / "examples" / f"{domain}.jsonl", recipe, lifealign_home, root, domain=domain)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """The tiny model as a local model folder (safetensors + tokenizer), for the CLI's --model. Its generation
+    config names no end-of-sequence token, so an answer always runs to --max-new-tokens."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    base = build_tiny_base(tiny_tokenizer)
+    base.model.generation_config.eos_token_id = None
+    base.model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(tmp_path_factory, tiny_model_dir) -> Path:
+    """A bank with one domain (medical, 2 steps of 2 pairs) aligned on the tiny model, routed by its own hidden
+    states (no embedding model to load): seconds, for CLI tests that need a bank but not a real model."""
+    from lifealign_lite.align import align
+    from lifealign_lite.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("tiny-bank") / "bank"
+    recipe = load_recipe("edge-cpu", {"model": str(tiny_model_dir), "router": "base", "max_steps": 2, "batch_size": 2, "max_pairs": 8})
+    align(REPO / "examples" / "medical.jsonl", recipe, tmp_path_factory.mktemp("tiny-home"), root, domain="medical")
+    return root

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,9 @@ def test_cli_export_peft_loads_in_peft(bank_dir, lifealign_home, tmp_path):
     assert result.exit_code == 0, result.stderr
     slot = Bank(bank_dir).load().slot_dir("medical")
     assert (out / "adapter_model.safetensors").read_bytes() == (slot / "adapter_model.safetensors").read_bytes()
+    # the base it names is the converted embedded model in the model cache, and the tokenizer travels with it
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(default_model_dir(lifealign_home))
+    assert (out / "tokenizer_config.json").is_file()
     base = AutoModelForCausalLM.from_pretrained(default_model_dir(lifealign_home), use_safetensors=True)
     model = PeftModel.from_pretrained(base, str(out))
     module = "model.layers.0.self_attn.q_proj"
@@ -196,3 +200,186 @@ def test_cli_align_refuses_bad_domain_names(name, tmp_path):
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.exception!r}"
     assert "invalid domain name" in result.stderr
     assert after == before == [".lock"]
+
+
+# -- interactive chat in a terminal (tiny model: the answer never ends by itself) -----------------------------
+
+def _spawn_chat(tiny_bank, tiny_model_dir, tmp_path, *extra):
+    pexpect = pytest.importorskip("pexpect")
+    if not CLI.is_file():
+        pytest.skip(f"console script not found: {CLI}")
+    env = dict(os.environ, LIFEALIGN_HOME=str(tmp_path / "home"), TERM="xterm", COLUMNS="120")
+    args = ["chat", "--bank", str(tiny_bank), "--model", str(tiny_model_dir), "--domain", "medical", *extra]
+    return pexpect.spawn(str(CLI), args, env=env, encoding="utf-8", timeout=120, dimensions=(40, 120))
+
+
+def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tiny_bank, tiny_model_dir, tmp_path):
+    child = _spawn_chat(tiny_bank, tiny_model_dir, tmp_path, "--max-new-tokens", "100000")
+    child.expect_exact("loading the model")  # a status line before the silent load
+    child.expect_exact("[medical] you> ")
+    child.sendline("Tell me a very long story.")
+    child.expect_exact("assistant>")
+    child.expect(r"[a-z]{3}")  # the answer is streaming (escape sequences have no three letters in a row)
+    started = time.monotonic()
+    child.sendintr()
+    child.expect_exact("stopped", timeout=30)
+    child.expect_exact("[medical] you> ", timeout=30)
+    assert time.monotonic() - started < 30
+    child.sendline("/bye")
+    child.expect(pexpect_eof(), timeout=60)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_line_editing_history_and_commands(tiny_bank, tiny_model_dir, tmp_path):
+    child = _spawn_chat(tiny_bank, tiny_model_dir, tmp_path)
+    child.expect_exact("[medical] you> ")
+    child.send("/domn\x1b[Dai\r")  # left arrow, then insert: "/domain" only with line editing
+    child.expect_exact("memory: medical")
+    child.expect_exact("you> ")
+    child.send("\x1b[A\r")  # up arrow recalls "/domain"
+    child.expect_exact("memory: medical")
+    child.sendline("/help")
+    child.expect_exact("/bye")
+    child.sendline("/nonsense")
+    child.expect_exact("unknown command /nonsense")
+    child.sendline("/domain nope")
+    child.expect_exact("unknown domain 'nope'")
+    child.sendline("/exit")
+    child.expect(pexpect_eof(), timeout=60)
+    child.close()
+    assert child.exitstatus == 0
+    assert "/domain" in (tmp_path / "home" / "chat_history").read_text()
+
+
+def pexpect_eof():
+    import pexpect
+
+    return pexpect.EOF
+
+
+def test_ask_interrupted_returns_the_partial_answer(tiny_base, single_thread):
+    """A KeyboardInterrupt while streaming stops generation at once and keeps what was said."""
+    from lifealign_lite.chat import ChatSession
+    from lifealign_lite.memory.bank import BankState
+
+    tiny_base.model.generation_config.eos_token_id = None
+    session = ChatSession(model=tiny_base.model, tokenizer=tiny_base.tokenizer, state=BankState(), domain="base",
+                          threshold=0.2, embedder_factory=lambda: None)
+    seen = []
+
+    def on_token(piece):
+        seen.append(piece)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    started = time.monotonic()
+    turn = session.ask("hello", on_token=on_token, max_new_tokens=100000)
+    assert turn.interrupted and time.monotonic() - started < 60
+    assert turn.text == "".join(seen).strip()
+    assert session.history[-1]["content"] == turn.text
+
+
+# -- reading commands need an existing bank -------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["memory", "list"], ["memory", "versions"], ["memory", "show", "medical"], ["chat", "-p", "hi"],
+                                  ["route", "hi"], ["memory", "export", "medical", "OUT"]])
+def test_reading_commands_on_a_missing_bank_say_so(args, tmp_path):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    result = invoke([*args, "--bank", str(tmp_path / "bnak")], tmp_path / "home")
+    assert result.exit_code == 2, result.stdout
+    assert f"{tmp_path / 'bnak'}: no adapter bank there" in result.stderr
+    assert not (tmp_path / "bnak").exists()
+
+
+def test_lifealign_bank_setting_replaces_the_flag(tiny_bank, tmp_path):
+    from typer.testing import CliRunner
+
+    from lifealign_lite.cli.app import app
+
+    result = CliRunner().invoke(app, ["memory", "list", "--json"], env={"LIFEALIGN_HOME": str(tmp_path / "home"), "LIFEALIGN_BANK": str(tiny_bank)})
+    assert result.exit_code == 0, result.stderr
+    assert [e["domain"] for e in json.loads(result.stdout)["entries"]] == ["medical", "core"]
+
+
+def test_peft_export_loads_offline_with_auto_peft_model(tiny_bank, tiny_model_dir, tmp_path):
+    """The export names the base model's folder and carries the tokenizer: AutoPeftModelForCausalLM loads it as it
+    is, with the hub switched off, and its weight delta is the bank entry's."""
+    out = tmp_path / "peft"
+    result = invoke(["memory", "export", "medical", str(out), "--bank", str(tiny_bank)], tmp_path / "home")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    module = "model.layers.0.self_attn.q_proj"
+    script = (
+        "import sys, torch\n"
+        "from peft import AutoPeftModelForCausalLM\n"
+        "from transformers import AutoTokenizer\n"
+        "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "assert AutoTokenizer.from_pretrained(sys.argv[1]).chat_template\n"
+        f"d = m.get_submodule('base_model.model.{module}').get_delta_weight('default')\n"
+        "torch.save(d, sys.argv[2])\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "delta.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    delta = torch.load(tmp_path / "delta.pt")
+    torch.testing.assert_close(delta, read_adapter(Bank(tiny_bank).load().slot_dir("medical"))[0][module].dense(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("args", [["memory", "export", "medical", "USED", "--format", "merged"], ["chat", "--domain", "legal", "-p", "hi"]])
+def test_errors_that_need_no_model_come_before_slow_imports(args, tiny_bank, tmp_path):
+    """A used export folder or an unknown domain is reported without importing transformers or peft (seconds)."""
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "file").write_text("x")
+    args = [str(used) if a == "USED" else a for a in args] + ["--bank", str(tiny_bank)]
+    script = ("import sys\nfrom typer.testing import CliRunner\nfrom lifealign_lite.cli.app import app\n"
+              f"r = CliRunner().invoke(app, {args!r})\n"
+              "assert r.exit_code == 2, r.output\nprint(r.output)\n"
+              "assert 'peft' not in sys.modules and 'transformers' not in sys.modules, 'slow imports before the error'\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LIFEALIGN_HOME=str(tmp_path / "home")),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-1500:]
+    assert "not empty" in proc.stdout or "unknown domain 'legal'" in proc.stdout
+
+
+def test_memory_show_versions_json_and_core(tiny_bank, tmp_path):
+    home = tmp_path / "home"
+    shown = invoke(["memory", "show", "medical", "--json", "--bank", str(tiny_bank)], home)
+    assert shown.exit_code == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["domain"] == "medical" and record["lineage"][0]["trained_pairs"] == 4 and record["lineage"][0]["pairs"] == 8
+    table = invoke(["memory", "show", "medical", "--bank", str(tiny_bank)], home)
+    assert "4 / 8" in table.stdout and not table.stdout.lstrip().startswith("{")
+    core = json.loads(invoke(["memory", "show", "core", "--json", "--bank", str(tiny_bank)], home).stdout)
+    assert core["tasks"] == ["medical"] and core["lineage"][0]["domain"] == "medical"
+    versions = json.loads(invoke(["memory", "versions", "--json", "--bank", str(tiny_bank)], home).stdout)
+    assert versions["current"] == 1 and [v["version"] for v in versions["versions"]] == [1]
+
+
+def test_merged_export_prints_one_line_only(tiny_bank, tmp_path):
+    """No third-party warnings or progress bars: the export's own line is all of stderr."""
+    out = tmp_path / "merged"
+    proc = subprocess.run([str(CLI), "memory", "export", "medical", str(out), "--format", "merged", "--bank", str(tiny_bank)],
+                          env=dict(os.environ, LIFEALIGN_HOME=str(tmp_path / "home"), COLUMNS="300"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("exported medical as merged"), proc.stderr
+
+
+def test_rollback_log_names_where_it_came_from_and_version_0_is_refused(tiny_bank, tmp_path):
+    import shutil
+
+    bank = tmp_path / "bank"
+    shutil.copytree(tiny_bank, bank)
+    home = tmp_path / "home"
+    removed = invoke(["memory", "rm", "medical", "--bank", str(bank)], home)
+    assert removed.exit_code == 0, removed.stderr
+    assert "core keeps what every task taught it (medical)" in " ".join(removed.stderr.split())
+    assert invoke(["memory", "rollback", "1", "--bank", str(bank)], home).exit_code == 0
+    log = json.loads(invoke(["memory", "versions", "--json", "--bank", str(bank)], home).stdout)
+    assert log["current"] == 1
+    assert log["versions"][-1] == {**log["versions"][-1], "version": 1, "parent": 2, "event": "rollback from 2 to 1"}
+    empty = invoke(["memory", "rollback", "0", "--bank", str(bank)], home)
+    assert empty.exit_code == 2 and "empty bank" in empty.stderr
+    assert json.loads(invoke(["memory", "versions", "--json", "--bank", str(bank)], home).stdout)["current"] == 1

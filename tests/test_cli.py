@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from lifealign_lite.cli.app import app
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["consumer-gpu-qlora", "edge-cpu", "paper"]
+REPO = Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 
 
@@ -170,7 +172,7 @@ def test_bench_continual_help_names_every_method(env):
 
     result = invoke(["bench", "continual", "--help"], {**env, "COLUMNS": "400"})
     assert result.exit_code == 0
-    text = " ".join(result.stdout.split())
+    text = re.sub(r"-\s+", "-", " ".join(result.stdout.split()))  # help text may wrap after a hyphen
     for name in METHODS:
         assert name in text, name
 
@@ -214,3 +216,222 @@ def test_route_takes_a_conversation_and_routes_it_as_chat_does(env, tmp_path):
     assert bad.exit_code == 2 and "role" in bad.stderr and str(conversation) in bad.stderr
     both = invoke(["route", question, "--messages", conversation, "--bank", bank.root], env)
     assert both.exit_code == 2 and "one of them" in both.stderr
+
+
+# -- progress and counts when output is not a terminal (tiny model from conftest, so seconds) --------------------
+
+def test_piped_align_prints_progress_lines_and_true_counts(tiny_model_dir, tmp_path):
+    """`align ... 2>&1 | cat`: plain status and progress lines (every 10% of the steps: here every step), and
+    counts that say 4 of the 8 pairs were trained when --max-steps stops early."""
+    bank = tmp_path / "bank"
+    env = {**os.environ, "LIFEALIGN_HOME": str(tmp_path / "home"), "COLUMNS": "80"}
+    proc = subprocess.run([*console_script(), "align", str(REPO / "examples" / "medical.jsonl"), "--domain", "medical", "--bank", str(bank),
+                           "--model", str(tiny_model_dir), "--set", "router=base", "--max-steps", "4", "--batch-size", "1", "--max-pairs", "8"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("loading model") for line in lines)
+    assert any(line.startswith("consolidating into the bank") for line in lines)
+    assert "reference log-probs: 4 pairs" in lines  # only the pairs the 4 steps use
+    for step in range(1, 5):
+        line = next((x for x in lines if x.startswith(f"FPO training: step {step}/4")), None)
+        assert line is not None, proc.stdout[-3000:]
+        assert "loss " in line and "reward acc " in line and "pairs/s" in line and "ETA " in line
+    assert "\x1b[" not in proc.stdout  # no terminal control codes in a log
+    run = next((bank / "runs").glob("*-medical"))
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]  # the per-step log and its plot
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all({"loss", "acc", "pairs", "time", "lr"} <= set(r) for r in log)
+    assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["pairs"], summary["pairs_trained"], summary["replayed_trained"]) == (8, 4, 0)
+    assert re.search(r"pairs trained / given\s*│\s*4 / 8", proc.stdout)
+    listing = invoke(["memory", "list", "--json", "--bank", bank], env)
+    medical = json.loads(listing.stdout)["entries"][0]
+    assert (medical["pairs_trained"], medical["pairs_seen"]) == (4, 8)
+
+
+def test_line_reporter_prints_every_tenth_and_every_30_seconds():
+    """A fake clock: 100 steps, 1 s each for 50 steps, then one 40-second step: lines at every 10th step, and
+    one more after the long step although it is no tenth."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lifealign_lite.progress import LineReporter
+
+    now = [0.0]
+    buf = StringIO()
+    rep = LineReporter(Console(file=buf, width=80), clock=lambda: now[0])
+    rep.start("train", 100)
+    for step in range(1, 56):
+        now[0] += 40.0 if step == 52 else 1.0
+        rep.advance("train", 1, {"loss": 0.5, "acc": 0.75, "pairs": 4, "time": now[0]})
+    steps = [int(m) for m in re.findall(r"step (\d+)/100", buf.getvalue())]
+    assert steps == [10, 20, 30, 40, 50, 52]
+    assert "ETA 0:01:30" in buf.getvalue().splitlines()[1]  # after 10 steps of 1 s, 90 left
+
+
+def test_bars_fit_80_columns_with_counts_and_eta():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lifealign_lite.progress import RichReporter
+
+    now = [0.0]
+    buf = StringIO()
+    console = Console(file=buf, width=80, force_terminal=True, color_system=None)
+    with RichReporter(console, clock=lambda: now[0]) as rep:
+        rep.start("train", 40)
+        for _ in range(16):
+            now[0] += 2.0
+            rep.advance("train", 1, {"loss": 0.6931, "acc": 0.5, "pairs": 4, "time": now[0]})
+    last = [x for x in re.split(r"[\r\n]", buf.getvalue()) if "FPO training" in x][-1]
+    assert "16/40" in last and "ETA 0:00:48" in last and "reward acc 0.50" in last and "…" not in last
+
+
+# -- models that cannot load fail at once, in one line ----------------------------------------------------------
+
+def test_uncached_hub_id_offline_fails_at_once_in_one_line(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    env = {**os.environ, "LIFEALIGN_HOME": str(tmp_path / "home"), "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([*console_script(), "align", str(data), "--bank", str(tmp_path / "bank"), "--model", "some-org/not-cached-model"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("loading model")]  # the status line, then the error
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "some-org/not-cached-model" in lines[0] and "not in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_model_that_is_neither_folder_nor_hub_id_is_named(env, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    result = invoke(["align", data, "--bank", tmp_path / "bank", "--model", "./no/such//model"], env)
+    assert result.exit_code == 2
+    assert "no such local folder" in result.stderr and "./no/such//model" in result.stderr
+
+
+def test_default_model_name_is_accepted_as_model(tmp_path):
+    """The bank's mismatch error names the base as SmolLM2-135M-Instruct; passing that name must work."""
+    from lifealign_lite.model import DEFAULT_MODEL_NAME, resolve_model_path
+
+    folder = tmp_path / "models" / DEFAULT_MODEL_NAME
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    assert resolve_model_path(DEFAULT_MODEL_NAME, tmp_path) == str(folder)
+
+
+def test_gpu_recipe_without_cuda_fails_at_once(env, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    result = invoke(["align", data, "--bank", tmp_path / "bank", "--recipe", "consumer-gpu-qlora"], env)
+    assert result.exit_code == 2
+    assert "needs a CUDA GPU" in result.stderr and "edge-cpu" in result.stderr
+    assert tree(tmp_path / "bank") == []
+
+
+# -- help ------------------------------------------------------------------------------------------------------
+
+def _commands(group, path=()):
+    import click
+
+    for name, cmd in group.commands.items():
+        yield (*path, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*path, name))
+
+
+def test_every_option_of_every_command_has_help():
+    import click
+    import typer
+
+    from lifealign_lite.cli.app import app
+
+    missing = [f"{' '.join(path)} {p.opts[0]}" for path, cmd in _commands(typer.main.get_command(app))
+               for p in cmd.params if isinstance(p, click.Option) and not p.help]
+    assert missing == []
+
+
+@pytest.mark.parametrize("args", [["align", "-h"], ["chat", "-h"], ["memory", "list", "-h"], ["bench", "continual", "-h"]])
+def test_dash_h_is_help_and_flags_show_no_value_placeholder(env, args):
+    result = invoke(args, env)
+    assert result.exit_code == 0 and "Usage:" in result.stdout
+    assert "<bool>" not in result.stdout
+
+
+def test_align_help_shows_recipe_defaults_and_bench_help_lists_every_benchmark(env):
+    align_help = " ".join(invoke(["align", "--help"], env).stdout.split())
+    assert "edge-cpu: 5e-05" in align_help and "--resume Continue" in align_help
+    bench_help = invoke(["bench", "--help"], env).stdout
+    for name in ("speed", "quant", "chat", "continual", "routing"):
+        assert name in bench_help
+    assert "continual alignment" in bench_help and "routing accuracy" in bench_help
+
+
+def test_version(env):
+    from importlib.metadata import version
+
+    result = invoke(["--version"], env)
+    assert result.exit_code == 0 and result.stdout.strip() == f"lifealign-lite {version('lifealign-lite')}"
+    assert "--install-completion" in invoke(["-h"], env).stdout  # shell completion is offered
+
+
+# -- recipe keys by other tools' names, `recipes NAME`, --json ----------------------------------------------------
+
+def test_trl_and_llamafactory_key_names_are_accepted(env):
+    from lifealign_lite.cli.app import build_recipe
+
+    rcp = build_recipe(None, ["learning_rate=1e-4", "num_train_epochs=2", "per_device_train_batch_size=2", "lora_rank=4"])
+    assert (rcp.lr, rcp.epochs, rcp.batch_size, rcp.lora_r) == (1e-4, 2.0, 2, 4)
+    assert build_recipe(None, ["learning_rate=1e-4"], lr=1e-3).lr == 1e-3  # a flag still wins over --set
+
+
+def test_bad_value_under_an_alias_names_the_recipe_key(env, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    result = invoke(["align", data, "--bank", tmp_path / "bank", "--set", "learning_rate=abc"], env)
+    assert result.exit_code == 2 and "'lr'" in result.stderr
+
+
+def test_recipes_name_shows_fields_and_yaml_path(env):
+    from lifealign_lite.recipe import recipes_dir
+
+    result = invoke(["recipes", "paper", "--json"], env)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["path"] == str(recipes_dir() / "paper.yaml") and data["fields"]["lr"] == 5e-6 and data["fields"]["reference"] == "base"
+    table = invoke(["recipes", "paper"], env)
+    assert "paper.yaml" in table.stdout and "lr_schedule" in table.stdout and "cosine" in table.stdout
+    listing = json.loads(invoke(["recipes", "--json"], env).stdout)
+    assert [r["name"] for r in listing] == PRESETS
+    unknown = invoke(["recipes", "nope"], env)
+    assert unknown.exit_code == 2 and "edge-cpu" in unknown.stderr
+
+
+def test_align_json_prints_the_summary_on_stdout(tiny_model_dir, env, tmp_path):
+    bank = tmp_path / "bank"
+    result = invoke(["align", REPO / "examples" / "support.jsonl", "--bank", bank, "--model", tiny_model_dir, "--set", "router=base",
+                     "--max-steps", "1", "--batch-size", "2", "--json"], env)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["domain"] == "support" and summary["steps"] == 1 and summary["pairs_trained"] == 2
+    assert Path(summary["run_dir"]).parent == bank / "runs"
+
+
+@pytest.mark.integration
+def test_first_use_conversion_says_so_in_one_line_without_bars(tmp_path, capfd):
+    """The one-time GGUF conversion is announced by a status note, and transformers' tqdm bar stays quiet."""
+    from lifealign_lite.model import default_model_dir, embedded_gguf_path
+
+    try:
+        embedded_gguf_path()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(str(exc))
+    notes = []
+    folder = default_model_dir(tmp_path, note=notes.append)
+    assert (folder / "model.safetensors").is_file()
+    assert len(notes) == 1 and notes[0].startswith("first use: converting the embedded SmolLM2-135M-Instruct")
+    assert "GGUF tensors" not in capfd.readouterr().err
+    assert default_model_dir(tmp_path, note=notes.append) == folder and len(notes) == 1  # cached: no note

@@ -610,3 +610,73 @@ def test_domain_name_refused(name, phrase):
     assert phrase in msg
     assert "\n" not in msg
     assert "A-Z a-z 0-9" in msg  # says what to do
+
+
+# -- other sources and formats: HH-RLHF transcripts, implicit prompts, datasets folders, parquet, JSON arrays ----
+
+HH = {"chosen": "\n\nHuman: Is tea healthy?\n\nAssistant: In moderation, yes.\n\nHuman: How much?\n\nAssistant: Two to three cups a day.",
+      "rejected": "\n\nHuman: Is tea healthy?\n\nAssistant: In moderation, yes.\n\nHuman: How much?\n\nAssistant: Drink ten liters."}
+
+
+def test_raw_hh_rlhf_transcripts_get_their_prompt_extracted(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps(HH) + "\n", encoding="utf-8")
+    (pair,) = load_pairs(path)
+    assert pair.prompt == [{"role": "user", "content": "Is tea healthy?"}, {"role": "assistant", "content": "In moderation, yes."},
+                           {"role": "user", "content": "How much?"}]
+    assert pair.chosen == [{"role": "assistant", "content": "Two to three cups a day."}]
+    assert pair.rejected == [{"role": "assistant", "content": "Drink ten liters."}]
+
+
+def test_implicit_prompt_conversations_are_split_by_trl(tmp_path):
+    q = {"role": "user", "content": "What color is the sky?"}
+    record = {"chosen": [q, {"role": "assistant", "content": "Blue."}], "rejected": [q, {"role": "assistant", "content": "Green."}]}
+    path = tmp_path / "implicit.jsonl"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    (pair,) = load_pairs(path)
+    assert pair.prompt == [q] and pair.chosen == [{"role": "assistant", "content": "Blue."}]
+
+
+def test_plain_text_without_prompt_is_still_an_error_on_its_line(tmp_path):
+    path = tmp_path / "noprompt.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError) as exc:
+        load_pairs(path)
+    assert exc.value.problems == [f"{path}:2: missing field 'prompt'; each line needs 'prompt', 'chosen' and 'rejected'"]
+
+
+FIRST_ROW = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "domain": "math"}
+
+
+@pytest.mark.parametrize("kind", ["folder", "parquet", "json-array"])
+def test_datasets_sources_load_with_row_level_errors(tmp_path, kind):
+    from datasets import Dataset
+
+    good = Dataset.from_list([FIRST_ROW, {"prompt": "Hi", "chosen": "Hello", "rejected": "Go", "domain": "math"}])
+    bad = Dataset.from_list([FIRST_ROW, {"prompt": "Hi", "chosen": "Same", "rejected": "Same", "domain": "math"}])
+    paths = []
+    for name, ds in (("good", good), ("bad", bad)):
+        if kind == "folder":
+            path = tmp_path / name
+            ds.save_to_disk(str(path))
+        elif kind == "parquet":
+            path = tmp_path / f"{name}.parquet"
+            ds.to_parquet(str(path))
+        else:
+            path = tmp_path / f"{name}.json"
+            path.write_text(json.dumps(ds.to_list()), encoding="utf-8")
+        paths.append(path)
+    pairs = load_pairs(paths[0])
+    assert [p.prompt[0]["content"] for p in pairs] == ["What is 2+2?", "Hi"] and pairs[0].domain == "math"
+    with pytest.raises(DataError) as exc:
+        load_pairs(paths[1])
+    assert len(exc.value.problems) == 1 and exc.value.problems[0].startswith(f"{paths[1]}: row 2: 'chosen' and 'rejected' are identical")
+
+
+def test_hub_dataset_id_offline_is_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as exc:
+        load_pairs("some-org/some-preferences")
+    assert len(exc.value.problems) == 1 and "HF_HUB_OFFLINE" in exc.value.problems[0]

@@ -417,14 +417,14 @@ def test_intact_bank_verifies_and_old_banks_are_unverified(bank, tmp_path):
 
 
 def test_new_file_in_a_version_is_covered(bank):
-    """Whatever a version holds is recorded: a file kind the bank does not know yet (say, router weights) too."""
+    """Whatever a version holds is recorded: a file kind the bank does not know yet too."""
     state = bank.load()
-    pending = bank.begin(state, event="router weights")
-    (pending.folder / "router.safetensors").write_bytes(b"0" * 64)
+    pending = bank.begin(state, event="new kind of file")
+    (pending.folder / "future-weights.safetensors").write_bytes(b"0" * 64)
     committed = bank.commit(pending, bank.manifest()["base"])
-    assert "router.safetensors" in json.loads((committed.folder / CHECKSUMS).read_text())["files"]
-    (committed.folder / "router.safetensors").write_bytes(b"1" * 64)
-    with pytest.raises(BankError, match=r"router.safetensors: content differs .* version 3 is damaged; .*rollback 2"):
+    assert "future-weights.safetensors" in json.loads((committed.folder / CHECKSUMS).read_text())["files"]
+    (committed.folder / "future-weights.safetensors").write_bytes(b"1" * 64)
+    with pytest.raises(BankError, match=r"future-weights.safetensors: content differs .* version 3 is damaged; .*rollback 2"):
         Bank(bank.root).load()
 
 

@@ -307,6 +307,9 @@ def cli_env(tmp_path, monkeypatch, tiny_base):
 
     monkeypatch.setenv("LIFEALIGN_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(chat, "open_session", lambda *a, **k: tiny_session(tiny_base))
+    bank = tmp_path / "home" / "bank"  # an empty bank (eval refuses a folder with no bank)
+    bank.mkdir(parents=True)
+    (bank / "manifest.json").write_text(json.dumps({"format": 1, "current": 0, "base": None, "versions": []}))
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p.to_json()) + "\n" for p in three_pairs()), encoding="utf-8")
     return {"LIFEALIGN_HOME": str(tmp_path / "home"), "COLUMNS": "200", "JUDGE_TEST_KEY": "sk-cli"}, data
@@ -332,7 +335,7 @@ def test_eval_with_judge_cli(cli_env, fake_judge, single_thread):
     out = json.loads(result.stdout)
     assert out["judge_score"] == 8 and out["judged"] == 3 and out["unparsed"] == 0 and out["pairs"] == 3
     assert out["per_domain"]["support"]["judge_score"] == 8 and "pref_acc" in out["per_domain"]["support"]
-    assert set(out["judge_per_domain"]) == {"default", "support", "truthfulqa"}
+    assert set(out["per_domain"]) == {"default", "support", "truthfulqa"} and "judge_per_domain" not in out  # judge figures once
     assert not server.problems and len(server.requests) == 3
 
     table = invoke(common, env)

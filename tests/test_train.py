@@ -416,7 +416,18 @@ def test_bare_reference_is_the_base_alone_and_memory_stays_frozen(tiny_base_fact
     assert not torch.allclose(with_memory["chosen"], plain["chosen"], atol=1e-3)
     assert all(p.requires_grad == (f".{SHORT}." in n) for n, p in model.named_parameters())
     state = train_short_term(model, base.tokenizer, items, recipe, DEVICE, tmp_path / "ckpt")
-    assert torch.allclose(state.ref["chosen"], plain["chosen"], atol=1e-4)
+    used = state.trained  # reference log-probs exist for the pairs the steps use
+    assert torch.allclose(state.ref["chosen"][used], plain["chosen"][used], atol=1e-4)
+
+
+def test_trained_indices_are_the_pairs_the_steps_see(items):
+    from lifealign_lite.train import _batch_stream, trained_indices
+
+    recipe = tiny_recipe(max_steps=2, batch_size=2)
+    stream = _batch_stream(items, recipe, 0)
+    assert trained_indices(items, recipe, 2) == sorted(next(stream) + next(stream))
+    assert len(trained_indices(items, recipe, 2)) == 4 < len(items)
+    assert trained_indices(items, recipe, len(items)) == list(range(len(items)))  # a whole epoch sees every pair
 
 
 def test_cosine_schedule_decays_to_zero_after_warmup():

@@ -492,8 +492,9 @@ class Bank:
         if version != 0 and version not in known:
             raise BankError(f"no version {version} in {self.root}; versions: {', '.join(map(str, known)) or 'none'}")
         state = self.load(version)  # raises if that version is damaged
+        # the log records the move: version becomes current again, coming from the version that was current
+        manifest["versions"].append({"version": version, "parent": manifest["current"], "event": f"rollback from {manifest['current']} to {version}", "created": now()})
         manifest["current"] = version
-        manifest["versions"].append({"version": version, "parent": None, "event": f"rollback to {version}", "created": now()})
         self._write_manifest(manifest)
         return state
 
