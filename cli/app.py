@@ -178,7 +178,7 @@ def chat(
     recipe: Optional[str] = RecipeOpt,
     model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
     quant: Optional[str] = typer.Option(None, "--quant", metavar="auto|nf4|int8|none", help="Weight precision (default: the recipe's)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, metavar="N", help="Longest answer, in tokens."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="N", help="Longest answer, in tokens."),
     unmerged: bool = typer.Option(False, "--unmerged", help="Keep the adapter unmerged (slower; for comparison)."),
     sets: Optional[list[str]] = SetOpt,
 ) -> None:

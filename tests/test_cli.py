@@ -187,7 +187,10 @@ def test_bench_continual_unknown_method_is_a_one_line_error(env, tmp_path):
 def test_route_takes_a_conversation_and_routes_it_as_chat_does(env, tmp_path):
     """A bank whose keys are the example domains' prompts: `route --messages` and `route TEXT` agree, as chat routes."""
     from lifealign_lite.data import load_pairs
-    from lifealign_lite.memory.bank import Bank
+    import torch
+
+    from lifealign_lite.memory.bank import Bank, replace_adapter
+    from lifealign_lite.memory.consolidate import LowRank
     from lifealign_lite.memory.router import MiniLMEmbedder, add_prompts, fit_router, prompt_text
 
     embedder, bank = MiniLMEmbedder(), Bank(tmp_path / "bank")
@@ -197,6 +200,8 @@ def test_route_takes_a_conversation_and_routes_it_as_chat_does(env, tmp_path):
         t = [prompt_text(p) for p in load_pairs(REPO / "examples" / f"{domain}.jsonl")]
         keys[domain], texts[domain] = add_prompts(None, None, embedder(t), t)
         pending.state.domains[domain] = {"pairs_seen": len(t), "lineage": []}
+        replace_adapter(pending.folder / "slots" / domain, {"model.layers.0.self_attn.q_proj": LowRank(torch.zeros(8, 2), torch.ones(2, 8))},
+                        4, ["q_proj"], "tiny")
     pending.state.meta = {"bank_rank": 4, "target_modules": ["q_proj"], "router": "minilm"}
     pending.keys, pending.key_texts, pending.router = keys, texts, fit_router(keys, texts)
     bank.commit(pending, {"name": "tiny", "fingerprint": "fp"})
@@ -307,7 +312,8 @@ def test_model_that_is_neither_folder_nor_hub_id_is_named(env, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
     result = invoke(["align", data, "--bank", tmp_path / "bank", "--model", "./no/such//model"], env)
     assert result.exit_code == 2
-    assert "no such local folder" in result.stderr and "./no/such//model" in result.stderr
+    assert "does not exist" in result.stderr and "./no/such//model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # no status line before the error
 
 
 def test_default_model_name_is_accepted_as_model(tmp_path):

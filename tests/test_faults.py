@@ -208,15 +208,15 @@ def _chat_negative_tokens(tmp):
 
 
 def _rm_without_bank(tmp):
-    return ["memory", "rm", "medical"], ["no bank here"]
+    return ["memory", "rm", "medical"], ["no adapter bank there"]
 
 
 def _rollback_without_bank(tmp):
-    return ["memory", "rollback", "1"], ["no bank here"]
+    return ["memory", "rollback", "1"], ["no adapter bank there"]
 
 
 def _verify_without_bank(tmp):
-    return ["memory", "verify"], ["no bank here"]
+    return ["memory", "verify"], ["no adapter bank there"]
 
 
 def _resume_without_bank(tmp):
