@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
 from .chat import AUTO, BASE, ChatSession
 from .memory.bank import Bank, BankError
 from .memory.router import CORE
@@ -134,7 +139,9 @@ class StopScanner:
         self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
 
     def feed(self, piece: str) -> str:
-        """The text that is safe to send after ``piece`` arrived (sets ``stopped`` at a stop string)."""
+        """The text that is safe to send after ``piece`` arrived (sets ``stopped`` at a stop string; later pieces are dropped)."""
+        if self.stopped:
+            return ""
         self.text += piece
         cuts = [self.text.find(s) for s in self.stops if s in self.text]
         if cuts:
@@ -270,11 +277,6 @@ def start(engine: Engine, job: Job) -> tuple[queue.Queue, threading.Event]:
 
 def create_app(engine: Engine, api_key: str | None = None, max_tokens_cap: int = 1024, max_body_bytes: int = MAX_BODY_BYTES):
     """The FastAPI application: /v1/models, /v1/chat/completions, /v1/completions, /v1/bank, /health."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-
     app = FastAPI(title="lifealign-lite", docs_url=None, redoc_url=None)
 
     def error(exc: RequestError) -> JSONResponse:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,14 +38,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _recipe(model_dir: Path):
+    """Tiny runs with a learning rate high enough that each memory answers differently from the base model."""
+    from lifealign_lite.recipe import load_recipe
+
+    return load_recipe("edge-cpu", {"model": str(model_dir), "router": "base", "max_steps": 2, "batch_size": 2, "max_pairs": 8, "lr": 0.05})
+
+
 @pytest.fixture(scope="module")
-def server(tiny_bank, tiny_model_dir, tmp_path_factory):
-    """A served copy of the tiny bank: (base URL, bank folder)."""
+def bank_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A bank with the medical domain (version 1) on the tiny model."""
+    from lifealign_lite.align import align
+
+    root = tmp_path_factory.mktemp("serve-bank")
+    align(REPO / "examples" / "medical.jsonl", _recipe(tiny_model_dir), root / "home", root / "bank", domain="medical")
+    return root / "bank"
+
+
+@pytest.fixture(scope="module")
+def server(bank_dir, tiny_model_dir, tmp_path_factory):
+    """A server of the bank: (base URL, bank folder)."""
     if not CLI.is_file():
         pytest.skip(f"console script not found: {CLI}")
     root = tmp_path_factory.mktemp("serve")
-    bank = root / "bank"
-    shutil.copytree(tiny_bank, bank)
+    bank = bank_dir
     port = _free_port()
     log = (root / "server.log").open("w")
     env = dict(os.environ, LIFEALIGN_HOME=str(root / "home"), OMP_NUM_THREADS="1")
@@ -75,15 +90,14 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_bank, tiny_model_dir, tmp_path_factory):
+def reference(bank_dir, tiny_model_dir, tmp_path_factory):
     """The same bank opened in this process, as `chat` opens it: what the server must answer and route."""
     import torch
 
     from lifealign_lite.chat import open_session
-    from lifealign_lite.recipe import load_recipe
 
     torch.set_num_threads(1)
-    return open_session(tiny_bank, tmp_path_factory.mktemp("ref-home"), load_recipe(None, {"model": str(tiny_model_dir)}))
+    return open_session(bank_dir, tmp_path_factory.mktemp("ref-home"), _recipe(tiny_model_dir))
 
 
 def post(url: str, path: str, data: bytes, key: str | None = KEY, headers: dict | None = None) -> tuple[int, dict, dict]:
@@ -120,20 +134,23 @@ def test_chat_completion_answers_with_the_named_memory_as_chat_does(client, refe
         expected = reference.ask(PROMPT, max_new_tokens=TOKENS, keep_history=False).text
         answers[memory] = completion.choices[0].message.content
         assert answers[memory].strip() == expected
-    assert len(set(answers.values())) == 3, "medical, core and base should answer differently"
+    assert answers["medical"] != answers["base"] != answers["core"], "the memories should answer differently from the base model"
 
 
-def test_auto_routes_the_whole_conversation_as_chat_does(client, reference):
+def test_auto_routes_the_whole_conversation_as_chat_does(client, server, reference):
     conversation = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": PROMPT}]
-    raw = client.chat.completions.with_raw_response.create(messages=conversation, max_tokens=4)  # no model: auto
+    raw = client.chat.completions.with_raw_response.create(model="auto", messages=conversation, max_tokens=4)
     completion = raw.parse()
-    route = reference.route(conversation)
-    memory = route.domain  # the tiny bank has a core, so a novel prompt is answered by it
+    route = reference.route(conversation)  # the whole conversation, as chat routes it
+    memory = route.domain  # the bank has a core, so a novel prompt is answered by it
     assert raw.headers["x-lifealign-memory"] == memory == completion.lifealign["memory"]
     assert completion.lifealign["route"]["domain"] == route.domain
     assert completion.lifealign["route"]["scores"] == pytest.approx(route.scores, abs=1e-5)
-    explicit, _ = chat(client, "auto", max_tokens=4)
-    assert explicit.lifealign["route"] is not None
+    assert completion.lifealign["route"]["similarity"] == pytest.approx(route.similarity, abs=1e-5)
+    assert completion.lifealign["route"]["similarity"] != pytest.approx(reference.route(PROMPT).similarity, abs=1e-5), "routed by the last message only"
+    # an omitted model is auto (the openai client always sends one)
+    code, body, headers = post(server[0], "/v1/chat/completions", json.dumps({"messages": conversation, "max_tokens": 4}).encode())
+    assert code == 200 and headers["x-lifealign-memory"] == memory and body["lifealign"]["route"]["domain"] == route.domain
 
 
 @pytest.mark.parametrize("memory", ["medical", "auto"])
@@ -226,12 +243,10 @@ def test_binding_beyond_loopback_without_a_key_is_refused(tmp_path):
 
 def test_a_version_committed_while_serving_is_used_by_the_next_request(server, client, tiny_model_dir, tmp_path):
     from lifealign_lite.align import align
-    from lifealign_lite.recipe import load_recipe
 
     url, bank = server
     assert json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/v1/bank", headers={"Authorization": f"Bearer {KEY}"})).read())["version"] == 1
-    recipe = load_recipe("edge-cpu", {"model": str(tiny_model_dir), "router": "base", "max_steps": 2, "batch_size": 2, "max_pairs": 8})
-    align(REPO / "examples" / "support.jsonl", recipe, tmp_path / "home", bank, domain="support")
+    align(REPO / "examples" / "support.jsonl", _recipe(tiny_model_dir), tmp_path / "home", bank, domain="support")
     assert sorted(m.id for m in client.models.list()) == ["auto", "base", "core", "medical", "support"]
     completion, headers = chat(client, "support")
     assert headers["x-lifealign-memory"] == "support" and completion.lifealign["bank_version"] == 2
