@@ -241,6 +241,27 @@ def test_binding_beyond_loopback_without_a_key_is_refused(tmp_path):
     assert result.exit_code == 2 and "--api-key" in result.stderr and "0.0.0.0" in result.stderr
 
 
+def test_export_all_writes_a_peft_folder_per_memory_and_the_vllm_command(bank_dir, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lifealign_lite.cli.app import app
+    from lifealign_lite.memory.bank import Bank
+
+    out = tmp_path / "adapters"
+    result = CliRunner().invoke(app, ["memory", "export", "--all", str(out), "--bank", str(bank_dir)], env={"LIFEALIGN_HOME": str(tmp_path / "home")})
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["core", "medical"]
+    state = Bank(bank_dir).load()
+    for name, src in (("medical", state.slot_dir("medical")), ("core", state.core_dir())):
+        assert (out / name / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
+        assert json.loads((out / name / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    rank = json.loads((out / "medical" / "adapter_config.json").read_text())["r"]
+    assert result.stdout.strip() == (f"vllm serve {tiny_model_dir} --enable-lora --lora-modules medical={out / 'medical'} core={out / 'core'} "
+                                     f"--max-lora-rank {max(8, rank)}")
+    again = CliRunner().invoke(app, ["memory", "export", "--all", str(out), "--bank", str(bank_dir)], env={"LIFEALIGN_HOME": str(tmp_path / "home")})
+    assert again.exit_code == 2 and "not an empty folder" in again.stderr
+
+
 def test_a_version_committed_while_serving_is_used_by_the_next_request(server, client, tiny_model_dir, tmp_path):
     from lifealign_lite.align import align
 
