@@ -465,6 +465,9 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LIFEALIGN_API_KEY", metavar="KEY",
                                           help="Require 'Authorization: Bearer KEY' on every /v1 request."),
     max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", min=1, metavar="N", help="Refuse requests asking for more than N new tokens."),
+    upstream: Optional[str] = typer.Option(None, "--upstream", metavar="URL", help="Route here, generate on this OpenAI-compatible engine "
+                                           "(e.g. http://HOST:8000/v1 of a vLLM serving `memory export --all`), model = the routed memory."),
+    upstream_key: Optional[str] = typer.Option(None, "--upstream-key", envvar="LIFEALIGN_UPSTREAM_KEY", metavar="KEY", help="Bearer key of the upstream."),
     recipe: Optional[str] = RecipeOpt,
     model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
     quant: Optional[str] = typer.Option(None, "--quant", metavar="auto|nf4|int8|none", help="Weight precision (default: the recipe's)."),
@@ -494,7 +497,7 @@ def serve(
         raise typer.Exit(130)
     status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 (Ctrl-C stops)")
     try:
-        run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status)
+        run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key)
     except OSError as exc:
         fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}")
 

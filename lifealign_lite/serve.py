@@ -173,8 +173,10 @@ class Answer:
 class Engine:
     """The model with the bank's adapters, shared by all requests; :meth:`run` serializes them."""
 
-    def __init__(self, session: ChatSession, bank_dir: Path, log: Callable[[str], None] = print):
+    def __init__(self, session: ChatSession, bank_dir: Path, log: Callable[[str], None] = print, upstream: str | None = None,
+                 upstream_key: str | None = None):
         self.session, self.bank, self.log = session, Bank(bank_dir), log
+        self.upstream, self.upstream_key = upstream.rstrip("/") if upstream else None, upstream_key
         self.lock = threading.Lock()
 
     def models(self) -> list[str]:
@@ -197,8 +199,6 @@ class Engine:
 
     def run(self, job: Job, emit: Callable[[tuple], None], cancel: threading.Event) -> None:
         """Route and generate ``job``, calling ``emit`` with ("start", Answer), ("text", str) ..., ("done", Answer) or ("error", RequestError)."""
-        import torch
-
         with self.lock:
             try:
                 self.refresh()
@@ -217,26 +217,82 @@ class Engine:
                 return
             answer = Answer(memory=memory, route=route, version=s.state.version)
             emit(("start", answer))
-            if job.seed is not None:
-                torch.manual_seed(job.seed)
-            scanner = StopScanner(job.stop)
+            if self.upstream:
+                answer.prompt_tokens = _prompt_tokens(s.tokenizer, job.prompt)
+            else:
+                self._generate(job, answer, emit, cancel)
+                return
+        self._forward(job, answer, emit, cancel)  # outside the lock: the upstream engine serves requests side by side
 
-            def on_token(piece: str) -> None:
-                text = scanner.feed(piece)
-                if text:
-                    emit(("text", text))
-                if scanner.stopped or cancel.is_set():
-                    cancel.set()
+    def _generate(self, job: Job, answer: Answer, emit: Callable[[tuple], None], cancel: threading.Event) -> None:
+        """Generate here (with the lock held)."""
+        import torch
 
-            _, answer.tokens = s.generate(job.prompt, memory, on_token, max_new_tokens=job.max_tokens, stop=cancel,
-                                          temperature=job.temperature, top_p=job.top_p)
-            rest = scanner.flush()
-            if rest:
-                emit(("text", rest))
-            answer.text = scanner.text
-            answer.finish_reason = "stop" if scanner.stopped or answer.tokens < job.max_tokens else "length"
-            answer.prompt_tokens = _prompt_tokens(s.tokenizer, job.prompt)
-            emit(("done", answer))
+        s = self.session
+        if job.seed is not None:
+            torch.manual_seed(job.seed)
+        scanner = StopScanner(job.stop)
+
+        def on_token(piece: str) -> None:
+            text = scanner.feed(piece)
+            if text:
+                emit(("text", text))
+            if scanner.stopped:
+                cancel.set()
+
+        _, answer.tokens = s.generate(job.prompt, answer.memory, on_token, max_new_tokens=job.max_tokens, stop=cancel,
+                                      temperature=job.temperature, top_p=job.top_p)
+        rest = scanner.flush()
+        if rest:
+            emit(("text", rest))
+        answer.text = scanner.text
+        answer.finish_reason = "stop" if scanner.stopped or answer.tokens < job.max_tokens else "length"
+        answer.prompt_tokens = _prompt_tokens(s.tokenizer, job.prompt)
+        emit(("done", answer))
+
+    def _forward(self, job: Job, answer: Answer, emit: Callable[[tuple], None], cancel: threading.Event) -> None:
+        """Generate on the upstream OpenAI-compatible engine, with ``model`` set to the memory chosen here."""
+        import urllib.error
+        import urllib.request
+
+        chat = not isinstance(job.prompt, str)
+        body = {"model": answer.memory, "max_tokens": job.max_tokens, "temperature": job.temperature, "top_p": job.top_p, "stream": True,
+                **({"messages": job.prompt} if chat else {"prompt": job.prompt}), **({"stop": job.stop} if job.stop else {}),
+                **({"seed": job.seed} if job.seed is not None else {})}
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.upstream_key}"} if self.upstream_key else {})}
+        request = urllib.request.Request(f"{self.upstream}/{'chat/completions' if chat else 'completions'}", data=json.dumps(body).encode(),
+                                         headers=headers, method="POST")
+        pieces = []
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                for line in response:
+                    line = line.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        raise RequestError(502, f"upstream {self.upstream}: {data['error'].get('message')}", None, "upstream_error")
+                    choice = data["choices"][0]
+                    piece = choice["delta"].get("content") if chat else choice.get("text")
+                    if piece:
+                        pieces.append(piece)
+                        emit(("text", piece))
+                    answer.finish_reason = choice.get("finish_reason") or answer.finish_reason
+                    if cancel.is_set():
+                        break
+        except urllib.error.HTTPError as exc:
+            message = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
+            emit(("error", RequestError(502, f"upstream {self.upstream} answered {exc.code}: {message}", None, "upstream_error")))
+            return
+        except (urllib.error.URLError, OSError) as exc:
+            emit(("error", RequestError(502, f"upstream {self.upstream} unreachable: {exc}", None, "upstream_error")))
+            return
+        except RequestError as exc:
+            emit(("error", exc))
+            return
+        answer.text = "".join(pieces)
+        answer.tokens = len(self.session.tokenizer(answer.text, add_special_tokens=False)["input_ids"])
+        emit(("done", answer))
 
     def bank_info(self) -> dict:
         with self.lock:
@@ -404,11 +460,11 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 
 def serve(session: ChatSession, bank_dir: Path, host: str, port: int, api_key: str | None, max_tokens_cap: int,
-          log: Callable[[str], None] = print) -> None:
-    """Serve until interrupted."""
+          log: Callable[[str], None] = print, upstream: str | None = None, upstream_key: str | None = None) -> None:
+    """Serve until interrupted; with ``upstream`` (an OpenAI-compatible base URL) route here and generate there."""
     import uvicorn
 
     check_bind(host, api_key)
-    engine = Engine(session, bank_dir, log)
+    engine = Engine(session, bank_dir, log, upstream, upstream_key)
     engine.refresh()
     uvicorn.run(create_app(engine, api_key, max_tokens_cap), host=host, port=port, log_level="warning")

@@ -55,33 +55,36 @@ def bank_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return root / "bank"
 
 
-@pytest.fixture(scope="module")
-def server(bank_dir, tiny_model_dir, tmp_path_factory):
-    """A server of the bank: (base URL, bank folder)."""
+def _start(args: list[str], root: Path) -> tuple[subprocess.Popen, str]:
+    """`lifealign-lite serve ARGS` on a free port, once it answers /health: (process, base URL)."""
     if not CLI.is_file():
         pytest.skip(f"console script not found: {CLI}")
-    root = tmp_path_factory.mktemp("serve")
-    bank = bank_dir
     port = _free_port()
-    log = (root / "server.log").open("w")
+    log = root / f"server-{port}.log"
     env = dict(os.environ, LIFEALIGN_HOME=str(root / "home"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([str(CLI), "serve", "--bank", str(bank), "--model", str(tiny_model_dir), "--port", str(port),
-                             "--api-key", KEY, "--max-tokens-cap", str(CAP)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    with log.open("w") as f:
+        proc = subprocess.Popen([str(CLI), "serve", "--port", str(port), *args], env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
+            return proc, url
         except (urllib.error.URLError, ConnectionError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                pytest.fail(f"server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                pytest.fail(f"server did not start: {log.read_text()[-2000:]}")
             time.sleep(0.3)
-    yield url, bank
+
+
+@pytest.fixture(scope="module")
+def server(bank_dir, tiny_model_dir, tmp_path_factory):
+    """A server of the bank, with an API key: (base URL, bank folder)."""
+    proc, url = _start(["--bank", str(bank_dir), "--model", str(tiny_model_dir), "--api-key", KEY, "--max-tokens-cap", str(CAP)],
+                       tmp_path_factory.mktemp("serve"))
+    yield url, bank_dir
     proc.terminate()
     proc.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +263,30 @@ def test_export_all_writes_a_peft_folder_per_memory_and_the_vllm_command(bank_di
                                      f"--max-lora-rank {max(8, rank)}")
     again = CliRunner().invoke(app, ["memory", "export", "--all", str(out), "--bank", str(bank_dir)], env={"LIFEALIGN_HOME": str(tmp_path / "home")})
     assert again.exit_code == 2 and "not an empty folder" in again.stderr
+
+
+def test_upstream_routes_here_and_generates_there(server, client, bank_dir, tiny_model_dir, tmp_path):
+    """A second real server forwards generation to the first (the upstream), with model = the memory it routed to."""
+    proc, url = _start(["--bank", str(bank_dir), "--model", str(tiny_model_dir), "--upstream", f"{server[0]}/v1", "--upstream-key", KEY], tmp_path)
+    try:
+        front = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        for memory in ("medical", "base", "auto"):
+            direct, direct_headers = chat(client, memory)
+            forwarded, headers = chat(front, memory)
+            assert headers["x-lifealign-memory"] == direct_headers["x-lifealign-memory"] == forwarded.lifealign["memory"]
+            assert forwarded.choices[0].message.content == direct.choices[0].message.content
+            assert forwarded.choices[0].finish_reason == "length"
+        streamed = front.chat.completions.create(model="medical", messages=[{"role": "user", "content": PROMPT}], max_tokens=TOKENS, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat(client, "medical")[0].choices[0].message.content
+        text = front.completions.create(model="medical", prompt="The quick brown", max_tokens=TOKENS)
+        assert text.choices[0].text == client.completions.create(model="medical", prompt="The quick brown", max_tokens=TOKENS).choices[0].text
+        # the upstream's refusal comes back as an error object, and the front keeps serving
+        with pytest.raises(openai.APIStatusError, match="upstream .* answered 400: .*cap"):
+            front.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=CAP + 1)
+        assert chat(front, "base", max_tokens=2)[0].choices
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_version_committed_while_serving_is_used_by_the_next_request(server, client, tiny_model_dir, tmp_path):
