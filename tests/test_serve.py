@@ -122,6 +122,16 @@ def chat(client, model: str | None, prompt: str = PROMPT, **kw):
     return raw.parse(), raw.headers
 
 
+def test_stop_scanner_holds_back_only_what_could_begin_a_stop_string():
+    from lifealign_lite.serve import StopScanner
+
+    scanner = StopScanner(["END", "\n\n"])
+    sent = [scanner.feed(p) for p in ["Hello E", "N", "ough. E", "ND and more", " never"]]
+    assert sent == ["Hello", " ", "ENough.", " ", ""] and scanner.stopped and scanner.text == "Hello ENough. "
+    plain = StopScanner([])
+    assert [plain.feed(p) for p in ["a", "b"]] + [plain.flush()] == ["a", "b", ""]
+
+
 def test_models_lists_domains_and_the_special_memories(client):
     assert sorted(m.id for m in client.models.list()) == ["auto", "base", "core", "medical"]
 
@@ -293,10 +303,14 @@ def test_a_version_committed_while_serving_is_used_by_the_next_request(server, c
     from lifealign_lite.align import align
 
     url, bank = server
+    before = {m: chat(client, m)[0].choices[0].message.content for m in ("medical", "base")}
     assert json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/v1/bank", headers={"Authorization": f"Bearer {KEY}"})).read())["version"] == 1
     align(REPO / "examples" / "support.jsonl", _recipe(tiny_model_dir), tmp_path / "home", bank, domain="support")
     assert sorted(m.id for m in client.models.list()) == ["auto", "base", "core", "medical", "support"]
     completion, headers = chat(client, "support")
     assert headers["x-lifealign-memory"] == "support" and completion.lifealign["bank_version"] == 2
+    assert completion.choices[0].message.content != before["base"]
+    # the adapters were swapped, not stacked: medical's slot is unchanged in version 2, and so is its answer
+    assert {m: chat(client, m)[0].choices[0].message.content for m in ("medical", "base")} == before
     info = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/v1/bank", headers={"Authorization": f"Bearer {KEY}"})).read())
     assert info["version"] == 2 and info["domains"] == ["medical", "support"] and all(v > 0 for v in info["sizes_bytes"].values())
