@@ -460,8 +460,8 @@ def recipes(
 @app.command()
 def serve(
     bank: Optional[Path] = BankOpt,
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --api-key."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to bind; anything but loopback needs --api-key."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, metavar="N", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LIFEALIGN_API_KEY", metavar="KEY",
                                           help="Require 'Authorization: Bearer KEY' on every /v1 request."),
     max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", min=1, metavar="N", help="Refuse requests asking for more than N new tokens."),
@@ -483,7 +483,7 @@ def serve(
     from lifealign_lite.serve import check_bind, serve as run_server
 
     try:
-        check_bind(host, api_key)
+        check_bind(host, port, api_key)
     except ValueError as exc:
         fail(str(exc))
     rcp = build_recipe(recipe, sets, model=model, quant=quant)
@@ -498,8 +498,8 @@ def serve(
     status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 (Ctrl-C stops)")
     try:
         run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key)
-    except OSError as exc:
-        fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}")
+    except ValueError as exc:  # the port was taken while the model loaded
+        fail(str(exc))
 
 
 from .memory import memory_app  # noqa: E402 - the sub-app needs the helpers above

@@ -453,10 +453,17 @@ def _sse(events: queue.Queue, cancel: threading.Event, kind: str, rid: str, crea
         cancel.set()
 
 
-def check_bind(host: str, api_key: str | None) -> None:
-    """Refuse to expose the model beyond this machine without an API key."""
+def check_bind(host: str, port: int, api_key: str | None) -> None:
+    """Refuse to expose the model beyond this machine without an API key, and a port in use (before the model loads)."""
+    import socket
+
     if host not in LOOPBACK and not api_key:
         raise ValueError(f"binding to {host} exposes the model to the network without a key: give --api-key KEY, or bind to 127.0.0.1")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
 
 
 def serve(session: ChatSession, bank_dir: Path, host: str, port: int, api_key: str | None, max_tokens_cap: int,
@@ -464,7 +471,7 @@ def serve(session: ChatSession, bank_dir: Path, host: str, port: int, api_key: s
     """Serve until interrupted; with ``upstream`` (an OpenAI-compatible base URL) route here and generate there."""
     import uvicorn
 
-    check_bind(host, api_key)
+    check_bind(host, port, api_key)
     engine = Engine(session, bank_dir, log, upstream, upstream_key)
     engine.refresh()
     uvicorn.run(create_app(engine, api_key, max_tokens_cap), host=host, port=port, log_level="warning")

@@ -252,6 +252,10 @@ def test_binding_beyond_loopback_without_a_key_is_refused(tmp_path):
 
     result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--bank", str(tmp_path)], env={"LIFEALIGN_HOME": str(tmp_path)})
     assert result.exit_code == 2 and "--api-key" in result.stderr and "0.0.0.0" in result.stderr
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # a port in use is refused before the model loads
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--port", str(port), "--bank", str(tmp_path)], env={"LIFEALIGN_HOME": str(tmp_path)})
+    assert result.exit_code == 2 and f"cannot serve on 127.0.0.1:{port}" in result.stderr and "another --port" in result.stderr
 
 
 def test_export_all_writes_a_peft_folder_per_memory_and_the_vllm_command(bank_dir, tiny_model_dir, tmp_path):
