@@ -182,11 +182,6 @@ class Engine:
     def models(self) -> list[str]:
         return self.session.available() + [AUTO]
 
-    def check_model(self, name: str) -> None:
-        self.refresh()
-        if name not in self.models():
-            raise RequestError(404, f"unknown model {name!r}; known models: {', '.join(self.models())}", "model", "model_not_found")
-
     def refresh(self) -> None:
         """Use the bank's current version if a newer one was committed (call with the lock held, or before serving)."""
         try:
