@@ -457,6 +457,51 @@ def recipes(
     out.print(table)
 
 
+@app.command()
+def serve(
+    bank: Optional[Path] = BankOpt,
+    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to bind; anything but loopback needs --api-key."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, metavar="N", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LIFEALIGN_API_KEY", metavar="KEY",
+                                          help="Require 'Authorization: Bearer KEY' on every /v1 request."),
+    max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", min=1, metavar="N", help="Refuse requests asking for more than N new tokens."),
+    upstream: Optional[str] = typer.Option(None, "--upstream", metavar="URL", help="Route here, generate on this OpenAI-compatible engine "
+                                           "(e.g. http://HOST:8000/v1 of a vLLM serving `memory export --all`), model = the routed memory."),
+    upstream_key: Optional[str] = typer.Option(None, "--upstream-key", envvar="LIFEALIGN_UPSTREAM_KEY", metavar="KEY", help="Bearer key of the upstream."),
+    recipe: Optional[str] = RecipeOpt,
+    model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
+    quant: Optional[str] = typer.Option(None, "--quant", metavar="auto|nf4|int8|none", help="Weight precision (default: the recipe's)."),
+    sets: Optional[list[str]] = SetOpt,
+) -> None:
+    """Serve the model and the bank's memory over an OpenAI-compatible HTTP API.
+
+    The request's `model` picks the memory: a domain, core, base, or auto (route the conversation; the default).
+    A bank version committed while serving is used from the next request on."""
+    from lifealign_lite.chat import open_session
+    from lifealign_lite.memory.bank import BankError
+    from lifealign_lite.model import ModelError
+    from lifealign_lite.serve import check_bind, serve as run_server
+
+    try:
+        check_bind(host, port, api_key)
+    except ValueError as exc:
+        fail(str(exc))
+    rcp = build_recipe(recipe, sets, model=model, quant=quant)
+    bank_dir = existing_bank(bank)
+    status(f"loading the model and the memory of {bank_dir} ...")
+    try:
+        session = open_session(bank_dir, home_dir(), rcp, note=status)
+    except (BankError, ModelError, ValueError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 (Ctrl-C stops)")
+    try:
+        run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key)
+    except ValueError as exc:  # the port was taken while the model loaded
+        fail(str(exc))
+
+
 from .memory import memory_app  # noqa: E402 - the sub-app needs the helpers above
 
 app.add_typer(memory_app, name="memory")

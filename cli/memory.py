@@ -190,20 +190,33 @@ def versions_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> Non
 
 @memory_app.command("export")
 def export_cmd(
-    name: str = typer.Argument(..., help="A domain or 'core'."),
-    out_dir: Path = typer.Argument(..., help="A new folder."),
+    name: Optional[str] = typer.Argument(None, help="A domain or 'core' (with --all: the folder)."),
+    out_dir: Optional[Path] = typer.Argument(None, help="A new folder."),
     fmt: str = typer.Option("peft", "--format", help="peft (adapter folder) or merged (full model folder)."),
+    all_entries: bool = typer.Option(False, "--all", help="Every domain and the core as PEFT folders named after them in one new folder, "
+                                                            "and the vLLM command that serves them: `memory export --all DIR`."),
     bank: Optional[Path] = BankOpt,
 ) -> None:
     """Export a bank entry as a PEFT adapter or a merged model (checked against the bank entry)."""
-    from lifealign_lite.export import export_entry
+    from lifealign_lite.export import export_all, export_entry
     from lifealign_lite.model import ModelError
     from lifealign_lite.recipe import load_recipe
 
     from .app import err, home_dir
 
+    if all_entries and (name is None or out_dir is not None or fmt != "peft"):
+        _fail("--all takes one folder and exports PEFT folders: `lifealign-lite memory export --all DIR`")
+    if not all_entries and (name is None or out_dir is None):
+        _fail("give NAME and a new folder: `lifealign-lite memory export NAME DIR` (or --all DIR)")
     try:
-        result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None))
+        if all_entries:
+            result = export_all(_bank(bank).root, Path(name), home_dir(), load_recipe(None))
+        else:
+            result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None))
     except (BankError, ModelError, ValueError) as exc:
         _fail(str(exc))
+    if all_entries:
+        err.print(f"exported {', '.join(result['names'])} as PEFT folders to {result['out']}; serve them with vLLM:", highlight=False, soft_wrap=True)
+        print(result["vllm"])
+        return
     err.print(f"exported {name} as {result['format']} to {result['out']}" + (f" (checked: max logit difference {result['max_logit_diff']:.1e})" if "max_logit_diff" in result else ""))

@@ -137,6 +137,58 @@ class ChatSession:
         n_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
         return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0, interrupted)
 
+    def generate(self, prompt: str | list[dict], memory: str, on_token: Callable[[str], None], max_new_tokens: int = 256,
+                 stop: threading.Event | None = None, temperature: float = 0.0, top_p: float = 1.0) -> tuple[str, int]:
+        """Answer ``prompt`` with ``memory`` (a domain, core or base), without touching the history: the server's entry point.
+
+        A conversation (list of messages) goes through the chat template, a text is continued as it is. Greedy
+        decoding (with chat's repetition penalty) unless ``temperature`` > 0. Pieces of text go to ``on_token``;
+        setting ``stop`` ends generation at the next token. Returns the text and the number of new tokens.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self._activate(memory)
+        if isinstance(prompt, str):
+            enc = self.tokenizer(prompt, return_tensors="pt")
+        else:
+            enc = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = stop or threading.Event()
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        kwargs = dict(**enc, max_new_tokens=max_new_tokens, repetition_penalty=1.1, streamer=streamer, pad_token_id=self.tokenizer.pad_token_id,
+                      use_cache=True, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]), **sampling)
+        run = self.model.disable_adapter() if memory == BASE and hasattr(self.model, "peft_config") else contextlib.nullcontext()
+        new_tokens = []
+
+        def generate():
+            with torch.no_grad(), run, autocast(self.bf16_autocast):
+                new_tokens.append(self.model.generate(**kwargs).shape[1] - enc["input_ids"].shape[1])
+
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+        pieces = []
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                on_token(piece)
+        finally:
+            stop.set()  # a failing on_token must not leave generate() running
+            thread.join()
+        return "".join(pieces), new_tokens[0] if new_tokens else 0
+
+    def use_version(self, state: BankState) -> None:
+        """Swap in the adapters of another bank version, keeping the base model (the server's hot reload)."""
+        model = self.model
+        if hasattr(model, "peft_config"):
+            if self.merge and self.active not in (None, BASE):
+                model.unmerge_adapter()
+            model = model.unload()
+        self.model, self.state, self.active, self._router = attach_adapters(model, state), state, None, None
+
 
 class _StopOnEvent:
     """A transformers stopping criterion: stop every sequence once ``event`` is set (from another thread)."""
@@ -160,14 +212,25 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
     state = bank.load(version)
     # a wrong domain is reported before the slow imports and the model load
     ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
-    from peft import PeftModel
-
     from .align import make_embedder
 
     base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast, note=note)
     bank.check_base(base.info)
     base.model.eval()
     model = base.model
+    model = attach_adapters(model, state)
+    session = ChatSession(model=model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
+                          embedder_factory=lambda: make_embedder(state.meta.get("router", recipe.router), base),
+                          merge=merge and not base.info.get("bf16_autocast", False),
+                          bf16_autocast=base.info.get("bf16_autocast", False))
+    session.set_domain(domain)
+    return session
+
+
+def attach_adapters(model, state: BankState):
+    """``model`` with every adapter of ``state`` (each slot under its domain's name, and the core) loaded into one PEFT model."""
+    from peft import PeftModel
+
     adapters = [(name, state.slot_dir(name)) for name in sorted(state.domains)] + ([(CORE, state.core_dir())] if state.core_dir() else [])
     with _quiet():
         for i, (name, folder) in enumerate(adapters):
@@ -176,9 +239,4 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
             else:
                 model.load_adapter(str(folder), adapter_name=name)
     model.eval()
-    session = ChatSession(model=model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
-                          embedder_factory=lambda: make_embedder(state.meta.get("router", recipe.router), base),
-                          merge=merge and not base.info.get("bf16_autocast", False),
-                          bf16_autocast=base.info.get("bf16_autocast", False))
-    session.set_domain(domain)
-    return session
+    return model

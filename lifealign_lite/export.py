@@ -80,3 +80,22 @@ def export_peft(src: Path, out: Path, base_path: str) -> dict:
     config_path.write_text(json.dumps(config, indent=2))
     AutoTokenizer.from_pretrained(base_path).save_pretrained(out)
     return {"format": "peft", "out": str(out), "base": base_path}
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+
+
+def export_all(bank_dir: Path, out: Path, home: Path, recipe) -> dict:
+    """Every domain and the core as PEFT folders named after them in ``out``, and the vLLM command that serves them."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BankError(f"{out}: exists and is not an empty folder; choose a new folder")
+    state = Bank(bank_dir).load()
+    names = sorted(state.domains) + ([CORE] if state.core_dir() else [])
+    if not names:
+        raise BankError(f"{bank_dir}: no domains aligned yet; nothing to export")
+    results = [export_entry(bank_dir, name, out / name, "peft", home, recipe) for name in names]
+    rank = next((r for r in VLLM_LORA_RANKS if r >= state.meta.get("bank_rank", 8)), VLLM_LORA_RANKS[-1])
+    modules = " ".join(f"{name}={out / name}" for name in names)
+    command = f"vllm serve {results[0]['base']} --enable-lora --lora-modules {modules} --max-lora-rank {rank}"
+    return {"format": "peft", "out": str(out), "names": names, "vllm": command}
