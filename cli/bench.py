@@ -269,6 +269,9 @@ def routing_cmd(
         table.add_row(f"{row['route_quantile']}", pct(row["mean_accuracy"], row["mean_accuracy_interval"]),
                       pct(row["mean_unseen_fallback"], row["mean_unseen_fallback_interval"]) if "mean_unseen_fallback" in row else "n/a")
     out.print(table)
+    timing = report["setting"]["route_one_prompt_ms"]
+    err.print(f"routing one prompt as chat does: {timing['total_ms']} ms median ({timing['embed_ms']} ms of it embedding), "
+              f"over {timing['prompts']} prompts")
     table = Table("true \\ routed", *names, "core", title=f"{SHIPPED}: confusion (test prompts)")
     for d in names:
         table.add_row(d, *[str(report["shipped"]["confusion"][d].get(n, 0)) for n in [*names, "core"]])

@@ -198,3 +198,34 @@ def test_unrelated_prompts_go_to_the_core(embedder, split):
         routed = prompt_text(text)
         r = router.route(embedder([routed])[0], routed)
         assert r.domain == CORE, f"{text!r} went to {r.domain} (similarity {r.similarity:.3f}, threshold {r.threshold:.3f})"
+
+
+def test_bench_routing_json_has_the_shipped_router_on_top(embedder, tmp_path):
+    """`bench routing --json`: a top-level `shipped` object (accuracy per domain, mean_accuracy, mean_unseen_fallback)
+    for the router align uses, beside every router compared, each proportion with its interval."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lifealign_lite.bench.routing import ROUTERS, SHIPPED
+    from lifealign_lite.cli.app import app
+
+    tasks = []
+    for domain in ("medical", "support"):
+        lines = (EXAMPLES / f"{domain}.jsonl").read_text().splitlines()
+        (tmp_path / f"{domain}-train.jsonl").write_text("\n".join(lines[:30]) + "\n")
+        (tmp_path / f"{domain}-test.jsonl").write_text("\n".join(lines[30:]) + "\n")
+        tasks.append(f"{domain}={tmp_path / f'{domain}-train.jsonl'}:{tmp_path / f'{domain}-test.jsonl'}")
+    result = CliRunner().invoke(app, ["bench", "routing", *tasks, "--json"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    shipped = report["shipped"]
+    assert shipped["router"] == SHIPPED and set(shipped["accuracy"]) == {"medical", "support"}
+    assert shipped["mean_accuracy"] == pytest.approx(sum(shipped["accuracy"].values()) / 2, abs=1e-3)
+    assert shipped["mean_accuracy"] >= 0.8 and 0 <= shipped["mean_unseen_fallback"] <= 1
+    lo, hi = shipped["mean_accuracy_interval"]
+    assert lo <= shipped["mean_accuracy"] <= hi
+    assert set(report["routers"]) == set(ROUTERS) and report["setting"]["train_prompts"] == {"medical": 30, "support": 30}
+    # leaving one of two domains out, the other's router must send the unseen domain's off-topic prompts to the core
+    assert shipped["unseen_fallback"]["medical"] > 0.5 and shipped["unseen_fallback"]["support"] > 0.5
+    assert sum(shipped["confusion"]["medical"].values()) == 10

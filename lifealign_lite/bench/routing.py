@@ -110,6 +110,23 @@ def evaluate_router(kind: str, train: dict, test: dict, quantile: float, lodo: b
     return out
 
 
+def one_prompt_ms(embedder, train: dict, test: dict, quantile: float, n: int = 50) -> dict:
+    """Median wall time to route one prompt as chat does (embed it alone, then the shipped router), over ``n`` prompts."""
+    router = build_router(SHIPPED, {d: e for d, (e, _) in train.items()}, {d: t for d, (_, t) in train.items()}, quantile)
+    texts = [t for _, ts in test.values() for t in ts][:n]
+    embed, total = [], []
+    for text in texts:
+        t0 = time.perf_counter()
+        e = embedder([text])[0]
+        t1 = time.perf_counter()
+        router.route(e, text)
+        t2 = time.perf_counter()
+        embed.append(t1 - t0)
+        total.append(t2 - t0)
+    med = lambda xs: round(1000 * sorted(xs)[len(xs) // 2], 2) if xs else None  # noqa: E731
+    return {"prompts": len(texts), "embed_ms": med(embed), "total_ms": med(total)}
+
+
 def routing_report(tasks, embedder, max_train: int = 300, max_test: int = 0, quantile: float = 0.05,
                    routers=ROUTERS, quantiles=QUANTILES, progress=None) -> dict:
     """Every router at the default ``quantile``, the shipped one at each of ``quantiles``; ``shipped`` on top."""
@@ -132,6 +149,7 @@ def routing_report(tasks, embedder, max_train: int = 300, max_test: int = 0, qua
         if progress:
             progress(f"quantile {q}")
     shipped = routers_out.get(SHIPPED) or evaluate_router(SHIPPED, train, test, quantile)
+    report["setting"]["route_one_prompt_ms"] = one_prompt_ms(embedder, train, test, quantile)
     report["shipped"] = {k: shipped[k] for k in ("router", "route_quantile", "accuracy", "accuracy_interval", "mean_accuracy",
                                                  "mean_accuracy_interval", "mean_unseen_fallback", "mean_unseen_fallback_interval",
                                                  "unseen_fallback", "confusion") if k in shipped}
