@@ -320,7 +320,7 @@ def test_replay_buffer_clips_huge_pairs():
 
 DAMAGED_FILES = ["manifest.json", "state.json", CHECKSUMS, "core/adapter_model.safetensors", "core/adapter_config.json",
                  "slots/support/adapter_model.safetensors", "slots/support/adapter_config.json", "keys.safetensors",
-                 "history.safetensors", "replay.jsonl"]
+                 "key_texts.json", "router.safetensors", "history.safetensors", "replay.jsonl"]
 LEGACY_EDITS = {  # damage that parses as JSON but is not a bank file: found by the structure checks of unverified versions
     "state.json {}": ("state.json", b"{}"),
     "pairs_seen null": ("state.json", None),
