@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -210,7 +211,9 @@ def _spawn_chat(tiny_bank, tiny_model_dir, tmp_path, *extra):
         pytest.skip(f"console script not found: {CLI}")
     env = dict(os.environ, LIFEALIGN_HOME=str(tmp_path / "home"), TERM="xterm", COLUMNS="120")
     args = ["chat", "--bank", str(tiny_bank), "--model", str(tiny_model_dir), "--domain", "medical", *extra]
-    return pexpect.spawn(str(CLI), args, env=env, encoding="utf-8", timeout=120, dimensions=(40, 120))
+    # a pytest started in the background (`cmd &` in a script) ignores SIGINT, and the child would inherit that
+    return pexpect.spawn(str(CLI), args, env=env, encoding="utf-8", timeout=120, dimensions=(40, 120),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tiny_bank, tiny_model_dir, tmp_path):
