@@ -25,7 +25,7 @@ from .losses import preference_loss
 from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
 from .memory.consolidate import add_adapters, compress_adapter, consolidate_adapter, denoise
 from .memory.router import BaseModelEmbedder, MiniLMEmbedder, add_prompts, fit_router, prompt_text
-from .model import attach_adapters, check_device, load_base, resolve_model_path, save_adapter
+from .model import attach_adapters, check_device, load_base, save_adapter
 from .recipe import Recipe
 from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
 from .train import plot_history, tokenize_pairs, train_short_term
@@ -191,10 +191,9 @@ def align(
 
     note = getattr(reporter, "note", None) or (lambda message: None)  # status lines for the silent phases
 
-    def load_model():
-        resolve_model_path(recipe.model, home, note)  # a missing folder or unknown hub id fails before any status line
-        note(f"loading model {recipe.model} ({len(pairs)} pairs of {data_path.name}, domain {domain})")
-        return load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast, note=note)
+    def load_model():  # the status line comes once the model is found, so a missing folder is a one-line error
+        return load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast, note=note,
+                         loading_note=f"loading model {recipe.model} ({len(pairs)} pairs of {data_path.name}, domain {domain})")
 
     base = None
     if not bank.root.exists():  # a new bank: fail on the model (or --resume) before the lock creates its folder

@@ -256,17 +256,20 @@ def _quiet() -> Iterator[None]:
 
 
 def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = None, trust_remote_code: bool = False,
-              autocast_setting: str = "none", note: Callable[[str], None] | None = None) -> BaseModel:
+              autocast_setting: str = "none", note: Callable[[str], None] | None = None, loading_note: str | None = None) -> BaseModel:
     """Load a base causal LM and its tokenizer in the asked precision (safetensors only).
 
     ``info["bf16_autocast"]`` says whether its forward passes should run under bf16 autocast (``autocast_setting``).
-    ``note`` (optional) receives one-line status messages (the one-time conversion of the embedded model).
+    ``note`` (optional) receives one-line status messages (the one-time conversion of the embedded model, then
+    ``loading_note`` once the model is found).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or pick_device()
     quant = resolve_quant(quant, device)
     path = resolve_model_path(spec, home, note)
+    if note and loading_note:
+        note(loading_note)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     qcfg = quantization_config(quant, device)
