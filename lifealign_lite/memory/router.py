@@ -148,10 +148,11 @@ def _tfidf(counts, idf: np.ndarray):
     return hstack([normalize(x[:, :half]), normalize(x[:, half:])]).tocsr()
 
 
-def _features(embeddings: torch.Tensor, texts: Sequence[str], idf: np.ndarray):
+def _features(embeddings: torch.Tensor, counts, idf: np.ndarray):
+    """The classifier's input: tf-idf of the n-gram ``counts`` beside the embeddings."""
     from scipy.sparse import csr_matrix, hstack
 
-    return hstack([_tfidf(_ngram_counts(texts), idf), csr_matrix(embeddings.float().numpy().astype(np.float64))]).tocsr()
+    return hstack([_tfidf(counts, idf), csr_matrix(embeddings.float().numpy().astype(np.float64))]).tocsr()
 
 
 def _neighbour_similarity(queries: torch.Tensor, stored: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
@@ -189,7 +190,7 @@ class Router:
             if self._dense is None:  # converted once: routing a prompt is then a sparse product (well under 1 ms)
                 self._dense = (self.idf.double().numpy(), self.coef.double().numpy().T.copy(), self.intercept.double().numpy())
             idf, coef_t, intercept = self._dense
-            logits = np.asarray(_features(embedding[None], [text], idf) @ coef_t)[0] + intercept
+            logits = np.asarray(_features(embedding[None], _ngram_counts([text]), idf) @ coef_t)[0] + intercept
             p = np.exp(logits - logits.max())
             p /= p.sum()
             probs = {d: float(p[i]) for i, d in enumerate(self.domains)}
@@ -247,7 +248,7 @@ def fit_router(keys: dict[str, torch.Tensor], texts: dict[str, list[str]], quant
     df = np.bincount(counts.indices, minlength=size)
     n = len(all_texts)
     idf = np.log((1 + n) / (1 + df)) + 1  # sklearn's smooth idf
-    x = _features(torch.cat([keys[d].float() for d in domains]), all_texts, idf)
+    x = _features(torch.cat([keys[d].float() for d in domains]), counts, idf)
     y = np.concatenate([np.full(len(keys[d]), i) for i, d in enumerate(domains)])
     clf = LogisticRegression(C=CLASSIFIER_C, max_iter=1000, tol=1e-3).fit(x, y)
     coef, intercept = clf.coef_, clf.intercept_
