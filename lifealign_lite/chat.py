@@ -105,8 +105,9 @@ class ChatSession:
                 self.model.get_submodule(module).weight.copy_(original)
         for module, low_rank in update.items():
             weight = self.model.get_submodule(module).weight
-            original = self._originals.setdefault(module, weight.detach().clone())
-            weight.copy_(original + (low_rank.B @ low_rank.A).to(weight.dtype))
+            if module not in self._originals:
+                self._originals[module] = weight.detach().clone()
+            torch.add(self._originals[module], (low_rank.B @ low_rank.A).to(weight.dtype), out=weight)
 
     def memory_for(self, conversation) -> tuple[str, Route | None]:
         if self.domain != AUTO:
