@@ -717,9 +717,11 @@ def cli_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "lifealign_lite.cli.app"]
 
 
-def cold_start(home: Path, bank: Path, domain: str, prompt: str, new_tokens: int, timeout: float, threads: int | None = None) -> dict:
+def cold_start(home: Path, bank: Path, domain: str, prompt: str, new_tokens: int, timeout: float, threads: int | None = None,
+               model: str = "default") -> dict:
     """Time ``lifealign-lite chat --prompt`` from process start to first answer byte and to exit."""
     cmd = cli_command() + ["chat", "--prompt", prompt, "--domain", domain, "--bank", str(bank), "--max-new-tokens", str(new_tokens)]
+    cmd += [] if model == "default" else ["--model", model]
     env = dict(os.environ, LIFEALIGN_HOME=str(home), PYTHONUNBUFFERED="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -850,7 +852,7 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
             log("cold start skipped: `lifealign-lite chat` needs a bank (pass --bank)")
         for i in range(max(0, cold_repeats) if bank else 0):
             log(f"cold start {i + 1}/{cold_repeats}: lifealign-lite chat --prompt ... --domain {cold_domain}")
-            cold.append(cold_start(home, Path(bank), cold_domain, prompt, new_tokens, timeout, threads))
+            cold.append(cold_start(home, Path(bank), cold_domain, prompt, new_tokens, timeout, threads, model))
     ok = [c for c in cold if c.get("ok")]
     merged, unmerged = results.get("merged", {}), results.get("unmerged", {})
     ours = merged if merged.get("ok") else {}
