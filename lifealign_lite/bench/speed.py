@@ -688,7 +688,7 @@ def one_chat(options: dict, mode: str) -> dict:
                               "decode_tokens_per_s": _median([x["decode_tokens_per_s"] for x in timed]), "turns": timed}
     switches = []
     for memory in memories * 3:
-        session._activate(BASE if len(memories) == 1 else next(m for m in memories if m != session.active))
+        session._activate(next((m for m in memories if m != memory), BASE))
         t = time.perf_counter()
         session._activate(memory)
         switches.append((time.perf_counter() - t) * 1e3)
