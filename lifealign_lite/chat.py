@@ -54,11 +54,11 @@ class ChatSession:
     embedder_factory: Callable[[], object]
     merge: bool = True
     active: str | None = None
-    updates: dict[str, dict[str, LowRank]] = field(default_factory=dict)
-    _originals: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> its base weight
     history: list[dict] = field(default_factory=list)
     _embedder: object | None = None
     _router: object | None = None
+    updates: dict[str, dict[str, LowRank]] = field(default_factory=dict)
+    _originals: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> its base weight
 
     def available(self) -> list[str]:
         return sorted(self.state.domains) + ([CORE] if self.state.core_dir() else []) + [BASE]
