@@ -160,6 +160,10 @@ def chat_cmd(
             else:
                 table.add_row(name, "failed", "-", "-", "-", "-")
         out.print(table)
+        out.print(f"tokens/s {_fmt(result['tokens_per_s'], '.1f')} (slowest memory) vs plain transformers generate "
+                  f"{_fmt(result['transformers_tokens_per_s'], '.1f')}: ratio {_fmt(result['ratio_vs_transformers'], '.2f')}; "
+                  f"first token {_fmt(result['first_token_s'], '.2f')} s; memory switch {_fmt(result['switch_ms'], '.1f')} ms; "
+                  f"--help {_fmt(result['help_s'], '.2f')} s")
         cold = result["cold_start"]
         out.print(f"cold start `lifealign-lite chat --prompt ... --domain {cold['domain']}`: first output {_fmt(cold['best_first_output_s'], '.1f')} s, "
                   f"answer complete {_fmt(cold['best_total_s'], '.1f')} s (best of {len(cold['runs'])})")

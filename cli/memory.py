@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
-from lifealign_lite.memory.bank import Bank, BankError, VersionCheck, folder_size
-from lifealign_lite.memory.router import CORE
+if TYPE_CHECKING:
+    from lifealign_lite.memory.bank import Bank, VersionCheck
 
 memory_app = typer.Typer(help="Inspect and manage the long-term adapter bank.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def _bank(path: Optional[Path]) -> Bank:
+    from lifealign_lite.memory.bank import Bank  # here, not at the top: --help should not import torch
+
     from .app import existing_bank
 
     return Bank(existing_bank(path))
@@ -32,6 +34,8 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout.")
 
 
 def _rows(bank: Bank) -> list[dict]:
+    from lifealign_lite.memory.bank import folder_size
+
     state = bank.load()
     rows = []
     for name, info in sorted(state.domains.items()):
@@ -50,6 +54,7 @@ def _rows(bank: Bank) -> list[dict]:
 @memory_app.command("list")
 def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """A table of the bank's domains (and the core)."""
+    from lifealign_lite.memory.bank import BankError, folder_size
     from .app import out
 
     try:
@@ -71,6 +76,8 @@ def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
 def show_cmd(name: str = typer.Argument(..., help="A domain, or 'core'."), bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """Everything recorded about one domain (lineage of every update: data, pairs, recipe, time, consolidation),
     or about the core (the tasks folded into it)."""
+    from lifealign_lite.memory.bank import BankError
+    from lifealign_lite.memory.router import CORE
     from .app import out
 
     try:
@@ -101,6 +108,7 @@ def show_cmd(name: str = typer.Argument(..., help="A domain, or 'core'."), bank:
 @memory_app.command("rm")
 def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
     """Remove a domain's slot, key and replay pairs (as a new version; `rollback` undoes it)."""
+    from lifealign_lite.memory.bank import BankError
     from .app import err
 
     b = _bank(bank)
@@ -118,6 +126,7 @@ def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
 @memory_app.command("rollback")
 def rollback_cmd(version: int, bank: Optional[Path] = BankOpt) -> None:
     """Make an earlier version the current one (later versions stay on disk)."""
+    from lifealign_lite.memory.bank import BankError
     from .app import err
 
     if version == 0:
@@ -142,6 +151,7 @@ def verify_cmd(
     Exit 0: all intact; 1: something is damaged (the table names each file and what is wrong); 2: no bank to check.
     Versions written before checksums existed are checked for structure only and shown as unverified.
     """
+    from lifealign_lite.memory.bank import BankError
     from .app import err, out
 
     b = _bank(bank)
@@ -173,6 +183,7 @@ def verify_cmd(
 @memory_app.command("versions")
 def versions_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """The version log."""
+    from lifealign_lite.memory.bank import BankError
     from .app import out
 
     try:
@@ -198,6 +209,7 @@ def export_cmd(
     bank: Optional[Path] = BankOpt,
 ) -> None:
     """Export a bank entry as a PEFT adapter or a merged model (checked against the bank entry)."""
+    from lifealign_lite.memory.bank import BankError
     from lifealign_lite.export import export_all, export_entry
     from lifealign_lite.model import ModelError
     from lifealign_lite.recipe import load_recipe

@@ -1,8 +1,10 @@
 """``chat``: answer with the right long-term memory.
 
-All adapters of the bank version (core and every slot) are loaded once into one PEFT model; the active one
-is merged into the weights (measured faster than unmerged LoRA, docs/PERFORMANCE.md) and switching domain
-unmerges it and merges another. ``auto`` routes each turn's whole conversation with the bank's router.
+Every adapter of the bank version (core and every slot) is read once as fp32 weight updates ``B @ A``; the
+active one is added into the fp32 base weights, so each answer runs the plain transformers model at its own
+speed (no LoRA layers, no autocast, no PEFT import), and switching domain copies the touched weights back
+from their originals (kept once) before adding another. ``auto`` routes each turn's whole conversation with
+the bank's router. A 4-bit base (``--quant nf4``) or ``--unmerged`` goes through PEFT instead.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Callable
 
 import torch
 
-from .memory.bank import Bank, BankError, BankState
+from .memory.bank import Bank, BankError, BankState, read_adapter
+from .memory.consolidate import LowRank
 from .memory.router import CORE, Route, prompt_text
-from .model import _quiet, autocast, load_base
+from .model import _quiet, load_base
 
 BASE = "base"
 AUTO = "auto"
@@ -37,7 +40,11 @@ class ChatTurn:
 
 @dataclass
 class ChatSession:
-    """A base model with the bank's adapters loaded, one of them merged in at a time."""
+    """A base model with the bank's adapters loaded, one of them merged in at a time.
+
+    ``direct`` selects the direct fp32 merge of ``updates`` (memory name -> {module name: update}); without it,
+    ``model`` is a PEFT model holding the adapters (merged in by PEFT when ``merge``, else run as separate LoRA layers).
+    """
 
     model: object
     tokenizer: object
@@ -46,11 +53,13 @@ class ChatSession:
     threshold: float | None  # None or < 0: each domain's calibrated novelty threshold
     embedder_factory: Callable[[], object]
     merge: bool = True
-    bf16_autocast: bool = False
     active: str | None = None
     history: list[dict] = field(default_factory=list)
     _embedder: object | None = None
     _router: object | None = None
+    updates: dict[str, dict[str, LowRank]] = field(default_factory=dict)
+    _originals: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> its base weight
+    direct: bool = False  # adapters merged as fp32 updates (``updates``) instead of through PEFT
 
     def available(self) -> list[str]:
         return sorted(self.state.domains) + ([CORE] if self.state.core_dir() else []) + [BASE]
@@ -69,13 +78,20 @@ class ChatSession:
             self._router = self.state.router()
         text = prompt_text(conversation)
         fixed = self.threshold if self.threshold is not None and self.threshold >= 0 else None
-        return self._router.route(self._embedder([text])[0], text, fixed)
+        own_states = getattr(self._embedder, "name", "") == "base"  # keys hold the base model's states: no adapter in
+        if own_states:
+            self._activate(BASE)
+        with self.model.disable_adapter() if own_states and hasattr(self.model, "peft_config") else contextlib.nullcontext():
+            embedding = self._embedder([text])[0]
+        return self._router.route(embedding, text, fixed)
 
     def _activate(self, name: str) -> None:
         """Make ``name`` (a domain, core or base) the adapter in use."""
         if name == self.active:
             return
-        if hasattr(self.model, "peft_config"):
+        if self.direct:
+            self._merge_update(self.updates.get(name, {}))
+        elif hasattr(self.model, "peft_config"):
             if self.merge and self.active not in (None, BASE):
                 self.model.unmerge_adapter()
             if name != BASE:
@@ -83,6 +99,21 @@ class ChatSession:
                 if self.merge:
                     self.model.merge_adapter()
         self.active = name
+
+    @torch.no_grad()
+    def _merge_update(self, update: dict[str, LowRank]) -> None:
+        """Set each weight an update touches to base + B @ A, and every other touched weight back to base.
+
+        Copying from the kept original (instead of subtracting the old update) leaves no rounding behind.
+        """
+        for module, original in self._originals.items():
+            if module not in update:
+                self.model.get_submodule(module).weight.copy_(original)
+        for module, low_rank in update.items():
+            weight = self.model.get_submodule(module).weight
+            if module not in self._originals:
+                self._originals[module] = weight.detach().clone()
+            torch.add(self._originals[module], (low_rank.B @ low_rank.A).to(weight.dtype), out=weight)
 
     def memory_for(self, conversation) -> tuple[str, Route | None]:
         if self.domain != AUTO:
@@ -114,7 +145,7 @@ class ChatSession:
         run = self.model.disable_adapter() if memory == BASE and hasattr(self.model, "peft_config") else contextlib.nullcontext()
 
         def generate():
-            with torch.no_grad(), run, autocast(self.bf16_autocast):
+            with torch.no_grad(), run:
                 self.model.generate(**kwargs)
 
         thread = threading.Thread(target=generate, daemon=True)  # daemon: an exit never waits for an answer
@@ -165,7 +196,7 @@ class ChatSession:
         new_tokens = []
 
         def generate():
-            with torch.no_grad(), run, autocast(self.bf16_autocast):
+            with torch.no_grad(), run:
                 new_tokens.append(self.model.generate(**kwargs).shape[1] - enc["input_ids"].shape[1])
 
         thread = threading.Thread(target=generate, daemon=True)
@@ -180,14 +211,38 @@ class ChatSession:
             thread.join()
         return "".join(pieces), new_tokens[0] if new_tokens else 0
 
+    def load_adapters(self, state: BankState) -> None:
+        """Load every adapter of ``state`` (each slot under its domain's name, and the core), none of them active.
+
+        With ``direct``, each is read as fp32 updates for the direct merge; otherwise PEFT holds them (it merges
+        into 4-bit weights, de-quantizing and re-quantizing, or runs them as LoRA layers).
+        """
+        adapters = [(name, state.slot_dir(name)) for name in sorted(state.domains)] + ([(CORE, state.core_dir())] if state.core_dir() else [])
+        self.state, self.active, self._router = state, None, None
+        if self.direct:
+            self.updates = {name: read_adapter(folder)[0] for name, folder in adapters}
+            return
+        if not adapters:
+            return
+        from peft import PeftModel
+
+        with _quiet():
+            for i, (name, folder) in enumerate(adapters):
+                if i == 0:
+                    self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+                else:
+                    self.model.load_adapter(str(folder), adapter_name=name)
+        self.model.eval()
+
     def use_version(self, state: BankState) -> None:
         """Swap in the adapters of another bank version, keeping the base model (the server's hot reload)."""
-        model = self.model
-        if hasattr(model, "peft_config"):
+        if self.direct:
+            self._merge_update({})  # every touched weight back to the base
+        elif hasattr(self.model, "peft_config"):
             if self.merge and self.active not in (None, BASE):
-                model.unmerge_adapter()
-            model = model.unload()
-        self.model, self.state, self.active, self._router = attach_adapters(model, state), state, None, None
+                self.model.unmerge_adapter()
+            self.model = self.model.unload()
+        self.load_adapters(state)
 
 
 class _StopOnEvent:
@@ -204,39 +259,28 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
                  note: Callable[[str], None] | None = None) -> ChatSession:
     """Load the base model and every adapter of a bank version (default: the current one) for chatting.
 
-    Under bf16 autocast the adapters stay unmerged: merged into the fp32 weights and then cast to bf16, an
-    adapter's small change is rounded away (measured on 12 hh-helpful dev pairs: preference accuracy 0.50
-    merged against 0.42 unmerged and 0.42 in fp32), while the separate LoRA path keeps it.
+    Answers run in fp32 whatever the recipe's training autocast: merged into fp32 weights, an adapter's small
+    change is kept (merged and then cast to bf16 by autocast it was rounded away: preference accuracy 0.50
+    against 0.42 unmerged and 0.42 in fp32 on 12 hh-helpful dev pairs), and casting every weight to bf16 at
+    every step under autocast cost more than it saved (docs/PERFORMANCE.md, ``bench chat``).
     """
     bank = Bank(bank_dir)
     state = bank.load(version)
     # a wrong domain is reported before the slow imports and the model load
     ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
-    from .align import make_embedder
-
-    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast, note=note)
+    base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, note=note)
     bank.check_base(base.info)
     base.model.eval()
-    model = base.model
-    model = attach_adapters(model, state)
-    session = ChatSession(model=model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
-                          embedder_factory=lambda: make_embedder(state.meta.get("router", recipe.router), base),
-                          merge=merge and not base.info.get("bf16_autocast", False),
-                          bf16_autocast=base.info.get("bf16_autocast", False))
+    session = ChatSession(model=base.model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
+                          embedder_factory=lambda: _embedder(state.meta.get("router", recipe.router), base), merge=merge,
+                          direct=merge and base.info["quant"] == "none")
+    session.load_adapters(state)
     session.set_domain(domain)
     return session
 
 
-def attach_adapters(model, state: BankState):
-    """``model`` with every adapter of ``state`` (each slot under its domain's name, and the core) loaded into one PEFT model."""
-    from peft import PeftModel
+def _embedder(name: str, base):
+    """The routing embedder, imported and loaded on the first routed prompt only."""
+    from .align import make_embedder
 
-    adapters = [(name, state.slot_dir(name)) for name in sorted(state.domains)] + ([(CORE, state.core_dir())] if state.core_dir() else [])
-    with _quiet():
-        for i, (name, folder) in enumerate(adapters):
-            if i == 0:
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
-            else:
-                model.load_adapter(str(folder), adapter_name=name)
-    model.eval()
-    return model
+    return make_embedder(name, base)

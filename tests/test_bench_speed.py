@@ -253,3 +253,19 @@ def test_bench_speed_smoke_on_the_default_model(lifealign_home, shared_data):
     assert res["flops_per_token_estimate"] == 8 * res["params"]
     assert res["matmul"]["best_gflops"] > 0 and 0 < res["share_of_matmul_peak"]
     assert (lifealign_home / "bank").exists() == bank_existed  # the bench never writes a bank
+
+
+@pytest.mark.integration
+def test_bench_chat_reports_the_issue_keys_on_the_tiny_model(tiny_bank, tiny_model_dir, tmp_path):
+    """One run of `bench chat` on the tiny bank: the top-level figures come from the merged mode's child (the slowest
+    memory, the interleaved plain-transformers anchor), the CLI's cold start and `--help`."""
+    result = speed.bench_chat(tmp_path / "home", bank=tiny_bank, model=str(tiny_model_dir), new_tokens=4, repeats=1, cold_repeats=1,
+                              modes="merged", threads=1)
+    merged = result["modes"]["merged"]
+    assert merged["ok"], merged.get("traceback")
+    assert set(merged["memories"]) == {"medical", "core"} and merged["slowest_memory"] in merged["memories"]
+    assert result["tokens_per_s"] == min(m["tokens_per_s"] for m in merged["memories"].values()) > 0
+    assert result["transformers_tokens_per_s"] > 0 and result["switch_ms"] >= 0 and result["first_token_s"] > 0
+    assert result["ratio_vs_transformers"] == speed.ratio(result["tokens_per_s"], result["transformers_tokens_per_s"])
+    assert result["cold_start"]["runs"][0]["ok"], result["cold_start"]["runs"][0].get("error")
+    assert result["cold_start_first_token_s"] > 0 and result["help_s"] > 0

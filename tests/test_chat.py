@@ -386,3 +386,41 @@ def test_rollback_log_names_where_it_came_from_and_version_0_is_refused(tiny_ban
     empty = invoke(["memory", "rollback", "0", "--bank", str(bank)], home)
     assert empty.exit_code == 2 and "empty bank" in empty.stderr
     assert json.loads(invoke(["memory", "versions", "--json", "--bank", str(bank)], home).stdout)["current"] == 1
+
+
+# -- the direct fp32 merge (chat's default path) ---------------------------------------------------------------
+
+def test_direct_merge_answers_as_peft_merge_and_switches_back_exactly(tiny_bank, tiny_model_dir, tmp_path, single_thread):
+    """Chat adds each memory's B @ A into the fp32 weights itself (no PEFT): the weights and the greedy answer
+    equal PEFT's merged model, and switching to base restores the base weights bit for bit."""
+    from peft import PeftModel
+
+    from lifealign_lite.chat import open_session
+    from lifealign_lite.model import _quiet, load_base
+
+    recipe = load_recipe("edge-cpu", {"model": str(tiny_model_dir), "router": "base"})
+    session = open_session(tiny_bank, tmp_path, recipe, domain="medical")
+    assert not hasattr(session.model, "peft_config") and set(session.updates) == {"medical", "core"}
+    turn = session.ask("hello there", max_new_tokens=TOKENS, keep_history=False)
+
+    ref = load_base(str(tiny_model_dir), tmp_path, "none")
+    with _quiet():
+        peft_model = PeftModel.from_pretrained(ref.model, str(session.state.slot_dir("medical"))).eval()
+    merged = peft_model.merge_and_unload()
+    ours = dict(session.model.named_parameters())
+    changed = 0
+    for name, param in merged.named_parameters():
+        assert torch.equal(ours[name], param), name
+        changed += int(name in {f"{m}.weight" for m in session.updates["medical"]})
+    assert changed == len(session.updates["medical"]) > 0
+    enc = ref.tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = merged.generate(**enc, max_new_tokens=TOKENS, do_sample=False, repetition_penalty=1.1, pad_token_id=ref.tokenizer.pad_token_id)
+    assert turn.text == ref.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    base = load_base(str(tiny_model_dir), tmp_path, "none").model
+    session.set_domain("base")
+    session.ask("hello there", max_new_tokens=2, keep_history=False)
+    assert session.active == "base"
+    assert all(torch.equal(p, dict(base.named_parameters())[n]) for n, p in session.model.named_parameters())

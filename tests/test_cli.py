@@ -57,6 +57,15 @@ def test_help_lists_commands(env):
     assert "align" in result.stdout and "recipes" in result.stdout
 
 
+def test_help_does_not_import_torch():
+    """`lifealign-lite --help` (and every subcommand's) stays fast: the CLI imports torch only inside commands."""
+    code = ("import sys\nfrom lifealign_lite.cli.app import app\n"
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'numpy') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+
+
 def test_recipes_lists_presets(env):
     result = invoke(["recipes"], env)
     assert result.exit_code == 0, result.stderr

@@ -540,22 +540,26 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
 
 # -- quant: precision on this machine ----------------------------------------------------------------------
 
-def _greedy_tokens_per_s(model, tokenizer, new_tokens: int) -> dict:
-    """Greedy generation of exactly ``new_tokens`` tokens after a short warm-up; tokens/s of the timed run."""
+def greedy_generate(model, tokenizer, prompt: str, new_tokens: int) -> tuple[int, float]:
+    """Plain greedy ``generate`` (no repetition penalty, no streamer) of exactly ``new_tokens`` tokens: (tokens, seconds)."""
     import torch
 
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": GEN_PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    kw = dict(do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
-    model.eval()
+    t = time.perf_counter()
     with torch.no_grad():
-        model.generate(**enc, max_new_tokens=4, min_new_tokens=4, **kw)
-        t = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-        dt = time.perf_counter() - t
-    n = out.shape[1] - enc["input_ids"].shape[1]
-    return {"gen_tokens": int(n), "gen_s": round(dt, 2), "gen_tokens_per_s": rate(n, dt, 2)}
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id)
+    return int(out.shape[1] - enc["input_ids"].shape[1]), time.perf_counter() - t
+
+
+def _greedy_tokens_per_s(model, tokenizer, new_tokens: int) -> dict:
+    """Greedy generation of exactly ``new_tokens`` tokens after a short warm-up; tokens/s of the timed run."""
+    model.eval()
+    greedy_generate(model, tokenizer, GEN_PROMPT, 4)
+    n, dt = greedy_generate(model, tokenizer, GEN_PROMPT, new_tokens)
+    return {"gen_tokens": n, "gen_s": round(dt, 2), "gen_tokens_per_s": rate(n, dt, 2)}
 
 
 def one_quant(options: dict, mode: str) -> dict:
@@ -630,10 +634,18 @@ def bank_domain(bank: Path, domain: str | None) -> str:
 
 
 def one_chat(options: dict, mode: str) -> dict:
-    """First-token time and tokens/s of ChatSession.ask with an adapter merged, unmerged, or on a 4-bit base."""
+    """First-token time and tokens/s of ChatSession.ask with each memory merged, unmerged, or on a 4-bit base.
+
+    Every memory (each domain and the core of ``--bank``, else the random adapter) answers ``repeats`` timed
+    prompts after one untimed one; ``switch_ms`` is the median time to make a memory active from another (or
+    from base). In ``merged`` mode the same prompts also go through plain transformers ``generate`` of the base
+    alone in fp32 (a second copy of it, greedy, exactly ``new_tokens`` tokens), interleaved with the answers so
+    both see the same machine load: the anchor.
+    """
     from peft import PeftModel
 
-    from lifealign_lite.chat import ChatSession, open_session
+    from lifealign_lite.chat import BASE, ChatSession, open_session
+    from lifealign_lite.memory.bank import read_adapter
     from lifealign_lite.model import _quiet, load_base
 
     quant = "nf4" if mode == "nf4" else "none"
@@ -641,32 +653,55 @@ def one_chat(options: dict, mode: str) -> dict:
     home = Path(options["home"])
     t = time.perf_counter()
     if options.get("bank"):
-        recipe = _recipe(options, quant=quant)
-        session = open_session(Path(options["bank"]), home, recipe, domain=options["domain"], merge=merge)
+        session = open_session(Path(options["bank"]), home, _recipe(options, quant=quant), domain=options["domain"], merge=merge)
+        memories = session.available()[:-1]  # every domain and the core, not base
     else:
         base = load_base(options.get("model") or "default", home, quant)
-        with _quiet():
-            model = PeftModel.from_pretrained(base.model, options["adapter"], adapter_name="bench")
-        model.eval()
-        session = ChatSession(model=model, tokenizer=base.tokenizer, state=None, domain="bench", threshold=0.0,
+        session = ChatSession(model=base.model.eval(), tokenizer=base.tokenizer, state=None, domain="bench", threshold=0.0,
                               embedder_factory=lambda: None, merge=merge)
+        if merge and quant == "none":
+            session.updates = {"bench": read_adapter(Path(options["adapter"]))[0]}
+        else:
+            with _quiet():
+                session.model = PeftModel.from_pretrained(base.model, options["adapter"], adapter_name="bench").eval()
+        memories = ["bench"]
     load_s = time.perf_counter() - t
-    turns = []
+    anchor = load_base(options.get("model") or "default", home, "none") if mode == "merged" else None
+    if anchor is not None:
+        greedy_generate(anchor.model.eval(), anchor.tokenizer, GEN_PROMPT, 4)  # warm-up, as the untimed first answer
     prompts = list(CHAT_PROMPTS)
-    for i in range(1 + max(1, options["repeats"])):
-        turn = session.ask(prompts[i % len(prompts)], max_new_tokens=options["new_tokens"], keep_history=False)
-        decode = rate(max(turn.tokens - 1, 0), turn.seconds - turn.first_token_s, 2)
-        turns.append({"first_token_s": round(turn.first_token_s, 3), "tokens": turn.tokens, "seconds": round(turn.seconds, 2),
-                      "tokens_per_s": rate(turn.tokens, turn.seconds, 2), "decode_tokens_per_s": decode})
-    timed = turns[1:]  # the first ask also merges the adapter (and warms up)
+    per_memory, anchor_rates, first_ask = {}, [], None
+    for memory in memories:
+        session.domain = memory
+        turns = []
+        for i in range(1 + max(1, options["repeats"])):
+            turn = session.ask(prompts[i % len(prompts)], max_new_tokens=options["new_tokens"], keep_history=False)
+            decode = rate(max(turn.tokens - 1, 0), turn.seconds - turn.first_token_s, 2)
+            turns.append({"first_token_s": round(turn.first_token_s, 3), "tokens": turn.tokens, "seconds": round(turn.seconds, 2),
+                          "tokens_per_s": rate(turn.tokens, turn.seconds, 2), "decode_tokens_per_s": decode})
+            if anchor is not None and i > 0:
+                anchor_rates.append(rate(*greedy_generate(anchor.model, anchor.tokenizer, prompts[i % len(prompts)], options["new_tokens"]), 2))
+        first_ask = first_ask or turns[0]
+        timed = turns[1:]  # the first ask also merges the adapter (and warms up)
+        per_memory[memory] = {"first_token_s": round(statistics.median(x["first_token_s"] for x in timed), 3),
+                              "tokens_per_s": _median([x["tokens_per_s"] for x in timed]),
+                              "decode_tokens_per_s": _median([x["decode_tokens_per_s"] for x in timed]), "turns": timed}
+    switches = []
+    for memory in memories * 3:
+        session._activate(next((m for m in memories if m != memory), BASE))
+        t = time.perf_counter()
+        session._activate(memory)
+        switches.append((time.perf_counter() - t) * 1e3)
+    slowest = min(per_memory, key=lambda m: per_memory[m]["tokens_per_s"] or 0.0)
     return {
         "ok": True, "mode": mode, "quant": quant, "merged": merge, "memory": options.get("domain") or "random adapter",
         "load_s": round(load_s, 2),
-        "first_ask": turns[0],
-        "first_token_s": round(statistics.median(x["first_token_s"] for x in timed), 3),
-        "tokens_per_s": _median([x["tokens_per_s"] for x in timed]),
-        "decode_tokens_per_s": _median([x["decode_tokens_per_s"] for x in timed]),
-        "turns": timed,
+        "first_ask": first_ask,
+        "slowest_memory": slowest,
+        **{k: per_memory[slowest][k] for k in ("first_token_s", "tokens_per_s", "decode_tokens_per_s", "turns")},
+        "memories": {m: {k: v for k, v in r.items() if k != "turns"} for m, r in per_memory.items()},
+        "switch_ms": round(statistics.median(switches), 2),
+        "transformers_tokens_per_s": _median(anchor_rates) if anchor_rates else None,
         "footprint_mb": mb(session.model.get_memory_footprint()) if hasattr(session.model, "get_memory_footprint") else None,
     }
 
@@ -682,9 +717,11 @@ def cli_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "lifealign_lite.cli.app"]
 
 
-def cold_start(home: Path, bank: Path, domain: str, prompt: str, new_tokens: int, timeout: float, threads: int | None = None) -> dict:
+def cold_start(home: Path, bank: Path, domain: str, prompt: str, new_tokens: int, timeout: float, threads: int | None = None,
+               model: str = "default") -> dict:
     """Time ``lifealign-lite chat --prompt`` from process start to first answer byte and to exit."""
     cmd = cli_command() + ["chat", "--prompt", prompt, "--domain", domain, "--bank", str(bank), "--max-new-tokens", str(new_tokens)]
+    cmd += [] if model == "default" else ["--model", model]
     env = dict(os.environ, LIFEALIGN_HOME=str(home), PYTHONUNBUFFERED="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -809,22 +846,43 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
         for mode in names:
             log(f"chat {mode} in its own process ...")
             results[mode] = run_child(f"chat-{mode}", options, timeout, log, verbose) | {"mode": mode}
-        cold_bank = Path(bank) if bank else Path(tmp) / "empty-bank"
-        cold_domain = options.get("domain", "base")
+        cold_domain = options.get("domain")
         cold = []
-        for i in range(max(0, cold_repeats)):
+        if not bank and cold_repeats > 0:
+            log("cold start skipped: `lifealign-lite chat` needs a bank (pass --bank)")
+        for i in range(max(0, cold_repeats) if bank else 0):
             log(f"cold start {i + 1}/{cold_repeats}: lifealign-lite chat --prompt ... --domain {cold_domain}")
-            cold.append(cold_start(home, cold_bank, cold_domain, prompt, new_tokens, timeout, threads))
+            cold.append(cold_start(home, Path(bank), cold_domain, prompt, new_tokens, timeout, threads, model))
     ok = [c for c in cold if c.get("ok")]
     merged, unmerged = results.get("merged", {}), results.get("unmerged", {})
+    ours = merged if merged.get("ok") else {}
+    first_output = min((c["first_output_s"] for c in ok if c.get("first_output_s") is not None), default=None)
+    log("timing lifealign-lite --help ...")
     return {
         "bench": "chat", "machine": machine_info(),
         "settings": {"model": model, "memory": memory, "new_tokens": new_tokens, "repeats": repeats, "threads": threads},
+        "tokens_per_s": ours.get("tokens_per_s"),
+        "transformers_tokens_per_s": ours.get("transformers_tokens_per_s"),
+        "ratio_vs_transformers": ratio(ours.get("tokens_per_s"), ours.get("transformers_tokens_per_s")),
+        "first_token_s": ours.get("first_token_s"),
+        "switch_ms": ours.get("switch_ms"),
+        "cold_start_first_token_s": first_output,
+        "help_s": help_seconds(),
         "modes": results,
         "merged_vs_unmerged_tokens_per_s": ratio(merged.get("tokens_per_s"), unmerged.get("tokens_per_s")) if merged.get("ok") and unmerged.get("ok") else None,
         "cold_start": {"domain": cold_domain, "runs": cold, "best_total_s": min((c["total_s"] for c in ok), default=None),
-                       "best_first_output_s": min((c["first_output_s"] for c in ok if c.get("first_output_s") is not None), default=None)},
+                       "best_first_output_s": first_output},
     }
+
+
+def help_seconds(repeats: int = 3) -> float:
+    """Wall time of ``lifealign-lite --help`` in a fresh process, best of ``repeats``."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run(cli_command() + ["--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - t)
+    return round(min(times), 3)
 
 
 # -- the child entry point -----------------------------------------------------------------------------
