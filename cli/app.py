@@ -8,70 +8,24 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from lifealign_lite.data import DataError
-from lifealign_lite.recipe import RecipeError, list_recipes, load_recipe, parse_set_options
+from lifealign_lite.recipe import list_recipes, load_recipe
 
-# Plain (click-style) help: a flag shows no type placeholder, an option shows what it takes; -h works everywhere.
-HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
+from .bench import bench_app
+from .common import (HELP_SETTINGS, App, BankOpt, JsonOpt, RecipeOpt, SetOpt, build_recipe, default_bank, err, existing_bank,
+                     fail, home_dir, out, status)
+from .memory import memory_app
+
 app = typer.Typer(
+    cls=App,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings=HELP_SETTINGS,
 )
-err = Console(stderr=True)
-out = Console()
-
-
-def home_dir() -> Path:
-    """Where models, caches and the default bank live: $LIFEALIGN_HOME, else ~/.lifealign-lite."""
-    return Path(os.environ.get("LIFEALIGN_HOME") or Path.home() / ".lifealign-lite")
-
-
-def default_bank() -> Path:
-    return home_dir() / "bank"
-
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def status(message: str) -> None:
-    """A one-line status message on stderr (what a silent phase is doing)."""
-    err.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
-
-
-def fail_data(exc: DataError) -> None:
-    """The problems of invalid data, one `FILE:LINE: what; what to do` per line on stderr (at most
-    data.MAX_SHOWN_PROBLEMS, then how many more), then exit 2."""
-    for line in str(exc).splitlines():
-        err.print(line, highlight=False, soft_wrap=True, markup=False)
-    raise typer.Exit(2)
-
-
-def existing_bank(path: Optional[Path]) -> Path:
-    """The bank a reading command uses; a folder with no bank in it is an error (a mistyped --bank is not an empty bank)."""
-    from lifealign_lite.memory.bank import Bank
-
-    bank = Bank(path or default_bank())
-    if not bank.exists():
-        hint = "check --bank (or LIFEALIGN_BANK)" if path else "create it with `lifealign-lite align DATA --domain NAME`, or pass --bank"
-        fail(f"{bank.root}: no adapter bank there (no manifest.json); {hint}")
-    return bank.root
-
-
-def build_recipe(recipe: Optional[str], sets: list[str], **flags):
-    """The recipe: YAML preset < ``--set key=value`` < a flag given on the command line (a flag not given is None
-    and overrides nothing)."""
-    try:
-        given = {k: v for k, v in flags.items() if v is not None}
-        return load_recipe(recipe, {**parse_set_options(sets or []), **given})
-    except RecipeError as exc:
-        fail(str(exc))
+app.add_typer(memory_app, name="memory")
+app.add_typer(bench_app, name="bench")
 
 
 def _version(value: bool) -> None:
@@ -99,11 +53,6 @@ def recipe_flag(key: str, *names: str, help: str, metavar: str | None = None):
                         show_default=f"{_DEFAULT_RECIPE.name}: {getattr(_DEFAULT_RECIPE, key)}")
 
 
-RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="NAME|PATH", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")
-SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any recipe field (repeatable); `lifealign-lite recipes NAME` lists them.")
-BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", metavar="FOLDER", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
-
-
 @app.command()
 def align(
     data: Path = typer.Argument(..., help="Preference pairs as JSON Lines (TRL plain or conversational format)."),
@@ -127,9 +76,7 @@ def align(
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout (progress stays on stderr)."),
 ) -> None:
     """Align the model to preference pairs with FPO into a short-term LoRA saved in the bank."""
-    from lifealign_lite.align import AlignError, align as run_align
-    from lifealign_lite.memory.bank import BankError
-    from lifealign_lite.model import ModelError
+    from lifealign_lite.align import align as run_align
     from lifealign_lite.progress import reporter_for
     from lifealign_lite.train import Interrupted
 
@@ -138,10 +85,6 @@ def align(
     try:
         with reporter_for(err) as reporter:
             result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait)
-    except DataError as exc:
-        fail_data(exc)
-    except (ValueError, AlignError, BankError, ModelError) as exc:
-        fail(str(exc))
     except Interrupted as exc:
         err.print(f"[yellow]interrupted:[/] {exc}; continue with the same command plus --resume")
         raise typer.Exit(130)
@@ -186,8 +129,6 @@ def chat(
 
     Ctrl-C stops an answer and returns to the prompt; line editing and history work as in a shell."""
     from lifealign_lite.chat import open_session
-    from lifealign_lite.memory.bank import BankError
-    from lifealign_lite.model import ModelError
 
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -197,8 +138,6 @@ def chat(
         status(f"loading the model and the memory of {bank_dir} ...")
     try:
         session = open_session(bank_dir, home_dir(), rcp, domain=domain, merge=not unmerged, note=status)
-    except (BankError, ModelError, ValueError) as exc:
-        fail(str(exc))
     except KeyboardInterrupt:  # Ctrl-C while loading: leave without a traceback
         raise typer.Exit(130)
     if prompt is not None:
@@ -293,29 +232,26 @@ def route_cmd(
 ) -> None:
     """Say which memory chat would use for TEXT or a conversation, with each domain's probability."""
     from lifealign_lite.align import make_embedder
-    from lifealign_lite.memory.bank import Bank, BankError
+    from lifealign_lite.memory.bank import Bank
     from lifealign_lite.memory.router import prompt_text
 
     if (text is None) == (messages is None):
         fail("give a prompt TEXT or --messages FILE (one of them)")
     conversation = text if messages is None else read_messages(messages)
-    try:
-        bank_ = Bank(existing_bank(bank))
-        state = bank_.load()
-        if not state.domains:
-            fail(f"{bank_.root}: no domains aligned yet; run `lifealign-lite align DATA --domain NAME` first")
-        rcp = load_recipe(None)
-        kind = state.meta.get("router", rcp.router)
-        if kind == "base":
-            from lifealign_lite.model import load_base
+    bank_ = Bank(existing_bank(bank))
+    state = bank_.load()
+    if not state.domains:
+        fail(f"{bank_.root}: no domains aligned yet; run `lifealign-lite align DATA --domain NAME` first")
+    rcp = load_recipe(None)
+    kind = state.meta.get("router", rcp.router)
+    if kind == "base":
+        from lifealign_lite.model import load_base
 
-            embedder = make_embedder(kind, load_base(rcp.model, home_dir(), "none"))
-        else:
-            embedder = make_embedder(kind)
-        routed = prompt_text(conversation)
-        result = state.router().route(embedder([routed])[0], routed)
-    except BankError as exc:
-        fail(str(exc))
+        embedder = make_embedder(kind, load_base(rcp.model, home_dir(), "none"))
+    else:
+        embedder = make_embedder(kind)
+    routed = prompt_text(conversation)
+    result = state.router().route(embedder([routed])[0], routed)
     if as_json:
         print(json.dumps({"domain": result.domain, "threshold": result.threshold, "similarity": result.similarity, "scores": result.scores}))
         return
@@ -353,7 +289,7 @@ def eval_cmd(
     recipe: Optional[str] = RecipeOpt,
     model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", metavar="N", help="Score N pairs (seeded shuffle)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    as_json: bool = JsonOpt,
     sets: Optional[list[str]] = SetOpt,
     judge_url: Optional[str] = typer.Option(None, "--judge", metavar="URL",
                                             help="Also generate answers and score them 1-10 with an LLM judge at this OpenAI-compatible base URL (with or without /v1)."),
@@ -366,9 +302,7 @@ def eval_cmd(
     from lifealign_lite.chat import open_session
     from lifealign_lite.data import load_pairs
     from lifealign_lite.evaluate import evaluate
-    from lifealign_lite.judge import Judge, JudgeError, judge_pairs
-    from lifealign_lite.memory.bank import BankError
-    from lifealign_lite.model import ModelError
+    from lifealign_lite.judge import Judge, judge_pairs
     from lifealign_lite.progress import reporter_for
 
     rcp = build_recipe(recipe, sets, model=model)
@@ -379,28 +313,18 @@ def eval_cmd(
             api_key = os.environ.get(judge_key_env)
             if not api_key:
                 fail(f"--judge-key-env {judge_key_env}: that environment variable is not set or empty; export it with the judge's API key")
-        try:
-            judge = Judge(judge_url, model=judge_model, api_key=api_key)
-            judge.check()
-        except JudgeError as exc:
-            fail(str(exc))
-    try:
-        pairs = load_pairs(data, max_pairs=max_pairs, seed=rcp.seed)
-        session = open_session(existing_bank(bank), home_dir(), rcp, domain=domain, note=status)
-        with reporter_for(err) as reporter:
-            result = evaluate(session, pairs, rcp, domain, reporter=reporter)
-            if judge is not None:
-                judged = judge_pairs(session, pairs, judge, domain, max_new_tokens=judge_max_new_tokens, reporter=reporter)
-                result.update({k: judged[k] for k in ("judge_score", "judged", "unparsed")})
-                per_domain = result.setdefault("per_domain", {})
-                for name, figures in judged["per_domain"].items():  # one row per domain, the judge's figures beside the rest
-                    per_domain.setdefault(name, {}).update(figures)
-    except DataError as exc:
-        fail_data(exc)
-    except JudgeError as exc:
-        fail(str(exc))
-    except (BankError, ModelError, ValueError) as exc:
-        fail(str(exc))
+        judge = Judge(judge_url, model=judge_model, api_key=api_key)
+        judge.check()
+    pairs = load_pairs(data, max_pairs=max_pairs, seed=rcp.seed)
+    session = open_session(existing_bank(bank), home_dir(), rcp, domain=domain, note=status)
+    with reporter_for(err) as reporter:
+        result = evaluate(session, pairs, rcp, domain, reporter=reporter)
+        if judge is not None:
+            judged = judge_pairs(session, pairs, judge, domain, max_new_tokens=judge_max_new_tokens, reporter=reporter)
+            result.update({k: judged[k] for k in ("judge_score", "judged", "unparsed")})
+            per_domain = result.setdefault("per_domain", {})
+            for name, figures in judged["per_domain"].items():  # one row per domain, the judge's figures beside the rest
+                per_domain.setdefault(name, {}).update(figures)
     result.pop("_base_scores")
     result.pop("_per_pair")
     if as_json:
@@ -427,7 +351,7 @@ def eval_cmd(
 @app.command()
 def recipes(
     name: Optional[str] = typer.Argument(None, metavar="[NAME|PATH]", help="Show this preset's every field and where its YAML file is."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    as_json: bool = JsonOpt,
 ) -> None:
     """List the recipe presets, or show one preset's fields (what --set and the flags override)."""
     from lifealign_lite.recipe import recipe_path
@@ -442,10 +366,7 @@ def recipes(
             table.add_row(row["name"], row["description"])
         out.print(table)
         return
-    try:
-        path, rcp = recipe_path(name), load_recipe(name)
-    except RecipeError as exc:
-        fail(str(exc))
+    path, rcp = recipe_path(name), load_recipe(name)
     if as_json:
         print(json.dumps({"path": str(path), "fields": rcp.to_dict()}, indent=2))
         return
@@ -478,35 +399,18 @@ def serve(
     The request's `model` picks the memory: a domain, core, base, or auto (route the conversation; the default).
     A bank version committed while serving is used from the next request on."""
     from lifealign_lite.chat import open_session
-    from lifealign_lite.memory.bank import BankError
-    from lifealign_lite.model import ModelError
     from lifealign_lite.serve import check_bind, serve as run_server
 
-    try:
-        check_bind(host, port, api_key)
-    except ValueError as exc:
-        fail(str(exc))
+    check_bind(host, port, api_key)
     rcp = build_recipe(recipe, sets, model=model, quant=quant)
     bank_dir = existing_bank(bank)
     status(f"loading the model and the memory of {bank_dir} ...")
     try:
         session = open_session(bank_dir, home_dir(), rcp, note=status)
-    except (BankError, ModelError, ValueError) as exc:
-        fail(str(exc))
     except KeyboardInterrupt:
         raise typer.Exit(130)
     status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 (Ctrl-C stops)")
-    try:
-        run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key)
-    except ValueError as exc:  # the port was taken while the model loaded
-        fail(str(exc))
-
-
-from .memory import memory_app  # noqa: E402 - the sub-app needs the helpers above
-
-app.add_typer(memory_app, name="memory")
-from .bench import bench_app  # noqa: E402
-app.add_typer(bench_app, name="bench")
+    run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key)
 
 
 def main() -> None:

@@ -13,20 +13,16 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-bench_app = typer.Typer(help="Benchmarks: continual alignment (LifeAlign vs baselines), routing accuracy, training speed vs TRL, "
-                             "CPU precision, chat latency.", no_args_is_help=True, rich_markup_mode=None)
+from .common import err, fail, home_dir, out, sub_app
+
+bench_app = sub_app("Benchmarks: continual alignment (LifeAlign vs baselines), routing accuracy, training speed vs TRL, "
+                    "CPU precision, chat latency.")
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show each subprocess's own output on stderr.")
 ThreadsOpt = typer.Option(None, "--threads", help="torch threads in every variant (default: torch's choice).")
 ModelOpt = typer.Option("default", "--model", help="Local model folder or hub id; 'default' is the embedded SmolLM2-135M-Instruct.")
 TimeoutOpt = typer.Option(3600.0, "--timeout", help="Seconds before one variant's subprocess is stopped.")
-
-
-def _helpers():
-    from .app import err, fail, home_dir, out
-
-    return err, fail, home_dir, out
 
 
 def _fmt(x, spec: str = ".3f") -> str:
@@ -58,15 +54,11 @@ def speed_cmd(
     verbose: bool = VerboseOpt,
 ) -> None:
     """TRL DPOTrainer (defaults; tuned) vs lifealign-lite FPO: wall time, pairs/s, tokens/s, peak memory."""
-    from lifealign_lite.bench.speed import BenchError, bench_speed
+    from lifealign_lite.bench.speed import bench_speed
 
-    err, fail, home_dir, out = _helpers()
-    try:
-        result = bench_speed(home_dir(), data, pairs, steps, batch_size, max_length, lr, model, variants, threads,
-                             matmul_size, matmul_repeats, timeout, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False),
-                             verbose=verbose, trl_bf16=trl_bf16)
-    except BenchError as exc:
-        fail(str(exc))
+    result = bench_speed(home_dir(), data, pairs, steps, batch_size, max_length, lr, model, variants, threads,
+                         matmul_size, matmul_repeats, timeout, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False),
+                         verbose=verbose, trl_bf16=trl_bf16)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -103,14 +95,10 @@ def quant_cmd(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Precision on this machine (what `--quant auto` decides): load time, footprint, FPO pairs/s, generation tokens/s."""
-    from lifealign_lite.bench.speed import BenchError, bench_quant
+    from lifealign_lite.bench.speed import bench_quant
 
-    err, fail, home_dir, out = _helpers()
-    try:
-        result = bench_quant(home_dir(), data, pairs, steps, batch_size, new_tokens, model, modes, threads, timeout,
-                             log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)
-    except BenchError as exc:
-        fail(str(exc))
+    result = bench_quant(home_dir(), data, pairs, steps, batch_size, new_tokens, model, modes, threads, timeout,
+                         log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -140,15 +128,10 @@ def chat_cmd(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Time to first token and tokens/s with an adapter merged, unmerged and on a 4-bit base; CLI cold start."""
-    from lifealign_lite.bench.speed import BenchError, bench_chat
-    from lifealign_lite.memory.bank import BankError
+    from lifealign_lite.bench.speed import bench_chat
 
-    err, fail, home_dir, out = _helpers()
-    try:
-        result = bench_chat(home_dir(), bank, domain, model, new_tokens, repeats, cold_repeats, modes=modes, threads=threads,
-                            timeout=timeout, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)
-    except (BenchError, BankError) as exc:
-        fail(str(exc))
+    result = bench_chat(home_dir(), bank, domain, model, new_tokens, repeats, cold_repeats, modes=modes, threads=threads,
+                        timeout=timeout, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -191,33 +174,24 @@ def continual_cmd(
     import sys
 
     from lifealign_lite.bench.continual import PRESETS, BenchError, parse_methods, parse_task, run_continual, with_test_dir
-    from lifealign_lite.data import DataError
     from lifealign_lite.progress import reporter_for
-    from lifealign_lite.recipe import RecipeError, parse_set_options
+    from lifealign_lite.recipe import parse_set_options
 
-    from .app import fail_data
-
-    err, fail, home_dir, out = _helpers()
     if preset and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     spec = PRESETS.get(preset, {})
-    try:
-        task_list = [parse_task(t) for t in (tasks or spec.get("tasks", []))]
-        if not task_list:
-            raise BenchError("give tasks as NAME=TRAIN.jsonl:TEST.jsonl, or --preset " + "|".join(PRESETS))
-        if tests_dir is not None:
-            task_list = with_test_dir(task_list, tests_dir)
-        overrides = {**spec.get("overrides", {}), **parse_set_options(sets or [])}
-        with reporter_for(err) as reporter:
-            run_continual(
-                task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
-                recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),
-                max_test=max_test if max_test is not None else spec.get("max_test", 0), reporter=reporter,
-                command=" ".join(shlex.quote(a) for a in ["lifealign-lite", *sys.argv[1:]]))
-    except DataError as exc:
-        fail_data(exc)
-    except (BenchError, RecipeError, ValueError) as exc:
-        fail(str(exc))
+    task_list = [parse_task(t) for t in (tasks or spec.get("tasks", []))]
+    if not task_list:
+        raise BenchError("give tasks as NAME=TRAIN.jsonl:TEST.jsonl, or --preset " + "|".join(PRESETS))
+    if tests_dir is not None:
+        task_list = with_test_dir(task_list, tests_dir)
+    overrides = {**spec.get("overrides", {}), **parse_set_options(sets or [])}
+    with reporter_for(err) as reporter:
+        run_continual(
+            task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
+            recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),
+            max_test=max_test if max_test is not None else spec.get("max_test", 0), reporter=reporter,
+            command=" ".join(shlex.quote(a) for a in ["lifealign-lite", *sys.argv[1:]]))
     out.print((out_dir / "results.md").read_text())
     err.print(f"results: {out_dir / 'results.json'}, plots: {out_dir}/*.png")
 
@@ -233,27 +207,18 @@ def routing_cmd(
     """Routing accuracy per domain of each router on test prompts, its confusion, and unseen-domain fallback to the core."""
     from lifealign_lite.bench.continual import parse_task
     from lifealign_lite.bench.routing import SHIPPED, routing_report
-    from lifealign_lite.data import DataError
     from lifealign_lite.memory.router import MiniLMEmbedder
     from lifealign_lite.recipe import Recipe
 
-    from .app import fail_data
-
-    err, fail, home_dir, out = _helpers()
     q = Recipe().route_quantile if quantile is None else quantile
     if not 0 <= q < 1:
         fail(f"--quantile must be in [0, 1), got {q}")
-    try:
-        parsed = [parse_task(t) for t in tasks]
-        if len({t.name for t in parsed}) != len(parsed):
-            fail("each domain may be given once")
-        with err.status("embedding prompts and fitting routers (leave-one-domain-out refits each router once per domain)"):
-            report = routing_report(parsed, MiniLMEmbedder(), max_train=max_train, max_test=max_test, quantile=q,
-                                    progress=lambda what: err.print(f"[dim]done: {what}[/]"))
-    except DataError as exc:
-        fail_data(exc)
-    except ValueError as exc:
-        fail(str(exc))
+    parsed = [parse_task(t) for t in tasks]
+    if len({t.name for t in parsed}) != len(parsed):
+        fail("each domain may be given once")
+    with err.status("embedding prompts and fitting routers (leave-one-domain-out refits each router once per domain)"):
+        report = routing_report(parsed, MiniLMEmbedder(), max_train=max_train, max_test=max_test, quantile=q,
+                                progress=lambda what: err.print(f"[dim]done: {what}[/]"))
     if as_json:
         print(json.dumps(report, indent=2))
         return

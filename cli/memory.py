@@ -9,28 +9,18 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.table import Table
 
+from .common import BankOpt, JsonOpt, err, existing_bank, fail as _fail, home_dir, out, sub_app
+
 if TYPE_CHECKING:
     from lifealign_lite.memory.bank import Bank, VersionCheck
 
-memory_app = typer.Typer(help="Inspect and manage the long-term adapter bank.", no_args_is_help=True, rich_markup_mode=None)
+memory_app = sub_app("Inspect and manage the long-term adapter bank.")
 
 
 def _bank(path: Optional[Path]) -> Bank:
     from lifealign_lite.memory.bank import Bank  # here, not at the top: --help should not import torch
 
-    from .app import existing_bank
-
     return Bank(existing_bank(path))
-
-
-def _fail(message: str) -> None:
-    from .app import fail
-
-    fail(message)
-
-
-BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
-JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout.")
 
 
 def _rows(bank: Bank) -> list[dict]:
@@ -55,7 +45,6 @@ def _rows(bank: Bank) -> list[dict]:
 def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """A table of the bank's domains (and the core)."""
     from lifealign_lite.memory.bank import BankError, folder_size
-    from .app import out
 
     try:
         b = _bank(bank)
@@ -78,7 +67,6 @@ def show_cmd(name: str = typer.Argument(..., help="A domain, or 'core'."), bank:
     or about the core (the tasks folded into it)."""
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.memory.router import CORE
-    from .app import out
 
     try:
         b = _bank(bank)
@@ -109,7 +97,6 @@ def show_cmd(name: str = typer.Argument(..., help="A domain, or 'core'."), bank:
 def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
     """Remove a domain's slot, key and replay pairs (as a new version; `rollback` undoes it)."""
     from lifealign_lite.memory.bank import BankError
-    from .app import err
 
     b = _bank(bank)
     try:
@@ -127,7 +114,6 @@ def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
 def rollback_cmd(version: int, bank: Optional[Path] = BankOpt) -> None:
     """Make an earlier version the current one (later versions stay on disk)."""
     from lifealign_lite.memory.bank import BankError
-    from .app import err
 
     if version == 0:
         _fail("version 0 is the empty bank; to start over use a new --bank folder, or pick a version from `lifealign-lite memory versions`")
@@ -152,7 +138,6 @@ def verify_cmd(
     Versions written before checksums existed are checked for structure only and shown as unverified.
     """
     from lifealign_lite.memory.bank import BankError
-    from .app import err, out
 
     b = _bank(bank)
     try:
@@ -184,7 +169,6 @@ def verify_cmd(
 def versions_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """The version log."""
     from lifealign_lite.memory.bank import BankError
-    from .app import out
 
     try:
         manifest = _bank(bank).manifest()
@@ -214,8 +198,6 @@ def export_cmd(
     from lifealign_lite.model import ModelError
     from lifealign_lite.recipe import load_recipe
 
-    from .app import err, home_dir
-
     if all_entries and (name is None or out_dir is not None or fmt != "peft"):
         _fail("--all takes one folder and exports PEFT folders: `lifealign-lite memory export --all DIR`")
     if not all_entries and (name is None or out_dir is None):
@@ -225,7 +207,7 @@ def export_cmd(
             result = export_all(_bank(bank).root, Path(name), home_dir(), load_recipe(None))
         else:
             result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None))
-    except (BankError, ModelError, ValueError) as exc:
+    except (BankError, ModelError) as exc:
         _fail(str(exc))
     if all_entries:
         err.print(f"exported {', '.join(result['names'])} as PEFT folders to {result['out']}; serve them with vLLM:", highlight=False, soft_wrap=True)

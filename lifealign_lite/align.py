@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import LifeAlignError
 from .data import DataError, Pair, load_pairs, pairs_hash, validate_domain_name
 from .losses import preference_loss
 from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
@@ -31,7 +32,7 @@ from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal
 from .train import plot_history, tokenize_pairs, train_short_term
 
 
-class AlignError(RuntimeError):
+class AlignError(LifeAlignError, RuntimeError):
     """align cannot run as asked (for example: nothing to resume)."""
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .errors import InputError
 from .memory.bank import Bank, BankError, BankState, read_adapter
 from .memory.consolidate import LowRank
 from .memory.router import CORE, Route, prompt_text
@@ -130,7 +131,7 @@ class ChatSession:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         if max_new_tokens < 1:  # generate() would raise in its thread and leave the streamer waiting forever
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         t0 = time.perf_counter()
         messages = self.history + [{"role": "user", "content": text}]
         memory, r = self.memory_for(messages)
@@ -179,7 +180,7 @@ class ChatSession:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self._activate(memory)
         if isinstance(prompt, str):
             enc = self.tokenizer(prompt, return_tensors="pt")

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .errors import InputError, LifeAlignError
+
 __all__ = [
     "DataError",
     "Pair",
@@ -58,7 +60,7 @@ _FORMAT_HINT = (
 )
 
 
-class DataError(ValueError):
+class DataError(LifeAlignError, ValueError):
     """Invalid preference data.
 
     ``.problems`` is a list of one-line strings, each ``'FILE:LINE: what is
@@ -157,7 +159,7 @@ def validate_domain_name(name: str) -> str:
     """
     why = _domain_name_problem(name)
     if why is not None:
-        raise ValueError(f"invalid domain name {_short_repr(name)}: {why}; {_DOMAIN_ADVICE}")
+        raise InputError(f"invalid domain name {_short_repr(name)}: {why}; {_DOMAIN_ADVICE}")
     return name
 
 
@@ -394,7 +396,7 @@ def load_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int 
         if isinstance(max_pairs, bool) or not isinstance(max_pairs, int):
             raise TypeError(f"max_pairs must be an int or None, got {type(max_pairs).__name__}")
         if max_pairs < 1:
-            raise ValueError(f"max_pairs must be >= 1 (or None for all pairs), got {max_pairs}")
+            raise InputError(f"max_pairs must be >= 1 (or None for all pairs), got {max_pairs}")
 
     name = os.fspath(path)
     p = Path(name)

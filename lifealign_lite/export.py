@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .memory.bank import Bank, BankError
 from .memory.router import CORE
 from .model import _quiet, load_base, resolve_model_path
@@ -37,7 +38,7 @@ def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, rec
     """
     out = Path(out)
     if fmt not in ("peft", "merged"):
-        raise ValueError(f"unknown export format {fmt!r}; use peft or merged")
+        raise InputError(f"unknown export format {fmt!r}; use peft or merged")
     if out.exists() and not out.is_dir():
         raise BankError(f"{out}: exists and is not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()):

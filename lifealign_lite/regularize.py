@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import InputError
 from .memory.bank import PEFT_PREFIX
 from .memory.consolidate import LowRank
 from .model import SHORT, autocast
@@ -94,7 +95,7 @@ def ewc_penalty(model, fisher: dict[str, torch.Tensor], lam: float) -> Callable[
     layers = lora_layers(model)
     missing = sorted(set(layers) - set(fisher))
     if missing:
-        raise ValueError(f"the bank's Fisher has no entry for {missing[0]}; it was built with other target modules")
+        raise InputError(f"the bank's Fisher has no entry for {missing[0]}; it was built with other target modules")
     pairs = [(layers[n], fisher[n].to(next(layers[n].parameters()).device)) for n in layers]
 
     def penalty() -> torch.Tensor:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .chat import AUTO, BASE, ChatSession
+from .errors import InputError
 from .memory.bank import Bank, BankError
 from .memory.router import CORE
 
@@ -469,12 +470,12 @@ def check_bind(host: str, port: int, api_key: str | None) -> None:
     import socket
 
     if host not in LOOPBACK and not api_key:
-        raise ValueError(f"binding to {host} exposes the model to the network without a key: give --api-key KEY, or bind to 127.0.0.1")
+        raise InputError(f"binding to {host} exposes the model to the network without a key: give --api-key KEY, or bind to 127.0.0.1")
     try:
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
-        raise ValueError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
+        raise InputError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
 
 
 def serve(session: ChatSession, bank_dir: Path, host: str, port: int, api_key: str | None, max_tokens_cap: int,

@@ -66,6 +66,48 @@ def test_help_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr[-1000:]
 
 
+def _run_with(patch: str, args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess after ``patch`` (Python source) replaced something inside it."""
+    code = f"import sys\n{patch}\nfrom lifealign_lite.cli.app import main\nsys.argv = ['lifealign-lite', *{args!r}]\nmain()"
+    env = {**os.environ, "LIFEALIGN_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("error", ["ValueError", "TypeError"])
+def test_a_programming_error_in_a_command_shows_its_traceback(tmp_path, error):
+    """A bug (any exception that is not a LifeAlignError, bare ValueError included) is not dressed up as a user error."""
+    patch = (f"import lifealign_lite.recipe as r\ndef broken(*a, **k):\n    raise {error}('a bug in recipe_path')\n"
+             "r.recipe_path = broken")
+    proc = _run_with(patch, ["recipes", "edge-cpu"], tmp_path)
+    assert proc.returncode not in (0, 2), proc.stderr[-1000:]
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert f"{error}: a bug in recipe_path" in proc.stderr
+
+
+def test_a_user_error_in_a_command_is_one_line_and_exit_2(tmp_path):
+    proc = _run_with("", ["recipes", "no-such-preset"], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no-such-preset" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_user_error_type_is_a_lifealign_error():
+    from lifealign_lite.align import AlignError
+    from lifealign_lite.bench.continual import BenchError as ContinualBenchError
+    from lifealign_lite.bench.speed import BenchError
+    from lifealign_lite.data import DataError
+    from lifealign_lite.errors import InputError, LifeAlignError
+    from lifealign_lite.judge import JudgeError
+    from lifealign_lite.memory.bank import BankError
+    from lifealign_lite.model import ModelError
+    from lifealign_lite.recipe import RecipeError
+
+    assert BenchError is ContinualBenchError
+    for cls in (AlignError, BenchError, DataError, InputError, JudgeError, BankError, ModelError, RecipeError):
+        assert issubclass(cls, LifeAlignError), cls
+
+
 def test_recipes_lists_presets(env):
     result = invoke(["recipes"], env)
     assert result.exit_code == 0, result.stderr

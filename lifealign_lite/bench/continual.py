@@ -24,6 +24,7 @@ from typing import Sequence
 
 from ..align import align
 from ..chat import open_session
+from ..errors import BenchError
 from ..data import load_pairs, validate_domain_name, write_pairs
 from ..evaluate import METRICS, evaluate
 from ..memory.bank import Bank
@@ -74,10 +75,6 @@ PRESETS = {
                "methods": "seq-dpo,replay,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
                "overrides": {"batch_size": 4, "lr": 2e-4, "epochs": 1}},
 }
-
-
-class BenchError(ValueError):
-    """A bench that cannot run as asked."""
 
 
 @dataclass

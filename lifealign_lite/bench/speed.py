@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..align import peak_rss_mb
+from ..errors import BenchError
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-helpful" / "train.jsonl"
@@ -66,10 +67,6 @@ SPEED_VARIANT_KEYS = {
     "ok", "variant", "label", "wall_s", "phases_s", "pairs", "pairs_trained", "steps", "tokens", "tokens_per_s",
     "pairs_per_s", "train_pairs_per_s", "peak_rss_mb", "rss_after_load_mb", "load_s", "params", "config",
 }
-
-
-class BenchError(RuntimeError):
-    """A benchmark that cannot run as asked (missing data, unknown variant)."""
 
 
 # -- pure helpers (no torch) ------------------------------------------------------------------------------

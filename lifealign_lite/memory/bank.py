@@ -48,6 +48,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import LifeAlignError
 from ..data import DataError, Pair, file_sha256, load_pairs, write_pairs
 from .consolidate import LowRank
 from .router import Router, fit_router
@@ -59,7 +60,7 @@ _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 PEFT_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules
 
 
-class BankError(RuntimeError):
+class BankError(LifeAlignError, RuntimeError):
     """A bank that cannot be used as asked: missing, corrupted, locked, or built on another base model."""
 
 

@@ -1,0 +1,103 @@
+"""What every ``lifealign-lite`` command shares: the consoles, the options several commands take, the paths,
+and error handling. Imports nothing heavy (``--help`` must not import torch).
+
+Errors: a command lets a :class:`~lifealign_lite.errors.LifeAlignError` (anything the user can cause) propagate;
+:class:`App` prints it as one line (invalid data: one line per problem) and exits 2. Any other exception is a bug
+and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from lifealign_lite.errors import LifeAlignError
+
+# Plain (click-style) help: a flag shows no type placeholder, an option shows what it takes; -h works everywhere.
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
+err = Console(stderr=True)
+out = Console()
+
+
+def home_dir() -> Path:
+    """Where models, caches and the default bank live: $LIFEALIGN_HOME, else ~/.lifealign-lite."""
+    return Path(os.environ.get("LIFEALIGN_HOME") or Path.home() / ".lifealign-lite")
+
+
+def default_bank() -> Path:
+    return home_dir() / "bank"
+
+
+def error_line(message: str) -> None:
+    """``error: MESSAGE`` on stderr (the message is printed as it is, never read as markup)."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    error_line(message)
+    raise typer.Exit(code)
+
+
+def status(message: str) -> None:
+    """A one-line status message on stderr (what a silent phase is doing)."""
+    err.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+
+
+def report_error(exc: LifeAlignError) -> None:
+    """A user error on stderr: invalid data as one ``FILE:LINE: what; what to do`` per line (at most
+    data.MAX_SHOWN_PROBLEMS, then how many more), anything else as one ``error:`` line."""
+    from lifealign_lite.data import DataError
+
+    if isinstance(exc, DataError):
+        for line in str(exc).splitlines():
+            err.print(line, highlight=False, soft_wrap=True, markup=False)
+    else:
+        error_line(str(exc))
+
+
+class App(TyperGroup):
+    """The command group that turns a user error into one line and exit code 2 (sub-apps run inside it)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LifeAlignError as exc:
+            report_error(exc)
+            raise typer.Exit(2) from None
+
+
+def sub_app(help: str) -> typer.Typer:
+    """A command group under ``lifealign-lite`` (memory, bench)."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, context_settings=HELP_SETTINGS)
+
+
+def existing_bank(path: Optional[Path]) -> Path:
+    """The bank a reading command uses; a folder with no bank in it is an error (a mistyped --bank is not an empty bank)."""
+    from lifealign_lite.memory.bank import Bank
+
+    bank = Bank(path or default_bank())
+    if not bank.exists():
+        hint = "check --bank (or LIFEALIGN_BANK)" if path else "create it with `lifealign-lite align DATA --domain NAME`, or pass --bank"
+        fail(f"{bank.root}: no adapter bank there (no manifest.json); {hint}")
+    return bank.root
+
+
+def build_recipe(recipe: Optional[str], sets: list[str], **flags):
+    """The recipe: YAML preset < ``--set key=value`` < a flag given on the command line (a flag not given is None
+    and overrides nothing)."""
+    from lifealign_lite.recipe import load_recipe, parse_set_options
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    return load_recipe(recipe, {**parse_set_options(sets or []), **given})
+
+
+RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="NAME|PATH", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any recipe field (repeatable); `lifealign-lite recipes NAME` lists them.")
+BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", metavar="FOLDER", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout.")
