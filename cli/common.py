@@ -91,10 +91,13 @@ def existing_bank(path: Optional[Path]) -> Path:
 def build_recipe(recipe: Optional[str], sets: list[str], **flags):
     """The recipe: YAML preset < ``--set key=value`` < a flag given on the command line (a flag not given is None
     and overrides nothing)."""
-    from lifealign_lite.recipe import load_recipe, parse_set_options
+    from lifealign_lite.recipe import RecipeError, load_recipe, parse_set_options
 
-    given = {k: v for k, v in flags.items() if v is not None}
-    return load_recipe(recipe, {**parse_set_options(sets or []), **given})
+    try:  # checked here, before any work, by callers that are not commands too
+        given = {k: v for k, v in flags.items() if v is not None}
+        return load_recipe(recipe, {**parse_set_options(sets or []), **given})
+    except RecipeError as exc:
+        fail(str(exc))
 
 
 RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="NAME|PATH", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")

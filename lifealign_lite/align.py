@@ -29,7 +29,9 @@ from .memory.router import BaseModelEmbedder, MiniLMEmbedder, add_prompts, fit_r
 from .model import attach_adapters, check_device, load_base, save_adapter
 from .recipe import Recipe
 from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
-from .train import plot_history, tokenize_pairs, train_short_term
+from .batching import tokenize_pairs
+from .checkpoint import settle
+from .train import plot_history, train_short_term
 
 
 class AlignError(LifeAlignError, RuntimeError):
@@ -62,7 +64,7 @@ def peak_rss_mb() -> float:
 def _find_resumable(runs: Path, domain: str, data_hash: str) -> Path:
     for run in sorted(runs.glob(f"*-{domain}"), reverse=True):
         meta = run / "run.json"
-        if (run / "checkpoint" / "state.json").is_file() and not (run / "summary.json").exists() and meta.is_file():
+        if (settle(run / "checkpoint") / "state.json").is_file() and not (run / "summary.json").exists() and meta.is_file():
             if json.loads(meta.read_text()).get("data_hash") == data_hash:
                 return run
     raise AlignError(f"nothing to resume for domain {domain!r} with this data in {runs}; run align without --resume")

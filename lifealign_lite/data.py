@@ -30,12 +30,12 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import InputError, LifeAlignError
+from .files import atomic_write
 
 __all__ = [
     "DataError",
@@ -588,23 +588,4 @@ def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> None:
         if not isinstance(p, Pair):
             raise TypeError(f"expected Pair objects, got {type(p).__name__}")
         lines.append(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = target.stat().st_mode & 0o777
-    except OSError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(target, "".join(lines))

@@ -17,7 +17,8 @@ import torch
 
 from .chat import AUTO, BASE, ChatSession
 from .data import Pair
-from .train import score_pairs, tokenize_pairs
+from .batching import tokenize_pairs
+from .logprobs import score_pairs
 
 METRICS = ("pref_acc", "lennorm_acc", "margin")
 

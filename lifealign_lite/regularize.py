@@ -45,7 +45,7 @@ def fisher_diagonal(model, items: Sequence, ref: dict[str, torch.Tensor], loss_f
     hooks on the LoRA layers collect it, so this works whatever the base weights are stored as (fp32 or 4-bit).
     ``items[i]`` is scored against ``ref['chosen'][i]`` and ``ref['rejected'][i]``.
     """
-    from .train import pair_logps
+    from .logprobs import pair_logps
 
     layers = lora_layers(model)
     fisher = {n: torch.zeros(m.out_features, m.in_features) for n, m in layers.items()}

@@ -1,192 +1,32 @@
 """Short-term training: a fresh LoRA trained with FPO (or DPO) on one task, reference log-probs computed once.
 
-Read top to bottom: tokenize the pairs (TRL's chat-template handling), compute the reference log-probs once
-with the short-term adapter switched off (the model as it stood when the task began), optionally warm up with
-SFT on the chosen responses, then optimize the preference loss over length-grouped batches. Chosen and
-rejected responses go through the model in one batch, and the output head runs only on response tokens.
-Ctrl-C (or SIGTERM) saves a checkpoint that ``resume`` continues from.
+Read top to bottom: the reference log-probs are computed once with the short-term adapter switched off (the model
+as it stood when the task began), an optional SFT warm-up on the chosen responses, then the preference loss over
+length-grouped batches. Chosen and rejected responses go through the model in one batch (``logprobs.py``), and
+the output head runs only on response tokens. Ctrl-C (or SIGTERM) saves a checkpoint that ``resume`` continues
+from (``checkpoint.py``). Tokenizing and batching live in ``batching.py``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .data import Pair
+from .batching import Tokenized, TokenizeStats, batch_stream, collate, length_grouped_batches, optimizer_steps, tokenize_pairs, trained_indices
+from .checkpoint import Interrupted, StopFlag, TrainState, load_checkpoint, save_checkpoint, settle
+from .logprobs import pair_logps, reference_logps, score_pairs, sequence_logps
 from .losses import preference_loss, sft_loss
-from .model import autocast, reference_mode
+from .model import autocast
 
-
-@dataclass(frozen=True)
-class Tokenized:
-    """One preference pair as token ids: the prompt (chat template applied) and each response."""
-
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
-
-    @property
-    def tokens(self) -> int:
-        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
-
-
-@dataclass
-class TokenizeStats:
-    pairs: int = 0
-    truncated_prompts: int = 0
-    truncated_responses: int = 0
-
-
-def tokenize_pairs(pairs: Sequence[Pair], tokenizer, max_length: int, max_prompt_length: int) -> tuple[list[Tokenized], TokenizeStats]:
-    """Apply the chat template (TRL) and tokenize.
-
-    Truncation policy: a prompt longer than ``max_prompt_length`` keeps its END (the latest turns, where
-    the question is); a response longer than what is left of ``max_length`` keeps its BEGINNING.
-    """
-    from trl.data_utils import apply_chat_template
-
-    stats = TokenizeStats(pairs=len(pairs))
-    out = []
-    for pair in pairs:
-        text = apply_chat_template({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}, tokenizer)
-        prompt = tokenizer(text["prompt"], add_special_tokens=False)["input_ids"]
-        chosen = tokenizer(text["chosen"], add_special_tokens=False)["input_ids"]
-        rejected = tokenizer(text["rejected"], add_special_tokens=False)["input_ids"]
-        if len(prompt) > max_prompt_length:
-            prompt = prompt[-max_prompt_length:]
-            stats.truncated_prompts += 1
-        room = max_length - len(prompt)
-        if len(chosen) > room or len(rejected) > room:
-            chosen, rejected = chosen[:room], rejected[:room]
-            stats.truncated_responses += 1
-        out.append(Tokenized(prompt, chosen, rejected))
-    return out, stats
-
-
-def length_grouped_batches(items: Sequence[Tokenized], batch_size: int, seed: int) -> list[list[int]]:
-    """Batches of similar-length pairs (less padding), in a seeded random order.
-
-    Indices are shuffled, cut into chunks of 50 batches, sorted by length inside each chunk, then the
-    batches are shuffled: randomness for SGD, little padding for speed.
-    """
-    rng = random.Random(seed)
-    order = list(range(len(items)))
-    rng.shuffle(order)
-    chunk = batch_size * 50
-    batches = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start : start + chunk], key=lambda i: items[i].tokens)
-        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def _collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels (-100 on prompt and padding) for (prompt, response) pairs."""
-    width = max(len(p) + len(r) for p, r in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for row, (p, r) in enumerate(seqs):
-        n = len(p) + len(r)
-        ids[row, :n] = torch.tensor(p + r)
-        mask[row, :n] = 1
-        labels[row, len(p) : n] = torch.tensor(r)
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
-def _causal_lm(model):
-    """The transformers CausalLM inside a PEFT wrapper (LoRA layers live inside it, so they still apply)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def sequence_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of the labelled tokens of each row, and their count.
-
-    The output head (vocabulary-sized) runs only on positions that predict a response token, which saves
-    memory and time when prompts are long.
-    """
-    lm = _causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
-    rows = keep.nonzero()[:, 0]
-    sums = torch.zeros(ids.shape[0], dtype=token_logps.dtype, device=ids.device).index_add(0, rows, token_logps)
-    counts = keep.sum(1)
-    return sums, counts
-
-
-def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen logps, rejected logps, chosen token counts, rejected token counts) of a batch, in one forward pass."""
-    seqs = [(t.prompt, t.chosen) for t in items] + [(t.prompt, t.rejected) for t in items]
-    sums, counts = sequence_logps(model, *_collate(seqs, pad_id, device))
-    n = len(items)
-    return sums[:n], sums[n:], counts[:n], counts[n:]
-
-
-@torch.no_grad()
-def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_size: int = 8, progress: Callable[[int], None] | None = None,
-                bf16_autocast: bool = False) -> dict[str, torch.Tensor]:
-    """Log-probs of every pair under the model as it is now (no grad), in length-sorted batches."""
-    was_training = model.training
-    model.eval()
-    n = len(items)
-    out = {k: torch.zeros(n) for k in ("chosen", "rejected")}
-    out.update({k: torch.zeros(n, dtype=torch.long) for k in ("chosen_tokens", "rejected_tokens")})
-    order = sorted(range(n), key=lambda i: items[i].tokens)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        with autocast(bf16_autocast):
-            c, r, cn, rn = pair_logps(model, [items[i] for i in idx], pad_id, device)
-        for key, val in zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), (c, r, cn, rn)):
-            out[key][idx] = val.cpu().to(out[key].dtype)
-        if progress:
-            progress(len(idx))
-    model.train(was_training)
-    return out
-
-
-def reference_logps(model, items, pad_id, device, batch_size=8, progress=None, bf16_autocast: bool = False,
-                    bare: bool = False) -> dict[str, torch.Tensor]:
-    """Reference log-probs, computed once per task: the model as the task began (short-term adapter off), or
-    with ``bare`` the base model alone (every adapter off)."""
-    with reference_mode(model, bare=bare):
-        return score_pairs(model, items, pad_id, device, batch_size, progress, bf16_autocast)
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    sft_step: int = 0
-    history: list[dict] = field(default_factory=list)  # per-step metrics
-    ref: dict = field(default_factory=dict, repr=False)  # the task's reference log-probs (set by train_short_term)
-    trained: list[int] = field(default_factory=list)  # indices of the items the preference steps use (set by train_short_term)
-
-    def window(self, key: str, first: bool, frac: float = 0.1) -> float | None:
-        vals = [h[key] for h in self.history if key in h]
-        if not vals:
-            return None
-        k = max(1, int(len(vals) * frac))
-        part = vals[:k] if first else vals[-k:]
-        return sum(part) / len(part)
-
-
-class Interrupted(Exception):
-    """Training was stopped by Ctrl-C or SIGTERM after a checkpoint was written."""
-
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"stopped at step {step}; checkpoint saved to {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+# The names other modules and tests import from here since before the split.
+__all__ = ["Interrupted", "TokenizeStats", "Tokenized", "TrainState", "length_grouped_batches", "pair_logps", "plot_history",
+           "reference_logps", "score_pairs", "sequence_logps", "tokenize_pairs", "train_short_term", "trained_indices"]
+_collate, _batch_stream = collate, batch_stream
 
 
 def _lr_lambda(total: int, warmup: int, schedule: str = "linear") -> Callable[[int], float]:
@@ -197,99 +37,6 @@ def _lr_lambda(total: int, warmup: int, schedule: str = "linear") -> Callable[[i
         return 0.5 * (1.0 - math.cos(math.pi * left)) if schedule == "cosine" else left
 
     return f
-
-
-def _schedule(n_items: int, recipe) -> tuple[int, int]:
-    """(optimizer steps, batches per epoch)."""
-    per_epoch = math.ceil(n_items / recipe.batch_size)
-    total = recipe.max_steps or max(1, math.ceil(recipe.epochs * per_epoch / recipe.grad_accum))
-    return total, per_epoch
-
-
-def trained_indices(items, recipe, steps: int) -> list[int]:
-    """The items that ``steps`` optimizer steps see (fewer than all when ``max_steps`` stops early), sorted."""
-    stream = _batch_stream(items, recipe, 0)
-    return sorted({i for _ in range(steps * recipe.grad_accum) for i in next(stream)})
-
-
-def _batch_stream(items, recipe, start_batch: int) -> Iterator[list[int]]:
-    """An endless, reproducible stream of length-grouped batches (a new seeded order each epoch)."""
-    epoch, done = 0, 0
-    while True:
-        for batch in length_grouped_batches(items, recipe.batch_size, recipe.seed + epoch):
-            if done >= start_batch:
-                yield batch
-            done += 1
-        epoch += 1
-
-
-# -- checkpoints (safetensors + JSON only: nothing is unpickled on resume) --------------------------------
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, ref: dict[str, torch.Tensor]) -> Path:
-    from safetensors.torch import save_file
-
-    from .model import SHORT, save_adapter
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, tmp / "adapter", SHORT)
-    tensors = {f"ref.{k}": v.contiguous() for k, v in ref.items()}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        for key, val in optimizer.state.get(p, {}).items():
-            tensors[f"opt.{i}.{key}"] = val.detach().cpu().contiguous().reshape(val.shape)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    meta = {"step": state.step, "sft_step": state.sft_step, "history": state.history, "scheduler": scheduler.state_dict()}
-    (tmp / "state.json").write_text(json.dumps(meta))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from .model import SHORT
-
-    set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")), adapter_name=SHORT)
-    tensors = load_file(str(path / "state.safetensors"))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for name, val in tensors.items():
-        if name.startswith("opt."):
-            _, i, key = name.split(".", 2)
-            p = params[int(i)]
-            optimizer.state[p][key] = val.to(p.device) if key != "step" else val
-    meta = json.loads((path / "state.json").read_text())
-    scheduler.load_state_dict(meta["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr  # the scheduler's state does not carry the optimizer's current learning rate
-    ref = {k[4:]: v for k, v in tensors.items() if k.startswith("ref.")}
-    return TrainState(step=meta["step"], sft_step=meta["sft_step"], history=meta["history"]), ref
-
-
-class _StopFlag:
-    """Turns SIGTERM into the same clean stop as Ctrl-C while training runs."""
-
-    def __enter__(self):
-        self._old = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum, frame):
-            raise KeyboardInterrupt
-
-        try:
-            signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-        return False
 
 
 def train_short_term(
@@ -322,7 +69,7 @@ def train_short_term(
     """
     torch.manual_seed(recipe.seed)
     pad_id = tokenizer.pad_token_id
-    total, _ = _schedule(len(items), recipe)
+    total, _ = optimizer_steps(len(items), recipe)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = int(recipe.warmup_ratio * total)
@@ -332,7 +79,7 @@ def train_short_term(
 
     ckpt = Path(checkpoint_dir)
     used = trained_indices(items, recipe, total)
-    if resume and (ckpt / "state.json").is_file():
+    if resume and (settle(ckpt) / "state.json").is_file():
         state, ref = load_checkpoint(ckpt, model, optimizer, scheduler)
     else:
         state = TrainState()
@@ -345,12 +92,12 @@ def train_short_term(
 
     model.train()
     log = _StepLog(log_path, state.history)
-    with _StopFlag(), log:
+    with StopFlag(), log:
         try:
             if state.sft_step < recipe.sft_warmup_steps:
                 _sft_warmup(model, items, recipe, device, pad_id, state, report, bf16_autocast)
             report.start("train", total, state.step)
-            stream = _batch_stream(items, recipe, state.step * recipe.grad_accum)
+            stream = batch_stream(items, recipe, state.step * recipe.grad_accum)
             # a resumed run continues the clock, so "time" stays the training time of every step so far
             t0 = time.perf_counter() - (state.history[-1]["time"] if state.history else 0.0)
             while state.step < total:
@@ -394,10 +141,10 @@ def _sft_warmup(model, items, recipe, device, pad_id, state: TrainState, report,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr)
     report.start("sft", recipe.sft_warmup_steps, state.sft_step)
-    stream = _batch_stream(items, recipe, state.sft_step)
+    stream = batch_stream(items, recipe, state.sft_step)
     while state.sft_step < recipe.sft_warmup_steps:
         batch = [items[i] for i in next(stream)]
-        ids, mask, labels = _collate([(t.prompt, t.chosen) for t in batch], pad_id, device)
+        ids, mask, labels = collate([(t.prompt, t.chosen) for t in batch], pad_id, device)
         with autocast(bf16_autocast):
             logits = model(input_ids=ids, attention_mask=mask).logits
         loss = sft_loss(logits.float(), labels)
@@ -432,6 +179,17 @@ class _StepLog:
             self.file.close()
 
 
+class _NullReporter:
+    def note(self, message: str) -> None:
+        pass
+
+    def start(self, phase: str, total: int, done: int = 0) -> None:
+        pass
+
+    def advance(self, phase: str, n: int, metrics: dict) -> None:
+        pass
+
+
 def plot_history(history: list[dict], path: Path) -> Path:
     """Loss and reward accuracy per optimizer step, as a PNG (matplotlib, no display needed)."""
     import matplotlib
@@ -451,14 +209,3 @@ def plot_history(history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-class _NullReporter:
-    def note(self, message: str) -> None:
-        pass
-
-    def start(self, phase: str, total: int, done: int = 0) -> None:
-        pass
-
-    def advance(self, phase: str, n: int, metrics: dict) -> None:
-        pass

@@ -25,6 +25,7 @@ from typing import Sequence
 from ..align import align
 from ..chat import open_session
 from ..errors import BenchError
+from ..files import atomic_write
 from ..data import load_pairs, validate_domain_name, write_pairs
 from ..evaluate import METRICS, evaluate
 from ..memory.bank import Bank
@@ -133,9 +134,7 @@ def transfer_metrics(R: Sequence[Sequence[float | None]], R0: Sequence[float]) -
 # -- the run ------------------------------------------------------------------------------------------------
 
 def _save_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2))
 
 
 def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, recipe_name: str | None = None,

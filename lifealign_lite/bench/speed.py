@@ -350,7 +350,8 @@ def one_speed_lifealign(options: dict) -> dict:
     import torch
 
     from lifealign_lite.model import attach_adapters, save_adapter
-    from lifealign_lite.train import tokenize_pairs, train_short_term
+    from lifealign_lite.batching import tokenize_pairs
+    from lifealign_lite.train import train_short_term
 
     recipe, home, pairs, base, load_s, rss_loaded, params = _load_variant(options)
 
@@ -562,7 +563,8 @@ def _greedy_tokens_per_s(model, tokenizer, new_tokens: int) -> dict:
 def one_quant(options: dict, mode: str) -> dict:
     """Load time, weight footprint, greedy generation speed and a few FPO steps in one precision."""
     from lifealign_lite.model import attach_adapters, autocast, load_base
-    from lifealign_lite.train import tokenize_pairs, train_short_term
+    from lifealign_lite.batching import tokenize_pairs
+    from lifealign_lite.train import train_short_term
 
     import torch
 

@@ -49,6 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LifeAlignError
+from ..files import atomic_write as _atomic_write, fsync_dir as _fsync_dir, fsync_tree as _fsync_tree
 from ..data import DataError, Pair, file_sha256, load_pairs, write_pairs
 from .consolidate import LowRank
 from .router import Router, fit_router
@@ -568,17 +569,6 @@ def folder_size(path: Path) -> int:
 
 # -- file helpers ------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _manifest_problem(manifest) -> str | None:
     if not isinstance(manifest, dict):
         return "not a JSON object"
@@ -631,20 +621,3 @@ def replace_adapter(folder: Path, update: dict[str, LowRank], rank: int, target_
     if folder.exists():
         shutil.rmtree(folder)
     return write_adapter(folder, update, rank, target_modules, base_name)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
-        _fsync_dir(d)
