@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lifealign_lite.recipe import list_recipes, load_recipe
+from lifealign_lite.recipe import GROUPS, describe, list_recipes, load_recipe
 
 from .bench import bench_app
 from .common import (HELP_SETTINGS, App, BankOpt, JsonOpt, RecipeOpt, SetOpt, build_recipe, default_bank, err, existing_bank,
@@ -46,10 +46,11 @@ def main_options(
 _DEFAULT_RECIPE = load_recipe(None)
 
 
-def recipe_flag(key: str, *names: str, help: str, metavar: str | None = None):
-    """A flag for recipe field ``key``: None unless given (so it overrides nothing), its help naming the key and
-    the default recipe's value (another --recipe has its own: `lifealign-lite recipes NAME`)."""
-    return typer.Option(None, *names, metavar=metavar, help=f"{help} (recipe key {key})",
+def recipe_flag(key: str, *names: str, metavar: str | None = None):
+    """A flag for recipe field ``key``: None unless given (so it overrides nothing), its help (from the recipe field)
+    naming the key and the default recipe's value (another --recipe has its own: `lifealign-lite recipes NAME`)."""
+    info = describe(key)
+    return typer.Option(None, *names, metavar=metavar or "|".join(info["choices"] or ()) or None, help=f"{info['help']} (recipe key {key})",
                         show_default=f"{_DEFAULT_RECIPE.name}: {getattr(_DEFAULT_RECIPE, key)}")
 
 
@@ -59,17 +60,17 @@ def align(
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name of this task (default: the lines' domain field, else 'general')."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = recipe_flag("model", "--model", metavar="FOLDER|HUB_ID", help="Local model folder or hub id; default = the embedded SmolLM2-135M-Instruct."),
-    quant: Optional[str] = recipe_flag("quant", "--quant", metavar="auto|nf4|int8|none", help="Weight precision; auto = NF4 on CUDA, fp32 on a CPU."),
-    loss: Optional[str] = recipe_flag("loss", "--loss", metavar="fpo|dpo", help="Preference loss."),
-    max_pairs: Optional[int] = recipe_flag("max_pairs", "--max-pairs", metavar="N", help="Use N pairs (seeded shuffle); 0 = all."),
-    max_steps: Optional[int] = recipe_flag("max_steps", "--max-steps", metavar="N", help="Stop after N optimizer steps; 0 = run --epochs."),
-    epochs: Optional[float] = recipe_flag("epochs", "--epochs", metavar="X", help="Passes over the data (when --max-steps is 0)."),
-    lr: Optional[float] = recipe_flag("lr", "--lr", "--learning-rate", metavar="RATE", help="Peak learning rate of AdamW."),
-    beta: Optional[float] = recipe_flag("beta", "--beta", metavar="B", help="DPO/FPO beta: how far the model may move from the reference."),
-    focal_gamma: Optional[float] = recipe_flag("focal_gamma", "--focal-gamma", metavar="G", help="FPO's focal exponent; 0 is plain DPO."),
-    batch_size: Optional[int] = recipe_flag("batch_size", "--batch-size", metavar="N", help="Pairs per optimizer step (per accumulation)."),
-    seed: Optional[int] = recipe_flag("seed", "--seed", metavar="N", help="Seed of the data shuffle, the LoRA initialization and replay sampling."),
+    model: Optional[str] = recipe_flag("model", "--model", metavar="FOLDER|HUB_ID"),
+    quant: Optional[str] = recipe_flag("quant", "--quant"),
+    loss: Optional[str] = recipe_flag("loss", "--loss"),
+    max_pairs: Optional[int] = recipe_flag("max_pairs", "--max-pairs", metavar="N"),
+    max_steps: Optional[int] = recipe_flag("max_steps", "--max-steps", metavar="N"),
+    epochs: Optional[float] = recipe_flag("epochs", "--epochs", metavar="X"),
+    lr: Optional[float] = recipe_flag("lr", "--lr", "--learning-rate", metavar="RATE"),
+    beta: Optional[float] = recipe_flag("beta", "--beta", metavar="B"),
+    focal_gamma: Optional[float] = recipe_flag("focal_gamma", "--focal-gamma", metavar="G"),
+    batch_size: Optional[int] = recipe_flag("batch_size", "--batch-size", metavar="N"),
+    seed: Optional[int] = recipe_flag("seed", "--seed", metavar="N"),
     sets: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this domain and data."),
     wait: float = typer.Option(0.0, "--wait", metavar="SECONDS", help="If another align is writing the bank, wait up to SECONDS for it."),
@@ -231,7 +232,7 @@ def route_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Say which memory chat would use for TEXT or a conversation, with each domain's probability."""
-    from lifealign_lite.align import make_embedder
+    from lifealign_lite.memory.router import make_embedder
     from lifealign_lite.memory.bank import Bank
     from lifealign_lite.memory.router import prompt_text
 
@@ -370,10 +371,12 @@ def recipes(
     if as_json:
         print(json.dumps({"path": str(path), "fields": rcp.to_dict()}, indent=2))
         return
-    table = Table("key", "value", title=f"{rcp.name}: {path}")
-    for key, value in rcp.to_dict().items():
+    table = Table("group", "key", "value", "what it does", title=f"{rcp.name}: {path}")
+    for key, value in sorted(rcp.to_dict().items(), key=lambda kv: GROUPS.index(describe(kv[0])["group"])):
         if key != "description":
-            table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+            info = describe(key)
+            choices = f" ({'|'.join(info['choices'])})" if info["choices"] else ""
+            table.add_row(info["group"], key, ", ".join(value) if isinstance(value, list) else str(value), info["help"] + choices)
     out.print(rcp.description, highlight=False)
     out.print(table)
 

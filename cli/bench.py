@@ -95,7 +95,7 @@ def quant_cmd(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Precision on this machine (what `--quant auto` decides): load time, footprint, FPO pairs/s, generation tokens/s."""
-    from lifealign_lite.bench.speed import bench_quant
+    from lifealign_lite.bench.quant import bench_quant
 
     result = bench_quant(home_dir(), data, pairs, steps, batch_size, new_tokens, model, modes, threads, timeout,
                          log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)
@@ -128,7 +128,7 @@ def chat_cmd(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Time to first token and tokens/s with an adapter merged, unmerged and on a 4-bit base; CLI cold start."""
-    from lifealign_lite.bench.speed import bench_chat
+    from lifealign_lite.bench.chat import bench_chat
 
     result = bench_chat(home_dir(), bank, domain, model, new_tokens, repeats, cold_repeats, modes=modes, threads=threads,
                         timeout=timeout, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import random
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,17 +16,19 @@ from pathlib import Path
 
 import torch
 
-from .errors import LifeAlignError
+from .batching import tokenize_pairs
+from .checkpoint import settle
 from .data import DataError, Pair, load_pairs, pairs_hash, validate_domain_name
+from .errors import LifeAlignError
 from .losses import preference_loss
 from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
 from .memory.consolidate import add_adapters, compress_adapter, consolidate_adapter, denoise
-from .memory.router import BaseModelEmbedder, MiniLMEmbedder, add_prompts, fit_router, prompt_text
+from .memory.replay import replay_sample, update_replay
+from .memory.router import add_prompts, fit_router, make_embedder, prompt_text
 from .model import attach_adapters, check_device, load_base, save_adapter
 from .recipe import Recipe
 from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
-from .batching import tokenize_pairs
-from .checkpoint import settle
+from .system import MATPLOTLIB_MISSING, peak_rss_mb
 from .train import plot_history, train_short_term
 
 
@@ -55,12 +53,6 @@ def pick_domain(pairs: list[Pair], domain: str | None, path: Path) -> str:
     return named[0] if named else "general"
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports kilobytes, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
-
-
 def _find_resumable(runs: Path, domain: str, data_hash: str) -> Path:
     for run in sorted(runs.glob(f"*-{domain}"), reverse=True):
         meta = run / "run.json"
@@ -68,37 +60,6 @@ def _find_resumable(runs: Path, domain: str, data_hash: str) -> Path:
             if json.loads(meta.read_text()).get("data_hash") == data_hash:
                 return run
     raise AlignError(f"nothing to resume for domain {domain!r} with this data in {runs}; run align without --resume")
-
-
-def replay_sample(buffer: list[Pair], domain: str, n: int, seed: int) -> list[Pair]:
-    """``n`` pairs of earlier domains from the replay buffer (seeded)."""
-    others = [p for p in buffer if p.domain != domain]
-    return random.Random(seed).sample(others, min(n, len(others)))
-
-
-REPLAY_MAX_CHARS = 8192  # per message of a stored pair: far beyond what training reads (max_length tokens), a bound on disk
-
-
-def _clip(messages: list[dict], keep_end: bool) -> list[dict]:
-    """Messages cut to REPLAY_MAX_CHARS each, as training truncates: a prompt keeps its end, an answer its start."""
-    cut = (lambda t: t[-REPLAY_MAX_CHARS:]) if keep_end else (lambda t: t[:REPLAY_MAX_CHARS])
-    return [m if len(m["content"]) <= REPLAY_MAX_CHARS else {**m, "content": cut(m["content"])} for m in messages]
-
-
-def update_replay(buffer: list[Pair], pairs: list[Pair], domain: str, ratio: float, size: int, seed: int) -> list[Pair]:
-    """Add ``ratio`` of the task's pairs (tagged with its domain, each message clipped to REPLAY_MAX_CHARS characters)
-    and trim the largest domains to ``size`` pairs."""
-    take = random.Random(seed).sample(pairs, math.ceil(ratio * len(pairs))) if ratio > 0 else []
-    pool: dict[str, list[Pair]] = {}
-    for p in buffer + [Pair(_clip(p.prompt, True), _clip(p.chosen, False), _clip(p.rejected, False), domain, p.source) for p in take]:
-        pool.setdefault(p.domain or "general", []).append(p)
-    while sum(map(len, pool.values())) > size:
-        max(pool.values(), key=len).pop(0)
-    return [p for group in pool.values() for p in group]
-
-
-def make_embedder(kind: str, base=None):
-    return BaseModelEmbedder(base.model, base.tokenizer) if kind == "base" else MiniLMEmbedder()
 
 
 def _check_bank_shape(state: BankState, recipe: Recipe) -> dict:
@@ -228,8 +189,8 @@ def align(
         st = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter,
                               bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe, prior_fisher),
                               log_path=run_dir / "train_log.jsonl")
-        if st.history:
-            plot_history(st.history, run_dir / "training.png")
+        if st.history and plot_history(st.history, run_dir / "training.png") is None:
+            note(f"training.png: {MATPLOTLIB_MISSING}")
         t_trained = time.perf_counter()
         fisher = None
         if recipe.ewc_lambda > 0:  # the Fisher of this task's own pairs (not the replayed ones), for the next tasks

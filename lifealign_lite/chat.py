@@ -22,7 +22,8 @@ from .errors import InputError
 from .memory.bank import Bank, BankError, BankState, read_adapter
 from .memory.consolidate import LowRank
 from .memory.router import CORE, Route, prompt_text
-from .model import _quiet, load_base
+from .model import load_base
+from .system import quiet
 
 BASE = "base"
 AUTO = "auto"
@@ -227,7 +228,7 @@ class ChatSession:
             return
         from peft import PeftModel
 
-        with _quiet():
+        with quiet():
             for i, (name, folder) in enumerate(adapters):
                 if i == 0:
                     self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
@@ -282,6 +283,6 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
 
 def _embedder(name: str, base):
     """The routing embedder, imported and loaded on the first routed prompt only."""
-    from .align import make_embedder
+    from .memory.router import make_embedder
 
     return make_embedder(name, base)

@@ -15,7 +15,8 @@ import torch
 from .errors import InputError
 from .memory.bank import Bank, BankError
 from .memory.router import CORE
-from .model import _quiet, load_base, resolve_model_path
+from .system import quiet
+from .model import load_base, resolve_model_path
 
 PROBE = [{"role": "user", "content": "In one sentence, what should I do if I feel unwell?"}]
 
@@ -56,7 +57,7 @@ def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, rec
     base = load_base(base_spec, home, "none", trust_remote_code=recipe.trust_remote_code)
     bank.check_base(base.info)
     probe = base.tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with _quiet(), torch.no_grad():  # no third-party warnings or progress bars around our one line
+    with quiet(), torch.no_grad():  # no third-party warnings or progress bars around our one line
         peft_model = PeftModel.from_pretrained(base.model, str(src)).eval()
         expected = peft_model(**probe).logits[0, -1]
         merged = peft_model.merge_and_unload()

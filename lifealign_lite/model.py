@@ -15,7 +15,6 @@ import json
 import logging
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from .errors import LifeAlignError
 from .files import swap_dir
+from .system import quiet
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -159,7 +159,7 @@ def default_model_dir(home: Path, note: Callable[[str], None] | None = None) -> 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        with _quiet(), contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar for the GGUF tensors
+        with quiet(), contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar for the GGUF tensors
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The de-quantized weights are plain fp32 tensors; drop the GGUF marker so they save as safetensors.
@@ -238,23 +238,6 @@ def model_fingerprint(model) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence library chatter (progress bars, deprecation notes) while loading."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
-
-
 def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = None, trust_remote_code: bool = False,
               autocast_setting: str = "none", note: Callable[[str], None] | None = None, loading_note: str | None = None) -> BaseModel:
     """Load a base causal LM and its tokenizer in the asked precision (safetensors only).
@@ -276,7 +259,7 @@ def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = N
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": device}
-    with _quiet():
+    with quiet():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -323,7 +306,7 @@ def attach_adapters(base: BaseModel, recipe, memory_dir: Path | None = None, gra
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     model = base.model
-    with _quiet():
+    with quiet():
         if base.info["quant"] != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         if memory_dir is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -28,71 +28,87 @@ class RecipeError(LifeAlignError, ValueError):
     """A recipe that cannot be used: unknown preset, unknown key, or a bad value."""
 
 
+GROUPS = ("meta", "model", "lora", "optimisation", "loss", "memory", "baselines")
+
+
+def knob(default: Any = MISSING, group: str = "", help: str = "", *, choices: tuple | None = None, default_factory: Any = MISSING):
+    """A recipe field that carries its group, its help and its allowed values: ``validate`` checks the choices, and the
+    CLI's flags and ``lifealign-lite recipes NAME`` take the help from here (said once)."""
+    assert group in GROUPS, group
+    meta = {"group": group, "help": help, "choices": choices}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def describe(key: str) -> dict:
+    """A recipe key's group, help and choices."""
+    return dict(_FIELDS[key].metadata)
+
+
 @dataclass
 class Recipe:
     """Every knob of an alignment run. Field names double as YAML keys and CLI flags."""
 
-    name: str = DEFAULT_RECIPE
-    description: str = ""
+    name: str = knob(DEFAULT_RECIPE, "meta", "Preset name.")
+    description: str = knob("", "meta", "What the preset is for.")
     # model and precision
-    model: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct; else a local folder or hub id
-    quant: str = "auto"  # auto|nf4|int8|none; auto = nf4 (QLoRA) on CUDA, none (fp32) on CPU
-    trust_remote_code: bool = False
-    needs_cuda: bool = False  # the preset only makes sense on a CUDA GPU: refused at once on a machine without one
-    autocast: str = "auto"  # auto|bf16|none: bf16 autocast over fp32 weights for training on a CPU; auto = where the CPU has native bf16
-    score_precision: str = "fp32"  # fp32|bf16: precision of eval/bench scoring (fp32: bf16 rounding is larger than an adapter's effect)
+    model: str = knob("default", "model", "Local model folder or hub id; default = the embedded SmolLM2-135M-Instruct.")
+    quant: str = knob("auto", "model", "Weight precision; auto = NF4 on CUDA, fp32 on a CPU.", choices=QUANT_CHOICES)
+    trust_remote_code: bool = knob(False, "model", "Let transformers run the model repository's own code.")
+    needs_cuda: bool = knob(False, "model", "The preset only makes sense on a CUDA GPU: refused at once on a machine without one.")
+    autocast: str = knob("auto", "model", "bf16 autocast over fp32 weights for training on a CPU; auto = where the CPU has native bf16.", choices=("auto", "bf16", "none"))
+    score_precision: str = knob("fp32", "model", "Precision of eval/bench scoring (fp32: bf16 rounding is larger than an adapter's effect).", choices=("fp32", "bf16"))
     # preference optimization (FPO; focal_gamma = 0 is DPO)
-    loss: str = "fpo"
-    beta: float = 0.1
-    focal_gamma: float = 2.0
+    loss: str = knob("fpo", "loss", "Preference loss.", choices=LOSS_CHOICES)
+    beta: float = knob(0.1, "loss", "DPO/FPO beta: how far the model may move from the reference.")
+    focal_gamma: float = knob(2.0, "loss", "FPO's focal exponent; 0 is plain DPO.")
     # optimization
-    lr: float = 5e-5
-    epochs: float = 1.0
-    max_steps: int = 0  # 0 = run `epochs` over the data
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_ratio: float = 0.1
-    lr_schedule: str = "linear"  # linear|cosine decay after warm-up (the authors use cosine)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    max_pairs: int = 0  # 0 = all pairs
+    lr: float = knob(5e-5, "optimisation", "Peak learning rate of AdamW.")
+    epochs: float = knob(1.0, "optimisation", "Passes over the data (when --max-steps is 0).")
+    max_steps: int = knob(0, "optimisation", "Stop after N optimizer steps; 0 = run --epochs.")
+    batch_size: int = knob(4, "optimisation", "Pairs per optimizer step (per accumulation).")
+    grad_accum: int = knob(1, "optimisation", "Batches accumulated per optimizer step.")
+    warmup_ratio: float = knob(0.1, "optimisation", "Share of the steps spent warming the learning rate up.")
+    lr_schedule: str = knob("linear", "optimisation", "Learning-rate decay after warm-up (the authors use cosine).", choices=("linear", "cosine"))
+    weight_decay: float = knob(0.0, "optimisation", "AdamW weight decay.")
+    max_grad_norm: float = knob(1.0, "optimisation", "Gradient norm clipped to this.")
+    seed: int = knob(0, "optimisation", "Seed of the data shuffle, the LoRA initialization and replay sampling.")
+    max_pairs: int = knob(0, "optimisation", "Use N pairs (seeded shuffle); 0 = all.")
     # sequence lengths (prompt is truncated from the left, responses from the right)
-    max_length: int = 256
-    max_prompt_length: int = 128
+    max_length: int = knob(256, "model", "Longest prompt + response, in tokens.")
+    max_prompt_length: int = knob(128, "model", "Longest prompt, in tokens (truncated from the left; responses from the right).")
     # short-term LoRA
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    sft_warmup_steps: int = 0  # steps of SFT on the chosen responses before FPO, as the authors do
-    reference: str = "memory"  # memory: ref = base + the frozen long-term memory; base: ref = the bare base (the authors')
+    lora_r: int = knob(8, "lora", "Rank of the short-term LoRA.")
+    lora_alpha: int = knob(16, "lora", "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = knob(0.0, "lora", "LoRA dropout.")
+    target_modules: list[str] = knob(group="lora", help="Modules the LoRA adapts.", default_factory=lambda: ["q_proj", "v_proj"])
+    sft_warmup_steps: int = knob(0, "lora", "Steps of SFT on the chosen responses before FPO, as the authors do.")
+    reference: str = knob("memory", "lora", "The reference model: memory = base + the frozen long-term memory; base = the bare base (the authors').", choices=("memory", "base"))
     # long-term memory (consolidation, bank, replay, routing)
-    tau: float = 0.9  # energy kept when denoising an update
-    projection_gamma: float = 0.5  # weight kept on the part of an update inside the history span
-    bank_rank: int = 16  # rank budget of the core and of every slot
-    replay_ratio: float = 0.2  # share of each task added to the replay buffer
-    replay_size: int = 2000  # bound on pairs in the replay buffer
-    replay_mix: float = 0.2  # replayed pairs mixed into a task, as a fraction of its pairs
-    replay_all: bool = False  # mix the whole replay buffer into each task (the authors') instead of replay_mix of it
-    route_quantile: float = 0.05  # share of a domain's own held-out prompts whose similarity sets its novelty threshold
-    route_threshold: float = -1.0  # < 0: each domain's calibrated threshold; 0..1: one fixed similarity below which the core answers
-    router: str = "minilm"  # minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states)
-    slot_mode: str = "specialist"  # specialist: slot = memory + the domain's denoised update; core: slot = the new core
+    tau: float = knob(0.9, "memory", "Energy kept when denoising an update.")
+    projection_gamma: float = knob(0.5, "memory", "Weight kept on the part of an update inside the history span.")
+    bank_rank: int = knob(16, "memory", "Rank budget of the core and of every slot.")
+    replay_ratio: float = knob(0.2, "memory", "Share of each task added to the replay buffer.")
+    replay_size: int = knob(2000, "memory", "Bound on pairs in the replay buffer.")
+    replay_mix: float = knob(0.2, "memory", "Replayed pairs mixed into a task, as a fraction of its pairs.")
+    replay_all: bool = knob(False, "memory", "Mix the whole replay buffer into each task (the authors') instead of replay_mix of it.")
+    route_quantile: float = knob(0.05, "memory", "Share of a domain's own held-out prompts whose similarity sets its novelty threshold.")
+    route_threshold: float = knob(-1.0, "memory", "Below 0: each domain's calibrated threshold; 0..1: one fixed similarity below which the core answers.")
+    router: str = knob("minilm", "memory", "Routing embedder: minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states).", choices=("minilm", "base"))
+    slot_mode: str = knob("specialist", "memory", "specialist: slot = memory + the domain's denoised update; core: slot = the new core.", choices=("specialist", "core"))
     # continual-learning baselines (bench continual's ewc and olora; off in LifeAlign's own recipes)
-    ewc_lambda: float = 0.0  # online EWC: penalty on the short update weighted by earlier tasks' Fisher (kept in the bank)
-    olora_lambda: float = 0.0  # O-LoRA: penalty on the short adapter's A inside earlier tasks' input subspaces
+    ewc_lambda: float = knob(0.0, "baselines", "Online EWC: penalty on the short update weighted by earlier tasks' Fisher (kept in the bank).")
+    olora_lambda: float = knob(0.0, "baselines", "O-LoRA: penalty on the short adapter's A inside earlier tasks' input subspaces.")
 
     def validate(self) -> "Recipe":
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise RecipeError(f"{f.name} must be a finite number, got {value}")
-        choices = {"quant": QUANT_CHOICES, "autocast": ("auto", "bf16", "none"), "router": ("minilm", "base"),
-                   "slot_mode": ("specialist", "core"), "loss": LOSS_CHOICES, "score_precision": ("fp32", "bf16"),
-                   "lr_schedule": ("linear", "cosine"), "reference": ("memory", "base")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
+        for f in fields(self):
+            key, allowed = f.name, f.metadata.get("choices")
+            if allowed and getattr(self, key) not in allowed:
                 raise RecipeError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         positive = ("beta", "batch_size", "grad_accum", "max_length", "max_prompt_length", "lora_r", "lora_alpha", "bank_rank", "max_grad_norm")
         for key in positive:

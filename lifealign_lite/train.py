@@ -22,6 +22,7 @@ from .checkpoint import Interrupted, StopFlag, TrainState, load_checkpoint, save
 from .logprobs import pair_logps, reference_logps, score_pairs, sequence_logps
 from .losses import preference_loss, sft_loss
 from .model import autocast
+from .system import pyplot
 
 # The names other modules and tests import from here since before the split.
 __all__ = ["Interrupted", "TokenizeStats", "Tokenized", "TrainState", "length_grouped_batches", "pair_logps", "plot_history",
@@ -190,13 +191,11 @@ class _NullReporter:
         pass
 
 
-def plot_history(history: list[dict], path: Path) -> Path:
-    """Loss and reward accuracy per optimizer step, as a PNG (matplotlib, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_history(history: list[dict], path: Path) -> Path | None:
+    """Loss and reward accuracy per optimizer step, as a PNG (matplotlib, no display needed); None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
     steps = [h["step"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     ax_loss.plot(steps, [h["loss"] for h in history], marker=".")

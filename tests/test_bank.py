@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from lifealign_lite.align import update_replay
+from lifealign_lite.memory.replay import update_replay
 from lifealign_lite.data import Pair
 from lifealign_lite.memory.bank import (
     Bank,

@@ -396,7 +396,8 @@ def test_direct_merge_answers_as_peft_merge_and_switches_back_exactly(tiny_bank,
     from peft import PeftModel
 
     from lifealign_lite.chat import open_session
-    from lifealign_lite.model import _quiet, load_base
+    from lifealign_lite.model import load_base
+    from lifealign_lite.system import quiet
 
     recipe = load_recipe("edge-cpu", {"model": str(tiny_model_dir), "router": "base"})
     session = open_session(tiny_bank, tmp_path, recipe, domain="medical")
@@ -404,7 +405,7 @@ def test_direct_merge_answers_as_peft_merge_and_switches_back_exactly(tiny_bank,
     turn = session.ask("hello there", max_new_tokens=TOKENS, keep_history=False)
 
     ref = load_base(str(tiny_model_dir), tmp_path, "none")
-    with _quiet():
+    with quiet():
         peft_model = PeftModel.from_pretrained(ref.model, str(session.state.slot_dir("medical"))).eval()
     merged = peft_model.merge_and_unload()
     ours = dict(session.model.named_parameters())

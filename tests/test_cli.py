@@ -108,6 +108,39 @@ def test_every_user_error_type_is_a_lifealign_error():
         assert issubclass(cls, LifeAlignError), cls
 
 
+def _imports(path: Path, module: str) -> set[str]:
+    """The package modules ``module`` (at ``path``) imports, anywhere in the file (function bodies included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = module.split(".")[: len(module.split(".")) - node.level] if node.level else []
+            if node.level and path.name == "__init__.py":
+                base = module.split(".")[: len(module.split(".")) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            found |= {target} | {f"{target}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_no_import_circle():
+    """No module of the package (cli/ included) imports, directly or through others, a module that imports it."""
+    modules = {}
+    for package, root in (("lifealign_lite", REPO / "lifealign_lite"), ("lifealign_lite.cli", REPO / "cli")):
+        for path in root.rglob("*.py"):
+            parts = [p for p in path.relative_to(root).with_suffix("").parts if p != "__init__"]
+            modules[".".join([package, *parts])] = path
+    graph = {m: _imports(p, m) & set(modules) - {m} for m, p in modules.items()}
+
+    def reaches(start, goal, seen):
+        return any(n == goal or (n not in seen and not seen.add(n) and reaches(n, goal, seen)) for n in graph[start])
+
+    circles = sorted(m for m in graph if reaches(m, m, set()))
+    assert not circles, circles
+
+
 def test_recipes_lists_presets(env):
     result = invoke(["recipes"], env)
     assert result.exit_code == 0, result.stderr

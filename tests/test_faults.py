@@ -30,7 +30,8 @@ import pytest
 from typer import Exit
 from typer.testing import CliRunner
 
-from lifealign_lite.align import REPLAY_MAX_CHARS, align, update_replay
+from lifealign_lite.align import align
+from lifealign_lite.memory.replay import REPLAY_MAX_CHARS, update_replay
 from lifealign_lite.cli.app import app, build_recipe
 from lifealign_lite.data import Pair
 from lifealign_lite.memory.bank import CHECKSUMS, Bank, BankError

@@ -1,9 +1,11 @@
 """Benchmarks behind ``lifealign-lite bench``.
 
-- :mod:`lifealign_lite.bench.speed`: training speed and memory against TRL's DPOTrainer (``bench speed``),
-  CPU precision (``bench quant``) and chat latency (``bench chat``); every measured variant runs in its own
-  subprocess (``python -m lifealign_lite.bench.speed _one VARIANT ...``) so peak resident memory is per variant.
-- :mod:`lifealign_lite.bench.continual`: the continual-alignment protocol with baselines.
+- :mod:`lifealign_lite.bench.harness`: runs every measured variant in its own subprocess
+  (``python -m lifealign_lite.bench.harness _one VARIANT ...``) so peak resident memory is per variant, and the
+  helpers the benchmarks share.
+- :mod:`lifealign_lite.bench.speed` (``bench speed``: training vs TRL's DPOTrainer), :mod:`~.quant` (``bench quant``:
+  CPU precision), :mod:`~.chat` (``bench chat``: latency), :mod:`~.continual` (the continual-alignment protocol with
+  baselines), :mod:`~.routing` (routing accuracy).
 
 Importing this package is cheap (no torch, no transformers).
 """

@@ -26,6 +26,7 @@ from ..align import align
 from ..chat import open_session
 from ..errors import BenchError
 from ..files import atomic_write
+from ..system import MATPLOTLIB_MISSING, pyplot
 from ..data import load_pairs, validate_domain_name, write_pairs
 from ..evaluate import METRICS, evaluate
 from ..memory.bank import Bank
@@ -234,7 +235,8 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
     results["_meta"] |= {"command": command, "wall_s_this_start": round(time.perf_counter() - started, 1)}
     _save_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results, methods))
-    plot(results, reported_methods(methods), out)
+    if not plot(results, reported_methods(methods), out):
+        (getattr(reporter, "note", None) or (lambda message: None))(MATPLOTLIB_MISSING)
     return results
 
 
@@ -395,12 +397,11 @@ def markdown_table(results: dict, methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, methods: list[str], out: Path) -> None:
-    """A heatmap of the preference-accuracy matrix per method and a bar chart of AP and BWT."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(results: dict, methods: list[str], out: Path) -> bool:
+    """A heatmap of the preference-accuracy matrix per method and a bar chart of AP and BWT (False without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return False
 
     names = results["_meta"]["tasks"]
     for m in methods:
@@ -431,3 +432,4 @@ def plot(results: dict, methods: list[str], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "ap-bwt.png", dpi=100)
     plt.close(fig)
+    return True

