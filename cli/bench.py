@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import err, fail, home_dir, out, sub_app
+from .common import err, fail, home_dir, out, status, sub_app
 
 bench_app = sub_app("Benchmarks: continual alignment (LifeAlign vs baselines), routing accuracy, training speed vs TRL, "
                     "CPU precision, chat latency.")
@@ -57,7 +57,7 @@ def speed_cmd(
     from lifealign_lite.bench.speed import bench_speed
 
     result = bench_speed(home_dir(), data, pairs, steps, batch_size, max_length, lr, model, variants, threads,
-                         matmul_size, matmul_repeats, timeout, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False),
+                         matmul_size, matmul_repeats, timeout, log=status,
                          verbose=verbose, trl_bf16=trl_bf16)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -98,7 +98,7 @@ def quant_cmd(
     from lifealign_lite.bench.quant import bench_quant
 
     result = bench_quant(home_dir(), data, pairs, steps, batch_size, new_tokens, model, modes, threads, timeout,
-                         log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)
+                         log=status, verbose=verbose)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -131,7 +131,7 @@ def chat_cmd(
     from lifealign_lite.bench.chat import bench_chat
 
     result = bench_chat(home_dir(), bank, domain, model, new_tokens, repeats, cold_repeats, modes=modes, threads=threads,
-                        timeout=timeout, log=lambda s: err.print(f"[dim]{s}[/]", highlight=False), verbose=verbose)
+                        timeout=timeout, log=status, verbose=verbose)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

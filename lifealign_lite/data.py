@@ -21,6 +21,9 @@ becomes ``[{"role": "assistant", "content": "y"}]``.
 :func:`load_pairs` checks every line before returning anything and reports all
 problems at once in a :class:`DataError`, each as ``FILE:LINE: what is wrong;
 what to do``.
+
+Over 400 lines on purpose: one format's reading, every check with its one-line message, and writing belong together
+(the checks are the format's definition).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ switching the merged adapter and generating, so requests in flight never see ano
 model holds one merged adapter at a time (chat's design), and a CPU gains nothing from running two
 generations at once. Each request first reads the manifest's ``current`` pointer (one small file): a version
 committed by ``align`` while serving is swapped in for the next request, once the running one has finished.
+
+Over 400 lines on purpose: the OpenAI-compatible request checks, streaming and the upstream relay share one request
+model; split, each half would restate it.
 """
 
 from __future__ import annotations

@@ -182,22 +182,22 @@ def one_speed_trl(options: dict, tuned: bool) -> dict:
     recipe, home, pairs, base, load_s, rss_loaded, params = load_variant(options)
     timings: dict[str, float] = {}
 
+    def timed(phase: str, method):
+        def run(self, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t
+
+        return run
+
     class TimedDPOTrainer(DPOTrainer):
-        """Only adds timers around TRL's own tokenization and reference precompute."""
+        """Only adds timers around TRL's own tokenization and reference precompute. (A TrainerCallback cannot do it:
+        tokenization runs in the constructor and the precompute before the first callback event.)"""
 
-        def _prepare_dataset(self, *args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return super()._prepare_dataset(*args, **kwargs)
-            finally:
-                timings["tokenize"] = timings.get("tokenize", 0.0) + time.perf_counter() - t
-
-        def _precompute_ref_logps(self, *args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return super()._precompute_ref_logps(*args, **kwargs)
-            finally:
-                timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - t
+        _prepare_dataset = timed("tokenize", DPOTrainer._prepare_dataset)
+        _precompute_ref_logps = timed("reference", DPOTrainer._precompute_ref_logps)
 
     with tempfile.TemporaryDirectory(prefix="lifealign-bench-trl-") as tmp:
         t0 = time.perf_counter()
