@@ -43,6 +43,17 @@ def test_summarize_counts_only_successful_requests_and_keeps_the_errors():
     assert level["ttft_median_s"] == 0.2 and level["ttft_p90_s"] == pytest.approx(0.28) and level["memories"] == {"a": 2, "b": 1}
 
 
+def test_bench_help_lists_serve_and_its_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from lifealign_lite.cli.app import app
+
+    env = {"LIFEALIGN_HOME": str(tmp_path), "COLUMNS": "200"}
+    assert "server throughput" in CliRunner().invoke(app, ["bench", "--help"], env=env).stdout
+    result = CliRunner().invoke(app, ["bench", "serve", "-h"], env=env)
+    assert result.exit_code == 0 and all(f in result.stdout for f in ("--clients", "--requests", "--max-tokens", "--data", "--json"))
+
+
 def test_bad_input_is_a_one_line_error(tmp_path, tiny_bank):
     from typer.testing import CliRunner
 

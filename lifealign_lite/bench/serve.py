@@ -36,7 +36,7 @@ DEFAULT_DATA = (REPO.parent / "shared" / "data" / "hh-helpful" / "dev.jsonl",)
 DEFAULT_CLIENTS = (1, 4, 16)
 LEVEL_KEYS = {"clients", "requests", "ok", "errors", "wall_s", "requests_per_s", "ttft_median_s", "ttft_p90_s",
               "latency_median_s", "tokens", "tokens_per_s", "memories", "error_messages"}
-TOP_KEYS = {"bench", "machine", "settings", "server_start_s", "clients", "ok"}
+TOP_KEYS = {"bench", "machine", "settings", "server_start_s", "clients", "ok", "load_average"}
 
 
 # -- pure helpers -----------------------------------------------------------------------------------------
@@ -192,10 +192,11 @@ class Server:
                     break
             except (urllib.error.URLError, OSError):
                 if self.proc.poll() is not None:
-                    self.stop()
-                    raise BenchError(f"`{shlex.join(self.command)}` exited with code {self.proc.returncode}: {self.log_tail(600)}") from None
+                    tail = self.log_tail(600)
+                    self.__exit__()
+                    raise BenchError(f"`{shlex.join(self.command)}` exited with code {self.proc.returncode}: {tail}") from None
                 if time.perf_counter() - t0 > self.start_timeout:
-                    self.stop()
+                    self.__exit__()
                     raise BenchError(f"`{shlex.join(self.command)}` did not answer /health within {self.start_timeout:.0f} s") from None
                 time.sleep(0.3)
         self.start_s = round(time.perf_counter() - t0, 2)
@@ -210,7 +211,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc) -> None:  # also the clean-up of a failed start
         self.stop()
         self._log.close()
         os.unlink(self._log.name)
@@ -253,6 +254,7 @@ def bench_serve(home: Path, bank: Path, model: str = "default", clients: str | l
     paths = [Path(p) for p in (data or DEFAULT_DATA)]
     plan = plan_requests(load_prompts(paths, requests), models, requests)
     say = log or (lambda s: None)
+    load_start = os.getloadavg()[0]
     say(f"starting lifealign-lite serve on the bank {bank} ...")
     with Server(home, bank, model, threads) as server:
         say(f"server answering after {server.start_s} s; warming up ({', '.join(models)})")
@@ -278,4 +280,5 @@ def bench_serve(home: Path, bank: Path, model: str = "default", clients: str | l
     settings = {"bank": str(bank), "bank_version": state.version, "model": model, "clients": counts, "requests": requests, "max_tokens": max_tokens,
                 "data": [str(p) for p in paths], "models": models, "threads": threads, "decoding": "greedy, streamed"}
     return {"bench": "serve", "machine": machine_info(), "settings": settings, "server_start_s": start_s, "clients": levels,
-            "ok": all(level["errors"] == 0 for level in levels.values())}
+            "ok": all(level["errors"] == 0 for level in levels.values()),
+            "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}}  # 1-minute load: was the machine busy?
