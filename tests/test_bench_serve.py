@@ -66,9 +66,12 @@ def test_bad_input_is_a_one_line_error(tmp_path, tiny_bank):
         (["--bank", str(tiny_bank), "--requests", "0"], "--requests must be >= 1"),
         (["--bank", str(tiny_bank), "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: data file not found"),
     ]
+    cases.append((["--bank", str(tiny_bank), "--model", str(tmp_path / "no-model"), "--data", str(REPO / "examples" / "medical.jsonl")],
+                  "serve --bank"))  # the server itself refuses to start: its last line, on one line
     for args, words in cases:
         result = CliRunner().invoke(app, ["bench", "serve", *args], env=env)
-        assert result.exit_code == 2 and words in result.stderr, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and words in errors[0], result.stderr
         assert "Traceback" not in result.stderr
 
 

@@ -192,9 +192,9 @@ class Server:
                     break
             except (urllib.error.URLError, OSError):
                 if self.proc.poll() is not None:
-                    tail = self.log_tail(600)
+                    last = (self.log_tail(600).splitlines() or ["(no output)"])[-1]  # the server's own one-line error
                     self.__exit__()
-                    raise BenchError(f"`{shlex.join(self.command)}` exited with code {self.proc.returncode}: {tail}") from None
+                    raise BenchError(f"`{shlex.join(self.command)}` exited with code {self.proc.returncode}: {last}") from None
                 if time.perf_counter() - t0 > self.start_timeout:
                     self.__exit__()
                     raise BenchError(f"`{shlex.join(self.command)}` did not answer /health within {self.start_timeout:.0f} s") from None
