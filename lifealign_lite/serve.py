@@ -4,8 +4,9 @@ The request's ``model`` names the memory: a domain, ``core``, ``base``, or ``aut
 which routes the whole conversation with the bank's router exactly as ``chat`` does. One lock covers routing,
 switching the merged adapter and generating, so requests in flight never see another request's adapter: the
 model holds one merged adapter at a time (chat's design), and a CPU gains nothing from running two
-generations at once (batching same-memory requests was measured not clearly faster: docs/PERFORMANCE.md). Each request first reads the manifest's ``current`` pointer (one small file): a version
-committed by ``align`` while serving is swapped in for the next request, once the running one has finished.
+generations at once (batching same-memory requests was measured not clearly faster: docs/PERFORMANCE.md).
+Each request first reads the manifest's ``current`` pointer (one small file): a version committed by ``align``
+while serving is swapped in for the next request, once the running one has finished.
 """
 
 from __future__ import annotations
