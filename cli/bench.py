@@ -13,10 +13,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import err, fail, home_dir, out, status, sub_app
+from .common import BankOpt, err, existing_bank, fail, home_dir, out, status, sub_app
 
 bench_app = sub_app("Benchmarks: continual alignment (LifeAlign vs baselines), routing accuracy, training speed vs TRL, "
-                    "CPU precision, chat latency.")
+                    "CPU precision, chat latency, server throughput.")
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show each subprocess's own output on stderr.")
@@ -154,6 +154,50 @@ def chat_cmd(
             if not run.get("ok"):
                 err.print(f"[bold red]cold start failed:[/] {run.get('error')}", highlight=False, soft_wrap=True)
     _failures(err, result["modes"])
+
+
+@bench_app.command("serve")
+def serve_cmd(
+    bank: Optional[Path] = BankOpt,
+    clients: str = typer.Option("1,4,16", "--clients", metavar="N,N,...", help="Concurrent clients to measure, comma-separated."),
+    requests: int = typer.Option(32, "--requests", metavar="N", help="Requests sent at each number of clients."),
+    max_tokens: int = typer.Option(32, "--max-tokens", metavar="N", help="max_tokens of every request (greedy, streamed)."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", metavar="FILE", help="Prompts from these preference files (repeat the option; default: ../shared/data/hh-helpful/dev.jsonl)."),
+    model: str = ModelOpt,
+    threads: Optional[int] = typer.Option(None, "--threads", help="OMP_NUM_THREADS of the server (default: torch's choice)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Start `lifealign-lite serve` on a free port and measure requests/s and time to first token at each number of clients."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lifealign_lite.bench.serve import bench_serve
+
+    bank_dir = existing_bank(bank)
+    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+    tasks: dict[str, int] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = bars.add_task(label, total=total)
+        bars.update(tasks[label], completed=done)
+
+    with bars:
+        result = bench_serve(home_dir(), bank_dir, model, clients, requests, max_tokens, data, threads, progress=progress,
+                             log=lambda s: bars.console.print(f"[dim]{s}[/]", highlight=False))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        s = result["settings"]
+        table = Table("clients", "requests/s", "first token median s", "first token p90 s", "latency median s", "tokens/s", "errors",
+                      title=f"bench serve: {s['requests']} requests of {s['max_tokens']} tokens, models {', '.join(s['models'])}")
+        for n, r in result["clients"].items():
+            table.add_row(n, _fmt(r["requests_per_s"]), _fmt(r["ttft_median_s"], ".2f"), _fmt(r["ttft_p90_s"], ".2f"),
+                          _fmt(r["latency_median_s"], ".2f"), _fmt(r["tokens_per_s"], ".1f"), str(r["errors"]))
+        out.print(table)
+        out.print(f"server answered /health {_fmt(result['server_start_s'], '.1f')} s after start")
+    failed = {n: r for n, r in result["clients"].items() if r["errors"]}
+    if failed:
+        fail("; ".join(f"{r['errors']} of {r['requests']} requests failed at {n} clients ({'; '.join(r['error_messages'])})" for n, r in failed.items()), code=1)
 
 
 @bench_app.command("continual")

@@ -4,8 +4,9 @@ The request's ``model`` names the memory: a domain, ``core``, ``base``, or ``aut
 which routes the whole conversation with the bank's router exactly as ``chat`` does. One lock covers routing,
 switching the merged adapter and generating, so requests in flight never see another request's adapter: the
 model holds one merged adapter at a time (chat's design), and a CPU gains nothing from running two
-generations at once. Each request first reads the manifest's ``current`` pointer (one small file): a version
-committed by ``align`` while serving is swapped in for the next request, once the running one has finished.
+generations at once (batching same-memory requests was measured not clearly faster: docs/PERFORMANCE.md).
+Each request first reads the manifest's ``current`` pointer (one small file): a version committed by ``align``
+while serving is swapped in for the next request, once the running one has finished.
 
 Over 400 lines on purpose: the OpenAI-compatible request checks, streaming and the upstream relay share one request
 model; split, each half would restate it.
@@ -64,6 +65,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
 
 # -- checking requests -------------------------------------------------------------------------------------
@@ -132,9 +134,12 @@ def parse_job(body, kind: str, max_tokens_cap: int) -> Job:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false", "stream", "invalid_type")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError(400, "'stream_options' must be an object like {\"include_usage\": true}", "stream_options", "invalid_type")
     return Job(prompt=prompt, model=model, max_tokens=max_tokens, temperature=float(_number(body, "temperature", 0.0, 0, 2)),
                top_p=float(_number(body, "top_p", 1.0, 0, 1)), stop=stop, seed=_number(body, "seed", None, -2**63, 2**64 - 1, integer=True),
-               stream=stream)
+               stream=stream, include_usage=stream and options.get("include_usage", False))
 
 
 class StopScanner:
@@ -413,7 +418,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_cap: int =
         headers = {"x-lifealign-memory": answer.memory}
         meta = {"memory": answer.memory, "route": answer.route, "bank_version": answer.version}
         if job.stream:
-            return StreamingResponse(_sse(events, cancel, kind, rid, created, job.model, meta), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(_sse(events, cancel, kind, rid, created, job.model, meta, job.include_usage), media_type="text/event-stream", headers=headers)
         while (event := await asyncio.to_thread(events.get))[0] == "text":
             pass
         if event[0] == "error":
@@ -437,8 +442,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_cap: int =
     return app
 
 
-def _sse(events: queue.Queue, cancel: threading.Event, kind: str, rid: str, created: int, model: str, meta: dict) -> Iterator[str]:
-    """Server-sent events: one chunk per piece of text, a last chunk with the finish reason, then ``data: [DONE]``.
+def _sse(events: queue.Queue, cancel: threading.Event, kind: str, rid: str, created: int, model: str, meta: dict,
+         include_usage: bool = False) -> Iterator[str]:
+    """Server-sent events: one chunk per piece of text, a last chunk with the finish reason (with ``include_usage``,
+    then one with no choices and the token counts, as OpenAI's ``stream_options``), then ``data: [DONE]``.
     A client that goes away sets ``cancel``, which stops generation at the next token."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -458,7 +465,11 @@ def _sse(events: queue.Queue, cancel: threading.Event, kind: str, rid: str, crea
             if event[0] == "text":
                 yield chunk(event[1], None)
             elif event[0] == "done":
-                yield chunk(None, event[1].finish_reason)
+                done: Answer = event[1]
+                yield chunk(None, done.finish_reason)
+                if include_usage:
+                    usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.tokens, "total_tokens": done.prompt_tokens + done.tokens}
+                    yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model, 'choices': [], 'usage': usage})}\n\n"
                 break
             else:
                 yield f"data: {json.dumps(event[1].body())}\n\n"

@@ -181,6 +181,17 @@ def test_streaming_gives_the_same_answer_and_ends_with_done(client, server, memo
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
 
 
+def test_stream_options_include_usage_adds_a_last_chunk_with_the_token_counts(client, server):
+    chunks = list(client.chat.completions.create(model="medical", messages=[{"role": "user", "content": PROMPT}], max_tokens=TOKENS,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == TOKENS
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + TOKENS > TOKENS
+    assert chunks[-2].choices[0].finish_reason == "length" and all(c.usage is None for c in chunks[:-1])
+    code, data, _ = post(server[0], "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                                                                        "stream_options": {"include_usage": "yes"}}).encode())
+    assert code == 400 and "stream_options" in data["error"]["message"]
+
+
 def test_completions_stop_and_seeded_sampling(client):
     text = client.completions.create(model="medical", prompt="The quick brown", max_tokens=TOKENS)
     assert text.choices[0].text and text.lifealign["memory"] == "medical"
