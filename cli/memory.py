@@ -271,6 +271,8 @@ def export_cmd(
         return
     if as_json:
         print(json.dumps(result, indent=2))
+    elif "llama_cpp" in result:
+        print(result["llama_cpp"])
     err.print(f"exported {name} as {result['format']} to {result['out']}" + (f" (checked: max logit difference {result['max_logit_diff']:.1e})" if "max_logit_diff" in result else "")
               + (" (structure checked against the base GGUF)" if fmt == "gguf" else ""), highlight=False, soft_wrap=True)
     if "parity" in result:

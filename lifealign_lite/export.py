@@ -70,8 +70,8 @@ def export_gguf(bank_dir: Path, name: str, out: Path, fmt: str, base_gguf_path: 
         if problems:
             out.unlink()
             raise BankError(f"{out}: the written adapter fails the structural check ({problems[0]}); nothing was kept")
-        return result
-    return write_merged_gguf(update, base, out, outtype)
+        return result | {"llama_cpp": f"llama-cli -m {base.path} --lora {out} -cnv"}
+    return write_merged_gguf(update, base, out, outtype) | {"llama_cpp": f"llama-cli -m {out} -cnv"}
 
 
 def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, recipe, base_gguf_path: Path | None = None, outtype: str = "f16") -> dict:
