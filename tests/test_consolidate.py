@@ -385,3 +385,23 @@ def test_history_entries_stay_at_their_numerical_rank_over_a_dozen_tasks():
         assert torch.allclose(entry.dense(), exact.dense(), atol=1e-4 * exact.dense().abs().max().item())
         history.append(out)
     assert history[-1]["m"].rank <= 48
+
+
+def test_history_of_denoised_updates_projects_like_history_of_consolidated_ones():
+    """The bank keeps each task's denoised update as its history entry: the consolidated updates span the same
+    space (each is its denoised update minus a combination of earlier entries), so a new task consolidates to the
+    same update against either list, while the consolidated entries' ranks grow task after task."""
+    g = torch.Generator().manual_seed(3)
+
+    def rand(r):
+        return LowRank(torch.randn(24, r, generator=g, dtype=torch.float64).float(), torch.randn(r, 20, generator=g, dtype=torch.float64).float())
+
+    consolidated_hist, denoised_hist = [], []
+    for task in range(4):
+        u = rand(5)
+        out_c, _ = consolidate(u, consolidated_hist, tau=0.9, gamma_p=0.3)
+        out_d, _ = consolidate(u, denoised_hist, tau=0.9, gamma_p=0.3)
+        torch.testing.assert_close(out_d.dense(), out_c.dense(), rtol=1e-4, atol=1e-4 * float(out_c.dense().abs().max()))
+        consolidated_hist.append(out_c)
+        denoised_hist.append(denoise(u, 0.9)[0])
+    assert max(h.rank for h in denoised_hist) <= 5 < consolidated_hist[-1].rank

@@ -10,8 +10,8 @@ Layout (every adapter is a PEFT folder that ``PeftModel.from_pretrained`` loads 
         keys.safetensors          routing keys: embeddings of up to 300 stored prompts per domain (unit vectors)
         key_texts.json            the routed text of those prompts, in the same order
         router.safetensors        the router refit from all keys at this version (classifier, novelty thresholds)
-        history/<NNNN>.safetensors  consolidated update of task NNNN (16-bit), the span SLMC projects against
-                                  (banks written before 16-bit storage hold them all in one history.safetensors)
+        history/<NNNN>.safetensors  denoised update of task NNNN (16-bit): the span SLMC projects against
+                                  (older banks: the consolidated updates, same span, all in one history.safetensors)
         fisher.safetensors        (only with ewc_lambda > 0) accumulated diagonal Fisher of the targeted matrices
         replay.jsonl              bounded replay buffer of past pairs
         checksums.json            SHA-256 and size of every other file of the version (written last)
