@@ -102,28 +102,27 @@ def bank2(tmp_path) -> Bank:
 # -- adapters on disk -------------------------------------------------------------------------------------
 
 def test_write_read_round_trip_keeps_slmc_rank_in_16_bit(tmp_path):
-    """An adapter is stored at its largest module rank (not padded to the bank rank), with 16-bit factors."""
+    """Each module is stored at its own rank (PEFT's rank_pattern; nothing padded to the bank rank), in 16 bits."""
     upd = update(3, ranks=(2, 3))
     folder = write_adapter(tmp_path / "a", upd, BANK_RANK, TARGETS, "tiny")
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == 3 < BANK_RANK and config["lora_alpha"] == 3 and config["target_modules"] == sorted(TARGETS)
+    assert config["rank_pattern"] == config["alpha_pattern"] == {MODULES[0].replace(".", "\\."): 2}
     assert adapter_rank(folder) == 3
     for name, u in upd.items():
         a = tensors[f"base_model.model.{name}.lora_A.weight"]
         b = tensors[f"base_model.model.{name}.lora_B.weight"]
-        assert a.shape == (3, HIDDEN) and b.shape == (HIDDEN, 3) and a.dtype == b.dtype == STORAGE_DTYPE
-        # Zero padding beyond the module's own rank, up to the adapter's rank, in both factors.
-        assert torch.count_nonzero(a[u.rank:]) == 0 and torch.count_nonzero(b[:, u.rank:]) == 0
+        assert a.shape == (u.rank, HIDDEN) and b.shape == (HIDDEN, u.rank) and a.dtype == b.dtype == STORAGE_DTYPE
     back, cfg = read_adapter(folder)
     assert set(back) == set(MODULES) and cfg["r"] == 3
     for name, u in upd.items():
-        assert back[name].rank == 3 and back[name].B.dtype == torch.float32
+        assert back[name].rank == u.rank and back[name].B.dtype == torch.float32
         dense = u.dense()
         assert float((back[name].dense() - dense).norm() / dense.norm()) < 2e-3  # fp16 rounding of both factors
-    # the weights take 2 bytes x rank 3 per row, 3/8 of the 4 bytes x bank rank 4 the padded fp32 format took
+    # the weights take 2 bytes x ranks 2 + 3, 5/16 of the 4 bytes x bank rank 4 x 2 modules the padded fp32 format took
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
-    assert stored == len(MODULES) * 2 * HIDDEN * 3 * 2 == 3 / 8 * len(MODULES) * 2 * HIDDEN * BANK_RANK * 4
+    assert stored == 2 * HIDDEN * (2 + 3) * 2 == 5 / 16 * len(MODULES) * 2 * HIDDEN * BANK_RANK * 4
 
 
 def test_old_padded_fp32_adapter_still_reads(tmp_path):

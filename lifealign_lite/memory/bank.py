@@ -24,7 +24,7 @@ version whole. Files a new version shares with its parent are hard links, so ver
 file rewritten with the same bytes is linked back to the parent's copy before the commit, so a version costs only
 what changed; ``Bank.gc`` removes versions beyond the newest N, which frees every file no kept version links.
 
-Adapters are stored at the rank SLMC leaves them (one rank per adapter, the largest over its modules, bounded by
+Adapters are stored at the rank SLMC leaves each module (PEFT's ``rank_pattern``; every rank bounded by
 ``bank_rank``; PEFT loads adapters of different ranks side by side) with 16-bit factors (``STORAGE_DTYPE``,
 chosen by measurement: docs/PERFORMANCE.md); they are read back as float32 and SLMC computes in float64.
 Banks written before (rank padded to ``bank_rank``, float32, one history file) load as they are.
@@ -44,6 +44,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -82,7 +83,10 @@ def now() -> str:
 # -- adapters as {module name: LowRank} ---------------------------------------------------------------
 
 def read_adapter(folder: Path) -> tuple[dict[str, LowRank], dict]:
-    """Read a PEFT LoRA folder as weight updates ``scale * B @ A`` per module, plus its config."""
+    """Read a PEFT LoRA folder as weight updates ``scale * B @ A`` per module, plus its config.
+
+    Each module's scale is its alpha over its rank (``alpha_pattern`` and the rank of its A factor, which follows
+    ``rank_pattern``), so adapters whose modules have different ranks read right."""
     folder = Path(folder)
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for path in (cfg_path, weights):
@@ -90,8 +94,9 @@ def read_adapter(folder: Path) -> tuple[dict[str, LowRank], dict]:
             raise BankError(f"{path}: missing; the bank entry is incomplete (try `lifealign-lite memory rollback`)")
     try:
         config = json.loads(cfg_path.read_text())
-        r = config["r"]
-        scale = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
+        alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
+        alpha_pattern = dict(config.get("alpha_pattern") or {})
+        config["r"]  # noqa: B018 - a config without r is no LoRA config
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupted file
         raise BankError(f"{cfg_path}: corrupted adapter config ({_why(exc)}); try `lifealign-lite memory verify`") from None
     try:
@@ -101,6 +106,8 @@ def read_adapter(folder: Path) -> tuple[dict[str, LowRank], dict]:
             if key.endswith(_LORA_A):
                 name = key[len(PEFT_PREFIX):-len(_LORA_A)] if key.startswith(PEFT_PREFIX) else key[:-len(_LORA_A)]
                 b = tensors[key[: -len(_LORA_A)] + _LORA_B]
+                a_m = float(next((v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", name)), alpha))
+                scale = a_m / (a.shape[0] ** 0.5 if rslora else a.shape[0])
                 out[name] = LowRank(b.float() * scale, a.float())
     except Exception as exc:  # noqa: BLE001
         raise BankError(f"{weights}: corrupted adapter weights ({_why(exc)}); try `lifealign-lite memory verify`") from None
@@ -114,24 +121,30 @@ def _why(exc: Exception) -> str:
 
 
 def write_adapter(folder: Path, update: dict[str, LowRank], rank: int, target_modules: list[str], base_name: str) -> Path:
-    """Write updates as a PEFT LoRA folder (scaling 1, ``STORAGE_DTYPE`` factors) at the largest rank among its
-    modules (modules of lower rank are zero-padded to it); ``rank`` is the bank's upper bound."""
+    """Write updates as a PEFT LoRA folder (scaling 1, ``STORAGE_DTYPE`` factors), each module at its own rank.
+
+    ``r`` is the largest module rank and PEFT's ``rank_pattern`` / ``alpha_pattern`` give the others (alpha = rank:
+    scaling 1), so nothing is zero-padded; a zero update is stored as rank 1 (PEFT needs r >= 1). ``rank`` is the
+    bank's upper bound."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     too_big = [f"{name} (rank {u.rank})" for name, u in update.items() if u.rank > rank]
     if too_big:
         raise ValueError(f"{too_big[0]} exceeds the bank rank {rank}; compress first")
-    r = max([u.rank for u in update.values()] + [1])  # PEFT needs r >= 1; an all-zero adapter stores rank-1 zeros
+    ranks = {name: max(u.rank, 1) for name, u in update.items()}
+    r = max(ranks.values(), default=1)
     tensors = {}
     for name, u in update.items():
-        b = torch.zeros(u.shape[0], r, dtype=STORAGE_DTYPE)
-        a = torch.zeros(r, u.shape[1], dtype=STORAGE_DTYPE)
+        b = torch.zeros(u.shape[0], ranks[name], dtype=STORAGE_DTYPE)
+        a = torch.zeros(ranks[name], u.shape[1], dtype=STORAGE_DTYPE)
         b[:, : u.rank], a[: u.rank] = u.B, u.A
         tensors[f"{PEFT_PREFIX}{name}{_LORA_B}"] = b.contiguous()
         tensors[f"{PEFT_PREFIX}{name}{_LORA_A}"] = a.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"))
+    pattern = {re.escape(name): k for name, k in sorted(ranks.items()) if k != r}  # PEFT reads the keys as regular expressions
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
+        "rank_pattern": pattern, "alpha_pattern": pattern,
         "target_modules": sorted(target_modules), "bias": "none", "base_model_name_or_path": base_name,
         "inference_mode": True, "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
     }
