@@ -200,7 +200,7 @@ def test_begin_commit_versions_share_unchanged_files_as_hard_links(tmp_path):
     s2 = align_like(bank, s1, "support", seed=2, touch_core=False, keys=False)
     assert s2.version == 2
     v1, v2 = bank.version_dir(1), bank.version_dir(2)
-    for rel in ["core/adapter_model.safetensors", "core/adapter_config.json", "slots/medical/adapter_model.safetensors", "keys.safetensors"]:
+    for rel in ["core/adapter_model.safetensors", "core/adapter_config.json", "slots/medical/adapter_model.safetensors", "keys/medical.safetensors"]:
         assert inode(v1 / rel) == inode(v2 / rel), f"{rel} should be a hard link to the parent's file"
         assert (v2 / rel).stat().st_nlink >= 2
     assert inode(v1 / "history" / "0000.safetensors") == inode(v2 / "history" / "0000.safetensors")  # task 1's update, unchanged
@@ -292,8 +292,8 @@ def test_corrupted_adapter_weights_name_the_path(bank2):
 
 def test_corrupted_keys_and_replay_raise_bank_error(bank2):
     state = bank2.load()
-    (state.folder / "keys.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(BankError, match="keys.safetensors: corrupted"):
+    (state.folder / "keys" / "support.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(BankError, match="keys/support.safetensors: corrupted"):
         state.keys()
     (state.folder / "replay.jsonl").write_text("{broken\n")
     with pytest.raises(BankError, match="replay.jsonl: corrupted replay buffer"):
@@ -491,7 +491,7 @@ def test_rewritten_file_with_same_bytes_is_shared_with_the_parent(tmp_path):
     pending.keys = s1.keys()  # the same tensors, written as a new file
     pending.history = s1.history()
     s2 = bank.commit(pending, BASE)
-    for rel in ("keys.safetensors", "history/0000.safetensors"):
+    for rel in ("keys/medical.safetensors", "history/0000.safetensors"):
         assert inode(bank.version_dir(1) / rel) == inode(bank.version_dir(2) / rel), rel
     assert bank.verify(2).intact and bank.verify(1).intact
     assert folder_size(bank.version_dir(2)) < folder_size(bank.root / "versions") < 2 * folder_size(bank.version_dir(1))
@@ -532,12 +532,17 @@ def test_bank_with_one_history_file_loads_and_converts_on_its_next_version(tmp_p
     save_file(tensors, str(v1 / "history.safetensors"), metadata={"count": "2"})
     import shutil
     shutil.rmtree(v1 / "history")
+    old_keys = s1.keys()
+    save_file(old_keys, str(v1 / "keys.safetensors"))  # all domains in one file, as before
+    shutil.rmtree(v1 / "keys")
     (v1 / "checksums.json").unlink()  # as old banks were: no checksums either
     old = Bank(bank.root)
     got = old.load(1).history()
     assert len(got) == 2 and got[1][MODULES[0]].rank == 2
+    torch.testing.assert_close(old.load(1).keys()["medical"], old_keys["medical"])
     torch.testing.assert_close(got[1][MODULES[0]].dense(), entries[1][MODULES[0]].dense())
     s2 = align_like(old, old.load(1), "support", seed=2)
-    assert not (bank.version_dir(2) / "history.safetensors").exists()
+    assert not (bank.version_dir(2) / "history.safetensors").exists() and not (bank.version_dir(2) / "keys.safetensors").exists()
+    assert sorted(s2.keys()) == ["medical", "support"]
     assert sorted(p.name for p in (bank.version_dir(2) / "history").iterdir()) == ["0000.safetensors", "0001.safetensors", "0002.safetensors"]
     assert len(s2.history()) == 3 and old.verify(2).intact

@@ -7,7 +7,9 @@ Layout (every adapter is a PEFT folder that ``PeftModel.from_pretrained`` loads 
         state.json                domains (rank, pairs seen, lineage of every update), task order
         core/                     the consolidated long-term adapter (the rank SLMC left it, <= bank_rank; 16-bit)
         slots/<domain>/           the domain's adapter (its own rank <= bank_rank, the core's target modules; 16-bit)
-        keys.safetensors          routing keys: embeddings of up to 300 stored prompts per domain (unit vectors)
+        keys/<domain>.safetensors routing keys: embeddings of up to 300 stored prompts of the domain (unit vectors;
+                                  one file per domain, so a version shares every domain's it did not change;
+                                  older banks: all domains in one keys.safetensors)
         key_texts.json            the routed text of those prompts, in the same order
         router.safetensors        the router refit from all keys at this version (classifier, novelty thresholds)
         history/<NNNN>.safetensors  denoised update of task NNNN (16-bit): the span SLMC projects against
@@ -69,6 +71,7 @@ _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 # inside fp16's range (measured on the four-domain bank: docs/PERFORMANCE.md)
 STORAGE_DTYPE = torch.float16
 HISTORY_DIR = "history"
+KEYS_DIR = "keys"
 PEFT_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules
 
 
@@ -214,6 +217,9 @@ class BankState:
         return self.folder / "slots" / domain
 
     def keys(self) -> dict[str, torch.Tensor]:
+        folder = self.folder / KEYS_DIR if self.folder else None
+        if folder is not None and folder.is_dir():
+            return {p.stem: self._load(p, load_file)["key"] for p in sorted(folder.glob("*.safetensors"))}
         return self._optional("keys.safetensors", load_file, {})
 
     def key_texts(self) -> dict[str, list[str]]:
@@ -497,7 +503,7 @@ class Bank:
         """Finish a version: write its small files, fsync, rename into place, then move the manifest pointer."""
         folder = pending.folder
         if pending.keys is not None:
-            _replace_file(folder / "keys.safetensors", lambda p: _save_tensors(p, pending.keys))
+            _write_keys(folder, pending.keys)
         if pending.key_texts is not None:
             _replace_file(folder / "key_texts.json", lambda p: p.write_text(json.dumps(pending.key_texts), encoding="utf-8"))
         if pending.router is not None:
@@ -696,6 +702,17 @@ def _write_history(folder: Path, history: list[dict[str, LowRank]]) -> None:
     (folder / HISTORY_DIR).mkdir()
     for i, update in enumerate(history):
         _save_lowrank(folder / HISTORY_DIR / f"{i:04d}.safetensors", update)
+
+
+def _write_keys(folder: Path, keys: dict[str, torch.Tensor]) -> None:
+    """One file per domain (``keys/<domain>.safetensors``), so a new version shares every domain's it did not change."""
+    if (folder / "keys.safetensors").exists():  # a bank written before: convert on its next version
+        (folder / "keys.safetensors").unlink()
+    if (folder / KEYS_DIR).exists():
+        shutil.rmtree(folder / KEYS_DIR)  # hard links only: the parent's files stay
+    (folder / KEYS_DIR).mkdir()
+    for domain, key in keys.items():
+        _save_tensors(folder / KEYS_DIR / f"{domain}.safetensors", {"key": key})
 
 
 def _share_unchanged(folder: Path, parent: Path | None) -> None:
