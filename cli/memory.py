@@ -24,41 +24,77 @@ def _bank(path: Optional[Path]) -> Bank:
 
 
 def _rows(bank: Bank) -> list[dict]:
-    from lifealign_lite.memory.bank import folder_size
+    from lifealign_lite.memory.bank import adapter_rank, folder_size
 
     state = bank.load()
     rows = []
     for name, info in sorted(state.domains.items()):
         rows.append({
-            "domain": name, "rank": info.get("rank"), "pairs_seen": info.get("pairs_seen"),
+            "domain": name, "rank": adapter_rank(state.slot_dir(name)), "pairs_seen": info.get("pairs_seen"),
             "pairs_trained": info.get("pairs_trained", info.get("pairs_seen")), "versions": len(info.get("lineage", [])),
             "size_bytes": folder_size(state.slot_dir(name)), "updated": info.get("updated"),
         })
     if state.core_dir():
-        rows.append({"domain": "core", "rank": state.meta.get("bank_rank"), "pairs_seen": sum(r["pairs_seen"] for r in rows),
+        rows.append({"domain": "core", "rank": adapter_rank(state.core_dir()), "pairs_seen": sum(r["pairs_seen"] for r in rows),
                      "pairs_trained": sum(r["pairs_trained"] for r in rows),
                      "versions": len(state.tasks), "size_bytes": folder_size(state.core_dir()), "updated": None})
     return rows
 
 
+def _sizes(bank: Bank) -> dict:
+    """Bytes of the current version, of every version on disk (shared files once), and of the short-term LoRAs
+    (under BANK/runs) whose updates the current version holds."""
+    from lifealign_lite.memory.bank import folder_size
+
+    state = bank.load()
+    runs = {e.get("run") for info in state.domains.values() for e in info.get("lineage", []) if e.get("run")}
+    loras = [bank.root / "runs" / run / "adapter" / "adapter_model.safetensors" for run in sorted(runs)]
+    return {"version_bytes": folder_size(state.folder) if state.folder else 0, "bank_bytes": folder_size(bank.root / "versions"),
+            "versions_on_disk": len([p for p in (bank.root / "versions").glob("[0-9]*") if p.is_dir()]) if (bank.root / "versions").is_dir() else 0,
+            "loras": len([p for p in loras if p.is_file()]), "lora_bytes": sum(p.stat().st_size for p in loras if p.is_file())}
+
+
 @memory_app.command("list")
 def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
-    """A table of the bank's domains (and the core)."""
-    from lifealign_lite.memory.bank import BankError, folder_size
+    """A table of the bank's domains (and the core): rank and bytes of each, and the bank's size against its LoRAs."""
+    from lifealign_lite.memory.bank import BankError
+
 
     try:
         b = _bank(bank)
         rows = _rows(b)
         version = b.load().version
+        sizes = _sizes(b)
     except BankError as exc:
         _fail(str(exc))
     if as_json:
-        print(json.dumps({"version": version, "bank_bytes": folder_size(b.root / "versions"), "entries": rows}, indent=2))
+        print(json.dumps({"version": version, **sizes, "entries": rows}, indent=2))
         return
-    table = Table("domain", "rank", "pairs trained / given", "updates", "size", "last update", title=f"{b.root} (version {version})")
+    table = Table("domain", "rank", "pairs trained / given", "updates", "bytes", "last update", title=f"{b.root} (version {version})")
     for r in rows:
-        table.add_row(r["domain"], str(r["rank"]), f"{r['pairs_trained']} / {r['pairs_seen']}", str(r["versions"]), f"{r['size_bytes'] / 1e6:.2f} MB", r["updated"] or "")
+        table.add_row(r["domain"], str(r["rank"]), f"{r['pairs_trained']} / {r['pairs_seen']}", str(r["versions"]), f"{r['size_bytes']:,}", r["updated"] or "")
     out.print(table)
+    err.print(f"version {version}: {sizes['version_bytes'] / 1e6:.2f} MB (all {sizes['versions_on_disk']} versions on disk: {sizes['bank_bytes'] / 1e6:.2f} MB); "
+              f"the {sizes['loras']} short-term LoRAs it was built from: {sizes['lora_bytes'] / 1e6:.2f} MB", highlight=False, soft_wrap=True)
+
+
+@memory_app.command("gc")
+def gc_cmd(keep: int = typer.Option(..., "--keep", help="How many of the newest versions to keep (the current one is always kept)."),
+           bank: Optional[Path] = BankOpt) -> None:
+    """Remove older versions, freeing every file no kept version shares (their rollback is then impossible)."""
+    from lifealign_lite.memory.bank import BankError
+
+    b = _bank(bank)
+    try:
+        b.require()
+        with b.lock():
+            removed, freed = b.gc(keep)
+    except BankError as exc:
+        _fail(str(exc))
+    if not removed:
+        err.print(f"nothing to remove: {b.root} keeps at most {keep} versions besides the current one")
+        return
+    err.print(f"removed version {', '.join(map(str, removed))}; freed {freed / 1e6:.2f} MB", highlight=False)
 
 
 @memory_app.command("show")
@@ -146,7 +182,8 @@ def verify_cmd(
     except BankError as exc:
         _fail(str(exc))
     if all_versions:
-        versions = sorted({v["version"] for v in manifest["versions"]} | {int(p.name) for p in (b.root / "versions").glob("[0-9]*") if p.name.isdigit()})
+        versions = sorted(({v["version"] for v in manifest["versions"]} - set(manifest.get("removed", [])))
+                          | {int(p.name) for p in (b.root / "versions").glob("[0-9]*") if p.name.isdigit()})
     else:
         versions = [manifest["current"]] if manifest["current"] else []
     checks: list[VersionCheck] = [b.verify(v) for v in versions]
@@ -186,15 +223,23 @@ def versions_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> Non
 @memory_app.command("export")
 def export_cmd(
     name: Optional[str] = typer.Argument(None, help="A domain or 'core' (with --all: the folder)."),
-    out_dir: Optional[Path] = typer.Argument(None, help="A new folder."),
-    fmt: str = typer.Option("peft", "--format", help="peft (adapter folder) or merged (full model folder)."),
+    out_dir: Optional[Path] = typer.Argument(None, help="A new folder (peft, merged) or a new file (gguf, gguf-merged)."),
+    fmt: str = typer.Option("peft", "--format", help="peft (adapter folder), merged (full model folder), gguf (llama.cpp LoRA adapter "
+                                                     "file for the base GGUF) or gguf-merged (whole model GGUF with the entry merged in)."),
+    outtype: str = typer.Option("f16", "--outtype", help="Weights of a gguf-merged file: f16 or q8_0."),
+    base_gguf: Optional[Path] = typer.Option(None, "--base-gguf", help="The base model's GGUF (default: the embedded SmolLM2 file for the default model)."),
+    check: Optional[Path] = typer.Option(None, "--check", help="After a gguf or gguf-merged export, compare it in llama.cpp (llama-cpp-python) "
+                                                               "with the PEFT model on the prompts of this pairs file."),
+    check_n: int = typer.Option(50, "--check-n", help="How many prompts of --check to compare."),
     all_entries: bool = typer.Option(False, "--all", help="Every domain and the core as PEFT folders named after them in one new folder, "
                                                             "and the vLLM command that serves them: `memory export --all DIR`."),
     bank: Optional[Path] = BankOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
-    """Export a bank entry as a PEFT adapter or a merged model (checked against the bank entry)."""
+    """Export a bank entry as a PEFT adapter, a merged model (checked against the bank entry), or GGUF for llama.cpp
+    (checked structurally against the base GGUF; --check compares next-token log-probs in llama.cpp)."""
     from lifealign_lite.memory.bank import BankError
-    from lifealign_lite.export import export_all, export_entry
+    from lifealign_lite.export import FORMATS, export_all, export_entry, gguf_parity
     from lifealign_lite.model import ModelError
     from lifealign_lite.recipe import load_recipe
 
@@ -202,15 +247,33 @@ def export_cmd(
         _fail("--all takes one folder and exports PEFT folders: `lifealign-lite memory export --all DIR`")
     if not all_entries and (name is None or out_dir is None):
         _fail("give NAME and a new folder: `lifealign-lite memory export NAME DIR` (or --all DIR)")
+    if fmt not in FORMATS:
+        _fail(f"unknown export format {fmt!r}; use {', '.join(FORMATS)}")
+    if (check is not None or base_gguf is not None) and not fmt.startswith("gguf"):
+        _fail("--check and --base-gguf go with --format gguf or gguf-merged")
+    if check is not None and (not check.is_file() or check_n < 1):
+        _fail(f"--check {check}: not a pairs file" if not check.is_file() else f"--check-n must be at least 1, got {check_n}")
     try:
         if all_entries:
             result = export_all(_bank(bank).root, Path(name), home_dir(), load_recipe(None))
         else:
-            result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None))
+            result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None), base_gguf, outtype)
+            if check is not None:
+                result["parity"] = gguf_parity(_bank(bank).root, name, out_dir, check, check_n, home_dir(), load_recipe(None), base_gguf)
     except (BankError, ModelError) as exc:
         _fail(str(exc))
     if all_entries:
         err.print(f"exported {', '.join(result['names'])} as PEFT folders to {result['out']}; serve them with vLLM:", highlight=False, soft_wrap=True)
         print(result["vllm"])
         return
-    err.print(f"exported {name} as {result['format']} to {result['out']}" + (f" (checked: max logit difference {result['max_logit_diff']:.1e})" if "max_logit_diff" in result else ""))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    elif "llama_cpp" in result:
+        print(result["llama_cpp"])
+    err.print(f"exported {name} as {result['format']} to {result['out']}" + (f" (checked: max logit difference {result['max_logit_diff']:.1e})" if "max_logit_diff" in result else "")
+              + (" (structure checked against the base GGUF)" if fmt == "gguf" else ""), highlight=False, soft_wrap=True)
+    if "parity" in result:
+        p, b = result["parity"]["export"], result["parity"]["base_only"]
+        err.print(f"llama.cpp vs PEFT on {result['parity']['prompts']} prompts: top-1 agreement {p['top1_agreement']:.0%}, max |log-prob diff| "
+                  f"{p['max_abs_logprob_diff']:.3f} (bare base GGUF vs transformers: {b['top1_agreement']:.0%}, {b['max_abs_logprob_diff']:.3f}; "
+                  f"the memory changes the top-1 token on {result['parity']['memory_changes_top1']:.0%})", highlight=False, soft_wrap=True)

@@ -83,12 +83,14 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
     history = state.history()
     consolidated, stats = consolidate_adapter(update, history, recipe.tau, recipe.projection_gamma)
     core = read_adapter(state.core_dir())[0] if state.core_dir() else {}
-    new_core = compress_adapter(add_adapters(core, consolidated), recipe.bank_rank)
+    # core and slots keep the rank that holds a tau share of their energy (as SLMC denoises an update), at most
+    # bank_rank: stored at that rank, a slot costs about what one short-term LoRA does (docs/PERFORMANCE.md, bank size)
+    new_core = compress_adapter(add_adapters(core, consolidated), recipe.bank_rank, recipe.tau)
+    denoised = {name: denoise(u, recipe.tau)[0] for name, u in update.items()}
     if recipe.slot_mode == "core":
         slot = new_core
     else:  # specialist: what this task trained (its memory plus its own denoised update), compressed
-        denoised = {name: denoise(u, recipe.tau)[0] for name, u in update.items()}
-        slot = compress_adapter(add_adapters(memory, denoised), recipe.bank_rank)
+        slot = compress_adapter(add_adapters(memory, denoised), recipe.bank_rank, recipe.tau)
 
     keys, key_texts = state.keys(), state.key_texts()
     texts = [prompt_text(p) for p in pairs]
@@ -111,7 +113,10 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
         info["lineage"].append(lineage | {"consolidation": summary})
         pending.state.tasks.append(domain)
         pending.keys, pending.key_texts, pending.router = keys, key_texts, router
-        pending.history, pending.replay, pending.fisher = history + [consolidated], replay, fisher
+        # the history keeps each task's denoised update (rank <= the LoRA's), not its consolidated one: both lists span the
+        # same space (a consolidated update is its denoised update minus a combination of earlier ones, by induction),
+        # so SLMC's projection is the same, while a consolidated update's rank grows with every earlier task's
+        pending.history, pending.replay, pending.fisher = history + [denoised], replay, fisher
         new_state = bank.commit(pending, base_info)
     except BaseException:
         bank.abort(pending)

@@ -1,7 +1,10 @@
-"""Export a bank entry: as a PEFT adapter folder, or merged into a full model folder transformers loads.
+"""Export a bank entry: as a PEFT adapter folder, merged into a full model folder transformers loads, or as GGUF
+for llama.cpp (a LoRA adapter file, or a whole model with the entry merged in: :mod:`.gguf_export`).
 
 Merging happens in the base's full precision (never into 4-bit weights), and every merged export is checked
-against the model it came from: both must give the same next-token logits on a probe prompt.
+against the model it came from: both must give the same next-token logits on a probe prompt. A GGUF export is
+checked structurally against the base GGUF as it is written; :func:`gguf_parity` compares it with the PEFT model
+in llama.cpp itself (llama-cpp-python, an optional extra).
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .memory.bank import Bank, BankError
+from .memory.bank import Bank, BankError, read_adapter
 from .memory.router import CORE
+from .model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, embedded_gguf_path, load_base, resolve_model_path
 from .system import quiet
-from .model import load_base, resolve_model_path
 
 PROBE = [{"role": "user", "content": "In one sentence, what should I do if I feel unwell?"}]
 
@@ -30,16 +33,62 @@ def entry_dir(bank: Bank, name: str) -> Path:
     return state.slot_dir(name)
 
 
-def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, recipe) -> dict:
-    """Write ``name`` (a domain or ``core``) to ``out`` as ``peft`` or ``merged``; returns what was checked.
+FORMATS = ("peft", "merged", "gguf", "gguf-merged")
+
+
+def base_gguf(base_spec: str, explicit: Path | None = None) -> Path:
+    """The base model's GGUF: ``explicit`` when given, else the embedded file of the default model (a clear error
+    for any other base, which has no GGUF of its own here)."""
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise BankError(f"{explicit}: no such GGUF file (--base-gguf)")
+        return Path(explicit)
+    if base_spec in (DEFAULT_MODEL, DEFAULT_MODEL_NAME):
+        return embedded_gguf_path()
+    raise BankError(f"the bank's base {base_spec!r} has no GGUF here: convert it with llama.cpp's convert_hf_to_gguf.py "
+                    "and pass it with --base-gguf FILE")
+
+
+def export_gguf(bank_dir: Path, name: str, out: Path, fmt: str, base_gguf_path: Path | None = None, outtype: str = "f16") -> dict:
+    """Write ``name`` as a llama.cpp LoRA adapter (``gguf``) or a whole merged model (``gguf-merged``) file ``out``."""
+    from .gguf_export import check_adapter_file, read_base, write_adapter_gguf, write_merged_gguf
+
+    out = Path(out)
+    if out.exists():
+        raise BankError(f"{out}: exists; choose a new file name")
+    bank = Bank(bank_dir)
+    if out.resolve().is_relative_to(bank.root.resolve()):
+        raise BankError(f"{out}: inside the bank {bank.root}, whose files must not change; choose a file outside it")
+    src = entry_dir(bank, name)
+    with open(src / "adapter_model.safetensors", "rb") as fh:  # PEFT names embedding LoRAs lora_embedding_A / _B
+        header = fh.read(8 + int.from_bytes(fh.read(8), "little"))
+    if b"lora_embedding" in header:
+        raise BankError(f"{src}: a LoRA on the embeddings cannot be exported as a llama.cpp adapter; use --format peft or merged")
+    update = read_adapter(src)[0]
+    base = read_base(base_gguf(bank.manifest()["base"]["name"], base_gguf_path))
+    if fmt == "gguf":
+        result = write_adapter_gguf(update, base, out, f"lifealign-lite {name}")
+        problems = check_adapter_file(out, base)
+        if problems:
+            out.unlink()
+            raise BankError(f"{out}: the written adapter fails the structural check ({problems[0]}); nothing was kept")
+        return result | {"llama_cpp": f"llama-cli -m {base.path} --lora {out} -cnv"}
+    return write_merged_gguf(update, base, out, outtype) | {"llama_cpp": f"llama-cli -m {out} -cnv"}
+
+
+def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, recipe, base_gguf_path: Path | None = None, outtype: str = "f16") -> dict:
+    """Write ``name`` (a domain or ``core``) to ``out`` as ``peft``, ``merged``, ``gguf`` or ``gguf-merged``;
+    returns what was checked.
 
     A PEFT export names the base model's folder (the converted embedded model in the model cache, a local folder)
     or hub id as ``base_model_name_or_path`` and carries the tokenizer, so ``AutoPeftModelForCausalLM`` loads it
     offline as it is.
     """
     out = Path(out)
-    if fmt not in ("peft", "merged"):
-        raise InputError(f"unknown export format {fmt!r}; use peft or merged")
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format {fmt!r}; use {', '.join(FORMATS)}")
+    if fmt.startswith("gguf"):
+        return export_gguf(bank_dir, name, out, fmt, base_gguf_path, outtype)
     if out.exists() and not out.is_dir():
         raise BankError(f"{out}: exists and is not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()):
@@ -101,3 +150,64 @@ def export_all(bank_dir: Path, out: Path, home: Path, recipe) -> dict:
     modules = " ".join(f"{name}={out / name}" for name in names)
     command = f"vllm serve {results[0]['base']} --enable-lora --lora-modules {modules} --max-lora-rank {rank}"
     return {"format": "peft", "out": str(out), "names": names, "vllm": command}
+
+
+def gguf_parity(bank_dir: Path, name: str, gguf_file: Path, prompts: Path, n: int, home: Path, recipe,
+                base_gguf_path: Path | None = None, max_prompt_tokens: int = 256) -> dict:
+    """Next-token log-probabilities of the GGUF export in llama.cpp against the PEFT model (transformers) on the
+    prompts of ``n`` pairs of ``prompts``: top-1 agreement and the largest absolute log-prob difference over each
+    prompt's 10 most likely tokens (the PEFT model's). ``gguf_file`` is an adapter (applied to the base GGUF) or a
+    merged model, told apart by its ``general.type``. The same figures for the bare base (base GGUF against the
+    transformers base) separate what the GGUF's quantization costs from what the export costs, and the share of
+    prompts whose top-1 token the memory changes shows the comparison is not trivial.
+    """
+    import gguf
+    import numpy as np
+
+    from .data import load_pairs
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise BankError("the parity check needs llama-cpp-python: `python -m pip install 'lifealign-lite[gguf]'` "
+                        "(it compiles llama.cpp; the GGUF file was written and checked structurally)") from None
+    from peft import PeftModel
+
+    bank = Bank(bank_dir)
+    src = entry_dir(bank, name)
+    base_path = base_gguf(bank.manifest()["base"]["name"], base_gguf_path)
+    kind = str(gguf.GGUFReader(gguf_file).fields["general.type"].contents())
+    pairs = load_pairs(prompts, max_pairs=n, seed=0)
+    base = load_base(bank.manifest()["base"]["name"], home, "none", trust_remote_code=recipe.trust_remote_code)
+    bank.check_base(base.info)
+    ids = [base.tokenizer.apply_chat_template(p.prompt, add_generation_prompt=True, return_dict=True)["input_ids"][-max_prompt_tokens:] for p in pairs]
+
+    def llama_logprobs(model_path: Path, lora: Path | None) -> list[np.ndarray]:
+        with quiet():
+            llm = Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=max_prompt_tokens + 8,
+                        n_threads=max(1, torch.get_num_threads()), logits_all=False, verbose=False)
+        out = []
+        for toks in ids:
+            llm.reset()
+            llm.eval(toks)
+            logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+            out.append(logits - np.logaddexp.reduce(logits))
+        del llm
+        return out
+
+    with quiet(), torch.no_grad():
+        peft_model = PeftModel.from_pretrained(base.model, str(src)).eval()
+        want = [torch.log_softmax(peft_model(input_ids=torch.tensor([t])).logits[0, -1].double(), -1).numpy() for t in ids]
+        with peft_model.disable_adapter():
+            bare = [torch.log_softmax(peft_model(input_ids=torch.tensor([t])).logits[0, -1].double(), -1).numpy() for t in ids]
+    got = llama_logprobs(gguf_file, None) if kind == "model" else llama_logprobs(base_path, gguf_file)
+    got_bare = llama_logprobs(base_path, None)
+
+    def compare(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
+        top = [int(np.argmax(x) == np.argmax(y)) for x, y in zip(a, b)]
+        diffs = [float(np.abs(x[idx] - y[idx]).max()) for x, y in zip(a, b) for idx in [np.argsort(x)[-10:]]]
+        return {"top1_agreement": sum(top) / len(top), "max_abs_logprob_diff": max(diffs), "mean_max_abs_logprob_diff": sum(diffs) / len(diffs)}
+
+    return {"entry": name, "gguf": str(gguf_file), "kind": kind, "base_gguf": str(base_path), "prompts": len(ids),
+            "export": compare(want, got), "base_only": compare(bare, got_bare),
+            "memory_changes_top1": sum(int(np.argmax(x) != np.argmax(y)) for x, y in zip(want, bare)) / len(ids)}

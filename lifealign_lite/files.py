@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def fsync_dir(path: Path) -> None:
@@ -35,11 +36,13 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(d)
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes, mode: int | None = None) -> None:
-    """Replace ``path`` with ``data`` (text is written as UTF-8) so that no reader sees a partial file.
+@contextmanager
+def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (a GGUF writer); when the block ends
+    without an error the file is fsynced and moved over ``path``, else removed.
 
     Missing parent folders are created. The file keeps the permissions of the one it replaces (``mode`` for a new
-    file, default 0o644). The temporary file is removed if writing fails.
+    file, default 0o644).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -48,20 +51,23 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, mode: int | None = 
     except OSError:
         mode = 0o644 if mode is None else mode
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` (text is written as UTF-8) so that no reader sees a partial file."""
+    with atomic_path(path, mode) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _aside(target: Path) -> Path:

@@ -385,3 +385,37 @@ def test_history_entries_stay_at_their_numerical_rank_over_a_dozen_tasks():
         assert torch.allclose(entry.dense(), exact.dense(), atol=1e-4 * exact.dense().abs().max().item())
         history.append(out)
     assert history[-1]["m"].rank <= 48
+
+
+def test_history_of_denoised_updates_projects_like_history_of_consolidated_ones():
+    """The bank keeps each task's denoised update as its history entry: the consolidated updates span the same
+    space (each is its denoised update minus a combination of earlier entries), so a new task consolidates to the
+    same update against either list, while the consolidated entries' ranks grow task after task."""
+    g = torch.Generator().manual_seed(3)
+
+    def rand(r):
+        return LowRank(torch.randn(24, r, generator=g, dtype=torch.float64).float(), torch.randn(r, 20, generator=g, dtype=torch.float64).float())
+
+    consolidated_hist, denoised_hist = [], []
+    for task in range(4):
+        u = rand(5)
+        out_c, _ = consolidate(u, consolidated_hist, tau=0.9, gamma_p=0.3)
+        out_d, _ = consolidate(u, denoised_hist, tau=0.9, gamma_p=0.3)
+        torch.testing.assert_close(out_d.dense(), out_c.dense(), rtol=1e-4, atol=1e-4 * float(out_c.dense().abs().max()))
+        consolidated_hist.append(out_c)
+        denoised_hist.append(denoise(u, 0.9)[0])
+    assert max(h.rank for h in denoised_hist) <= 5 < consolidated_hist[-1].rank
+
+
+def test_compress_with_tau_keeps_the_energy_share_within_the_rank_budget():
+    """Singular values 3, 2, 1 (energies 9, 4, 1 of 14): tau 0.9 needs 12.6, so rank 2; tau 0.5 rank 1; the budget
+    still bounds it; tau 1 keeps all three."""
+    q1, _ = torch.linalg.qr(torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    u = LowRank((q1 * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)).float(), q2.T.float())
+    assert [compress(u, 16, tau).rank for tau in (0.9, 0.5, 1.0)] == [2, 1, 3]
+    assert compress(u, 1, 0.9).rank == 1
+    kept = compress(u, 16, 0.9)
+    assert abs(float((u.dense() - kept.dense()).norm()) - 1.0) < 1e-5  # the dropped singular value
+    with pytest.raises(ValueError, match="tau must be in"):
+        compress(u, 4, 0.0)

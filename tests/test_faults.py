@@ -320,8 +320,8 @@ def test_replay_buffer_clips_huge_pairs():
 # -- the corrupted-bank matrix -------------------------------------------------------------------------------
 
 DAMAGED_FILES = ["manifest.json", "state.json", CHECKSUMS, "core/adapter_model.safetensors", "core/adapter_config.json",
-                 "slots/support/adapter_model.safetensors", "slots/support/adapter_config.json", "keys.safetensors",
-                 "key_texts.json", "router.safetensors", "history.safetensors", "replay.jsonl"]
+                 "slots/support/adapter_model.safetensors", "slots/support/adapter_config.json", "keys/support.safetensors",
+                 "key_texts.json", "router.safetensors", "history/0001.safetensors", "replay.jsonl"]
 LEGACY_EDITS = {  # damage that parses as JSON but is not a bank file: found by the structure checks of unverified versions
     "state.json {}": ("state.json", b"{}"),
     "pairs_seen null": ("state.json", None),
@@ -386,8 +386,8 @@ def test_damaged_bank_without_checksums_is_still_caught(bank, tmp_path, tiny_mod
     """A bank written before checksums existed opens after a structure check; damage there is one line too."""
     for v in (1, 2):
         (bank.version_dir(v) / CHECKSUMS).unlink()
-    files = {"core": "core/adapter_model.safetensors", "slot": "slots/support/adapter_model.safetensors", "keys": "keys.safetensors",
-             "adapter_config": "slots/support/adapter_config.json", "history": "history.safetensors", "replay": "replay.jsonl"}
+    files = {"core": "core/adapter_model.safetensors", "slot": "slots/support/adapter_model.safetensors", "keys": "keys/support.safetensors",
+             "adapter_config": "slots/support/adapter_config.json", "history": "history/0001.safetensors", "replay": "replay.jsonl"}
     if case in LEGACY_EDITS:
         rel, content = LEGACY_EDITS[case]
         path = bank.root / rel if rel == "manifest.json" else bank.version_dir(2) / rel

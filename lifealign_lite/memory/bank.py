@@ -5,12 +5,15 @@ Layout (every adapter is a PEFT folder that ``PeftModel.from_pretrained`` loads 
     BANK/manifest.json            base model, current version, version log (replaced atomically)
     BANK/versions/000003/
         state.json                domains (rank, pairs seen, lineage of every update), task order
-        core/                     the consolidated long-term adapter (rank <= bank_rank)
-        slots/<domain>/           the domain's adapter (same rank and target modules as the core)
-        keys.safetensors          routing keys: embeddings of up to 300 stored prompts per domain (unit vectors)
+        core/                     the consolidated long-term adapter (the rank SLMC left it, <= bank_rank; 16-bit)
+        slots/<domain>/           the domain's adapter (its own rank <= bank_rank, the core's target modules; 16-bit)
+        keys/<domain>.safetensors routing keys: embeddings of up to 300 stored prompts of the domain (unit vectors;
+                                  one file per domain, so a version shares every domain's it did not change;
+                                  older banks: all domains in one keys.safetensors)
         key_texts.json            the routed text of those prompts, in the same order
         router.safetensors        the router refit from all keys at this version (classifier, novelty thresholds)
-        history.safetensors       consolidated update of every task, the span SLMC projects against
+        history/<NNNN>.safetensors  denoised update of task NNNN (16-bit): the span SLMC projects against
+                                  (older banks: the consolidated updates, same span, all in one history.safetensors)
         fisher.safetensors        (only with ewc_lambda > 0) accumulated diagonal Fisher of the targeted matrices
         replay.jsonl              bounded replay buffer of past pairs
         checksums.json            SHA-256 and size of every other file of the version (written last)
@@ -19,7 +22,14 @@ Layout (every adapter is a PEFT folder that ``PeftModel.from_pretrained`` loads 
 
 A version is written into a temporary folder, fsynced and renamed into ``versions/``; the manifest's
 ``current`` pointer is then replaced atomically. A process killed at any instant leaves the previous
-version whole. Files a new version shares with its parent are hard links, so versions cost little disk.
+version whole. Files a new version shares with its parent are hard links, so versions cost little disk: a
+file rewritten with the same bytes is linked back to the parent's copy before the commit, so a version costs only
+what changed; ``Bank.gc`` removes versions beyond the newest N, which frees every file no kept version links.
+
+Adapters are stored at the rank SLMC leaves each module (PEFT's ``rank_pattern``; every rank bounded by
+``bank_rank``; PEFT loads adapters of different ranks side by side) with 16-bit factors (``STORAGE_DTYPE``,
+chosen by measurement: docs/PERFORMANCE.md); they are read back as float32 and SLMC computes in float64.
+Banks written before (rank padded to ``bank_rank``, float32, one history file) load as they are.
 
 Every file of a version is recorded in its ``checksums.json`` (whatever the file is: new kinds of files are
 covered as they appear); a file shared with the parent keeps the parent's record, so damage to the shared
@@ -36,6 +46,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -58,6 +69,11 @@ FORMAT = 1
 CHECKSUMS = "checksums.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # weights that can run code when loaded
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
+# fp16 over bf16: its 10-bit mantissa keeps the factors 8 times more precisely, and balanced LoRA factors lie far
+# inside fp16's range (measured on the four-domain bank: docs/PERFORMANCE.md)
+STORAGE_DTYPE = torch.float16
+HISTORY_DIR = "history"
+KEYS_DIR = "keys"
 PEFT_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules
 
 
@@ -72,7 +88,10 @@ def now() -> str:
 # -- adapters as {module name: LowRank} ---------------------------------------------------------------
 
 def read_adapter(folder: Path) -> tuple[dict[str, LowRank], dict]:
-    """Read a PEFT LoRA folder as weight updates ``scale * B @ A`` per module, plus its config."""
+    """Read a PEFT LoRA folder as weight updates ``scale * B @ A`` per module, plus its config.
+
+    Each module's scale is its alpha over its rank (``alpha_pattern`` and the rank of its A factor, which follows
+    ``rank_pattern``), so adapters whose modules have different ranks read right."""
     folder = Path(folder)
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for path in (cfg_path, weights):
@@ -80,8 +99,9 @@ def read_adapter(folder: Path) -> tuple[dict[str, LowRank], dict]:
             raise BankError(f"{path}: missing; the bank entry is incomplete (try `lifealign-lite memory rollback`)")
     try:
         config = json.loads(cfg_path.read_text())
-        r = config["r"]
-        scale = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
+        alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
+        alpha_pattern = dict(config.get("alpha_pattern") or {})
+        config["r"]  # noqa: B018 - a config without r is no LoRA config
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupted file
         raise BankError(f"{cfg_path}: corrupted adapter config ({_why(exc)}); try `lifealign-lite memory verify`") from None
     try:
@@ -91,6 +111,8 @@ def read_adapter(folder: Path) -> tuple[dict[str, LowRank], dict]:
             if key.endswith(_LORA_A):
                 name = key[len(PEFT_PREFIX):-len(_LORA_A)] if key.startswith(PEFT_PREFIX) else key[:-len(_LORA_A)]
                 b = tensors[key[: -len(_LORA_A)] + _LORA_B]
+                a_m = float(next((v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", name)), alpha))
+                scale = a_m / (a.shape[0] ** 0.5 if rslora else a.shape[0])
                 out[name] = LowRank(b.float() * scale, a.float())
     except Exception as exc:  # noqa: BLE001
         raise BankError(f"{weights}: corrupted adapter weights ({_why(exc)}); try `lifealign-lite memory verify`") from None
@@ -104,21 +126,30 @@ def _why(exc: Exception) -> str:
 
 
 def write_adapter(folder: Path, update: dict[str, LowRank], rank: int, target_modules: list[str], base_name: str) -> Path:
-    """Write updates as a PEFT LoRA folder with a uniform ``rank`` (zero-padded) and scaling 1."""
+    """Write updates as a PEFT LoRA folder (scaling 1, ``STORAGE_DTYPE`` factors), each module at its own rank.
+
+    ``r`` is the largest module rank and PEFT's ``rank_pattern`` / ``alpha_pattern`` give the others (alpha = rank:
+    scaling 1), so nothing is zero-padded; a zero update is stored as rank 1 (PEFT needs r >= 1). ``rank`` is the
+    bank's upper bound."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    too_big = [f"{name} (rank {u.rank})" for name, u in update.items() if u.rank > rank]
+    if too_big:
+        raise ValueError(f"{too_big[0]} exceeds the bank rank {rank}; compress first")
+    ranks = {name: max(u.rank, 1) for name, u in update.items()}
+    r = max(ranks.values(), default=1)
     tensors = {}
     for name, u in update.items():
-        if u.rank > rank:
-            raise ValueError(f"{name}: rank {u.rank} exceeds the bank rank {rank}; compress first")
-        b = torch.zeros(u.shape[0], rank)
-        a = torch.zeros(rank, u.shape[1])
+        b = torch.zeros(u.shape[0], ranks[name], dtype=STORAGE_DTYPE)
+        a = torch.zeros(ranks[name], u.shape[1], dtype=STORAGE_DTYPE)
         b[:, : u.rank], a[: u.rank] = u.B, u.A
         tensors[f"{PEFT_PREFIX}{name}{_LORA_B}"] = b.contiguous()
         tensors[f"{PEFT_PREFIX}{name}{_LORA_A}"] = a.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"))
+    pattern = {re.escape(name): k for name, k in sorted(ranks.items()) if k != r}  # PEFT reads the keys as regular expressions
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
+        "rank_pattern": pattern, "alpha_pattern": pattern,
         "target_modules": sorted(target_modules), "bias": "none", "base_model_name_or_path": base_name,
         "inference_mode": True, "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
     }
@@ -126,19 +157,32 @@ def write_adapter(folder: Path, update: dict[str, LowRank], rank: int, target_mo
     return folder
 
 
+def adapter_rank(folder: Path) -> int | None:
+    """The rank ``r`` an adapter folder's config records (None when it cannot be read)."""
+    try:
+        return int(json.loads((Path(folder) / "adapter_config.json").read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
-def _save_lowrank_list(path: Path, items: list[dict[str, LowRank]]) -> None:
+def _save_lowrank(path: Path, update: dict[str, LowRank]) -> None:
     tensors = {}
-    for i, upd in enumerate(items):
-        for name, u in upd.items():
-            tensors[f"{i}.{name}.B"], tensors[f"{i}.{name}.A"] = u.B.contiguous(), u.A.contiguous()
-    save_file(tensors, str(path), metadata={"count": str(len(items))})
+    for name, u in update.items():
+        tensors[f"{name}.B"], tensors[f"{name}.A"] = u.B.to(STORAGE_DTYPE).contiguous(), u.A.to(STORAGE_DTYPE).contiguous()
+    save_file(tensors, str(path))
+
+
+def _load_lowrank(path: Path) -> dict[str, LowRank]:
+    tensors = load_file(str(path))
+    return {key[:-2]: LowRank(tensors[key].float(), tensors[key[:-2] + ".A"].float()) for key in tensors if key.endswith(".B")}
 
 
 def _load_lowrank_list(path: Path) -> list[dict[str, LowRank]]:
+    """The single history file of banks written before 16-bit storage."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -148,7 +192,7 @@ def _load_lowrank_list(path: Path) -> list[dict[str, LowRank]]:
     for key in tensors:
         if key.endswith(".B"):
             i, name = key[:-2].split(".", 1)
-            items[int(i)][name] = LowRank(tensors[key], tensors[key[:-2] + ".A"])
+            items[int(i)][name] = LowRank(tensors[key].float(), tensors[key[:-2] + ".A"].float())
     return items
 
 
@@ -175,6 +219,9 @@ class BankState:
         return self.folder / "slots" / domain
 
     def keys(self) -> dict[str, torch.Tensor]:
+        folder = self.folder / KEYS_DIR if self.folder else None
+        if folder is not None and folder.is_dir():
+            return {p.stem: self._load(p, load_file)["key"] for p in sorted(folder.glob("*.safetensors"))}
         return self._optional("keys.safetensors", load_file, {})
 
     def key_texts(self) -> dict[str, list[str]]:
@@ -189,6 +236,10 @@ class BankState:
         return fit_router(keys, self.key_texts(), self.meta.get("route_quantile", 0.05) if quantile is None else quantile)
 
     def history(self) -> list[dict[str, LowRank]]:
+        """The consolidated update of every task, in task order (one file per task; older banks: one file)."""
+        folder = self.folder / HISTORY_DIR if self.folder else None
+        if folder is not None and folder.is_dir():
+            return [self._load(p, _load_lowrank) for p in sorted(folder.glob("*.safetensors"))]
         return self._optional("history.safetensors", _load_lowrank_list, [])
 
     def fisher(self) -> dict[str, torch.Tensor]:
@@ -430,7 +481,8 @@ class Bank:
 
     def way_out(self, damaged: int) -> str:
         """What to do about a damaged or missing version: roll back to the newest intact one, or list the damage."""
-        listed = sorted({v["version"] for v in self.manifest()["versions"]} - {damaged}, reverse=True)
+        manifest = self.manifest()
+        listed = sorted({v["version"] for v in manifest["versions"]} - {damaged} - set(manifest.get("removed", [])), reverse=True)
         intact = next((v for v in listed if v < damaged and self.verify(v).intact), None)
         intact = intact or next((v for v in listed if self.verify(v).intact), None)
         if intact is None:
@@ -453,18 +505,19 @@ class Bank:
         """Finish a version: write its small files, fsync, rename into place, then move the manifest pointer."""
         folder = pending.folder
         if pending.keys is not None:
-            _replace_file(folder / "keys.safetensors", lambda p: _save_tensors(p, pending.keys))
+            _write_keys(folder, pending.keys)
         if pending.key_texts is not None:
             _replace_file(folder / "key_texts.json", lambda p: p.write_text(json.dumps(pending.key_texts), encoding="utf-8"))
         if pending.router is not None:
             tensors, metadata = pending.router.tensors()
             _replace_file(folder / "router.safetensors", lambda p: save_file(tensors, str(p), metadata=metadata))
         if pending.history is not None:
-            _replace_file(folder / "history.safetensors", lambda p: _save_lowrank_list(p, pending.history))
+            _write_history(folder, pending.history)
         if pending.fisher is not None:
             _replace_file(folder / "fisher.safetensors", lambda p: _save_tensors(p, pending.fisher))
         if pending.replay is not None:
             _replace_file(folder / "replay.jsonl", lambda p: write_pairs(p, pending.replay))
+        _share_unchanged(folder, pending.parent)
         state = pending.state
         data = {"format": FORMAT, "domains": state.domains, "tasks": state.tasks, "meta": state.meta, "event": state.event, "created": now()}
         _replace_file(folder / "state.json", lambda p: p.write_text(json.dumps(data, indent=2)))
@@ -491,6 +544,9 @@ class Bank:
         self.require()
         manifest = self.manifest()
         known = [v["version"] for v in manifest["versions"]]
+        if version in manifest.get("removed", []):
+            kept = sorted(set(known) - set(manifest["removed"]))
+            raise BankError(f"version {version} was removed by `lifealign-lite memory gc`; kept versions: {', '.join(map(str, kept)) or 'none'}")
         if version != 0 and version not in known:
             raise BankError(f"no version {version} in {self.root}; versions: {', '.join(map(str, known)) or 'none'}")
         state = self.load(version)  # raises if that version is damaged
@@ -499,6 +555,32 @@ class Bank:
         manifest["current"] = version
         self._write_manifest(manifest)
         return state
+
+    def gc(self, keep: int) -> tuple[list[int], int]:
+        """Remove every version but the ``keep`` newest and the current one; returns the removed versions and bytes freed.
+
+        Files are hard links, so removing a version frees exactly the files no kept version shares. The manifest
+        records the removal first: a process killed halfway leaves folders that the next ``gc`` removes, never a
+        version that rollback offers but cannot open.
+        """
+        if keep < 1:
+            raise BankError(f"--keep must be at least 1 (the current version is always kept), got {keep}")
+        self.require()
+        manifest = self.manifest()
+        versions = self.root / "versions"
+        on_disk = sorted(int(p.name) for p in versions.iterdir() if p.name.isdigit()) if versions.is_dir() else []
+        kept = set(on_disk[-keep:]) | {manifest["current"]}
+        drop = [v for v in on_disk if v not in kept]
+        if not drop:
+            return [], 0
+        before = folder_size(versions)
+        manifest["removed"] = sorted(set(manifest.get("removed", [])) | set(drop))
+        self._write_manifest(manifest)
+        for v in drop:
+            shutil.rmtree(self.version_dir(v))
+            self._verified.discard(v)
+        _fsync_dir(versions)
+        return drop, before - folder_size(versions)
 
     def remove_domain(self, name: str, base_info: dict) -> BankState:
         """A new version without the domain's slot, key and replay pairs (what it taught the core stays there)."""
@@ -577,6 +659,9 @@ def _manifest_problem(manifest) -> str | None:
         return f"'current' is {json.dumps(current)[:40]}, not a version number"
     if not isinstance(versions, list) or not all(isinstance(v, dict) and isinstance(v.get("version"), int) for v in versions):
         return "'versions' is not a list of versions"
+    removed = manifest.get("removed", [])
+    if not isinstance(removed, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in removed):
+        return "'removed' is not a list of version numbers"
     base = manifest.get("base")
     if base is not None and not (isinstance(base, dict) and "fingerprint" in base):
         return "'base' lacks a fingerprint"
@@ -597,6 +682,41 @@ def _checksums(folder: Path, parent: Path | None) -> dict[str, dict]:
         else:
             out[rel] = file_checksum(path)
     return out
+
+
+def _write_history(folder: Path, history: list[dict[str, LowRank]]) -> None:
+    """One file per task (``history/0000.safetensors``, ...), so a new version shares every earlier task's file."""
+    if (folder / "history.safetensors").exists():  # a bank written before 16-bit storage: convert on its next version
+        (folder / "history.safetensors").unlink()
+    if (folder / HISTORY_DIR).exists():
+        shutil.rmtree(folder / HISTORY_DIR)  # hard links only: the parent's files stay
+    (folder / HISTORY_DIR).mkdir()
+    for i, update in enumerate(history):
+        _save_lowrank(folder / HISTORY_DIR / f"{i:04d}.safetensors", update)
+
+
+def _write_keys(folder: Path, keys: dict[str, torch.Tensor]) -> None:
+    """One file per domain (``keys/<domain>.safetensors``), so a new version shares every domain's it did not change."""
+    if (folder / "keys.safetensors").exists():  # a bank written before: convert on its next version
+        (folder / "keys.safetensors").unlink()
+    if (folder / KEYS_DIR).exists():
+        shutil.rmtree(folder / KEYS_DIR)  # hard links only: the parent's files stay
+    (folder / KEYS_DIR).mkdir()
+    for domain, key in keys.items():
+        _save_tensors(folder / KEYS_DIR / f"{domain}.safetensors", {"key": key})
+
+
+def _share_unchanged(folder: Path, parent: Path | None) -> None:
+    """Link back to the parent's copy every file rewritten with the same bytes, so a version costs only what changed."""
+    if parent is None:
+        return
+    for rel in _version_files(folder):
+        path, old = folder / rel, parent / rel
+        if not old.is_file() or os.path.samefile(path, old) or path.stat().st_size != old.stat().st_size:
+            continue
+        if file_sha256(path) == file_sha256(old):
+            path.unlink()
+            os.link(old, path)
 
 
 def _replace_file(path: Path, write) -> None:

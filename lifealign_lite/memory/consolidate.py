@@ -226,22 +226,27 @@ def add(*updates: LowRank) -> LowRank:
     )
 
 
-def compress(u: LowRank, max_rank: int) -> LowRank:
-    """Best approximation of rank at most ``max_rank`` (Eckart-Young).
+def compress(u: LowRank, max_rank: int, tau: float = 1.0) -> LowRank:
+    """Best approximation of rank at most ``max_rank`` (Eckart-Young), optionally denoised at energy ``tau``.
 
-    ``U ~ Uo[:, :m] diag(S[:m]) Vh[:m]`` with ``m = min(max_rank, #{S_i > 0})``,
-    returned with balanced factors; the Frobenius error is
-    ``sqrt(sum_{i>=m} S_i^2)`` (Li et al., LifeAlign, AAAI 2026,
-    arXiv:2509.17183, SLMC compression). Singular values that are zero up to
-    round-off (below ``1e-10`` of the largest) are dropped, so the factor rank
-    equals the numerical rank when that is smaller than ``max_rank``.
+    ``U ~ Uo[:, :m] diag(S[:m]) Vh[:m]`` with ``m = min(max_rank, #{S_i > 0}, k_tau)``, where ``k_tau`` is the
+    smallest ``k`` with ``sum_{i<k} S_i^2 >= tau * sum_i S_i^2`` (every direction for ``tau = 1``, as
+    :func:`denoise`), returned with balanced factors; the Frobenius error is ``sqrt(sum_{i>=m} S_i^2)``
+    (Li et al., LifeAlign, AAAI 2026, arXiv:2509.17183, SLMC compression). Singular values that are zero up to
+    round-off (below ``1e-10`` of the largest) are dropped, so the factor rank equals the numerical rank when
+    that is smaller than ``max_rank``.
     """
     if max_rank < 0:
         raise ValueError(f"max_rank must be >= 0, got {max_rank}")
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
     uo, s, vh = _svd64(u)
     if s.numel() == 0 or s[0] == 0:
         return LowRank.zeros(*u.shape, device=u.B.device)
     m = min(max_rank, int((s > _ZERO_RTOL * s[0]).sum().item()))
+    if tau < 1.0:
+        energy = torch.cumsum(s**2, dim=0)
+        m = min(m, int(torch.searchsorted(energy, tau * energy[-1]).item()) + 1)
     return _balanced(uo[:, :m], s[:m], vh[:m])
 
 
@@ -312,9 +317,9 @@ def consolidate_adapter(
     return out, stats
 
 
-def compress_adapter(u: dict[str, LowRank], max_rank: int) -> dict[str, LowRank]:
-    """Apply :func:`compress` (best rank-``max_rank`` approximation) to every module."""
-    return {name: compress(v, max_rank) for name, v in u.items()}
+def compress_adapter(u: dict[str, LowRank], max_rank: int, tau: float = 1.0) -> dict[str, LowRank]:
+    """Apply :func:`compress` (best approximation of rank at most ``max_rank`` keeping a ``tau`` share of the energy) to every module."""
+    return {name: compress(v, max_rank, tau) for name, v in u.items()}
 
 
 def add_adapters(*adapters: dict[str, LowRank]) -> dict[str, LowRank]:
