@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import LifeAlignError
 from .files import atomic_path
 from .memory.consolidate import LowRank
 
@@ -30,7 +31,7 @@ REFUSED_TENSORS = {"token_embd": "the token embeddings", "output": "the output h
 MERGED_TYPES = ("f16", "q8_0")
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(LifeAlignError, ValueError):
     """A bank entry that cannot be written as GGUF for this base model."""
 
 

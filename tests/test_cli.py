@@ -98,13 +98,14 @@ def test_every_user_error_type_is_a_lifealign_error():
     from lifealign_lite.bench.speed import BenchError
     from lifealign_lite.data import DataError
     from lifealign_lite.errors import InputError, LifeAlignError
+    from lifealign_lite.gguf_export import GGUFExportError
     from lifealign_lite.judge import JudgeError
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.model import ModelError
     from lifealign_lite.recipe import RecipeError
 
     assert BenchError is ContinualBenchError
-    for cls in (AlignError, BenchError, DataError, InputError, JudgeError, BankError, ModelError, RecipeError):
+    for cls in (AlignError, BenchError, DataError, GGUFExportError, InputError, JudgeError, BankError, ModelError, RecipeError):
         assert issubclass(cls, LifeAlignError), cls
 
 
