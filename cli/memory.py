@@ -57,16 +57,10 @@ def _sizes(bank: Bank) -> dict:
 @memory_app.command("list")
 def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """A table of the bank's domains (and the core): rank and bytes of each, and the bank's size against its LoRAs."""
-    from lifealign_lite.memory.bank import BankError
-
-
-    try:
-        b = _bank(bank)
-        rows = _rows(b)
-        version = b.load().version
-        sizes = _sizes(b)
-    except BankError as exc:
-        _fail(str(exc))
+    b = _bank(bank)
+    rows = _rows(b)
+    version = b.load().version
+    sizes = _sizes(b)
     if as_json:
         print(json.dumps({"version": version, **sizes, "entries": rows}, indent=2))
         return
@@ -82,15 +76,10 @@ def list_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
 def gc_cmd(keep: int = typer.Option(..., "--keep", help="How many of the newest versions to keep (the current one is always kept)."),
            bank: Optional[Path] = BankOpt) -> None:
     """Remove older versions, freeing every file no kept version shares (their rollback is then impossible)."""
-    from lifealign_lite.memory.bank import BankError
-
     b = _bank(bank)
-    try:
-        b.require()
-        with b.lock():
-            removed, freed = b.gc(keep)
-    except BankError as exc:
-        _fail(str(exc))
+    b.require()
+    with b.lock():
+        removed, freed = b.gc(keep)
     if not removed:
         err.print(f"nothing to remove: {b.root} keeps at most {keep} versions besides the current one")
         return
@@ -104,19 +93,16 @@ def show_cmd(name: str = typer.Argument(..., help="A domain, or 'core'."), bank:
     from lifealign_lite.memory.bank import BankError
     from lifealign_lite.memory.router import CORE
 
-    try:
-        b = _bank(bank)
-        state = b.load()
-        if name == CORE:
-            if not state.core_dir():
-                raise BankError(f"{b.root}: the bank has no core yet; align a domain first")
-            lineage = [entry | {"domain": d} for d, info in state.domains.items() for entry in info.get("lineage", [])]
-            info = {"tasks": state.tasks, "domains": sorted(state.domains), "lineage": sorted(lineage, key=lambda e: e.get("time", ""))}
-        else:
-            state.slot_dir(name)
-            info = state.domains[name]
-    except BankError as exc:
-        _fail(str(exc))
+    b = _bank(bank)
+    state = b.load()
+    if name == CORE:
+        if not state.core_dir():
+            raise BankError(f"{b.root}: the bank has no core yet; align a domain first")
+        lineage = [entry | {"domain": d} for d, info in state.domains.items() for entry in info.get("lineage", [])]
+        info = {"tasks": state.tasks, "domains": sorted(state.domains), "lineage": sorted(lineage, key=lambda e: e.get("time", ""))}
+    else:
+        state.slot_dir(name)
+        info = state.domains[name]
     record = {"domain": name, "version": state.version, **info}
     if as_json:
         print(json.dumps(record, indent=2))
@@ -132,15 +118,10 @@ def show_cmd(name: str = typer.Argument(..., help="A domain, or 'core'."), bank:
 @memory_app.command("rm")
 def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
     """Remove a domain's slot, key and replay pairs (as a new version; `rollback` undoes it)."""
-    from lifealign_lite.memory.bank import BankError
-
     b = _bank(bank)
-    try:
-        b.require()  # before the lock, which would create the folder
-        with b.lock():
-            state = b.remove_domain(name, b.manifest()["base"])
-    except BankError as exc:
-        _fail(str(exc))
+    b.require()  # before the lock, which would create the folder
+    with b.lock():
+        state = b.remove_domain(name, b.manifest()["base"])
     err.print(f"removed {name}'s slot, key and replay pairs; bank is now at version {state.version}. The core keeps what every task taught it "
               f"({', '.join(state.tasks)}): see `lifealign-lite memory show core`; `memory rollback {state.version - 1}` undoes the removal",
               highlight=False, soft_wrap=True)
@@ -149,17 +130,12 @@ def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
 @memory_app.command("rollback")
 def rollback_cmd(version: int, bank: Optional[Path] = BankOpt) -> None:
     """Make an earlier version the current one (later versions stay on disk)."""
-    from lifealign_lite.memory.bank import BankError
-
     if version == 0:
         _fail("version 0 is the empty bank; to start over use a new --bank folder, or pick a version from `lifealign-lite memory versions`")
     b = _bank(bank)
-    try:
-        b.require()
-        with b.lock():
-            b.rollback(version)
-    except BankError as exc:
-        _fail(str(exc))
+    b.require()
+    with b.lock():
+        b.rollback(version)
     err.print(f"bank is now at version {version}")
 
 
@@ -173,14 +149,10 @@ def verify_cmd(
     Exit 0: all intact; 1: something is damaged (the table names each file and what is wrong); 2: no bank to check.
     Versions written before checksums existed are checked for structure only and shown as unverified.
     """
-    from lifealign_lite.memory.bank import BankError
 
     b = _bank(bank)
-    try:
-        b.require()
-        manifest = b.manifest()
-    except BankError as exc:
-        _fail(str(exc))
+    b.require()
+    manifest = b.manifest()
     if all_versions:
         versions = sorted(({v["version"] for v in manifest["versions"]} - set(manifest.get("removed", [])))
                           | {int(p.name) for p in (b.root / "versions").glob("[0-9]*") if p.name.isdigit()})
@@ -205,12 +177,7 @@ def verify_cmd(
 @memory_app.command("versions")
 def versions_cmd(bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """The version log."""
-    from lifealign_lite.memory.bank import BankError
-
-    try:
-        manifest = _bank(bank).manifest()
-    except BankError as exc:
-        _fail(str(exc))
+    manifest = _bank(bank).manifest()
     if as_json:
         print(json.dumps({"current": manifest["current"], "versions": manifest["versions"]}, indent=2))
         return
@@ -238,9 +205,7 @@ def export_cmd(
 ) -> None:
     """Export a bank entry as a PEFT adapter, a merged model (checked against the bank entry), or GGUF for llama.cpp
     (checked structurally against the base GGUF; --check compares next-token log-probs in llama.cpp)."""
-    from lifealign_lite.memory.bank import BankError
     from lifealign_lite.export import FORMATS, export_all, export_entry, gguf_parity
-    from lifealign_lite.model import ModelError
     from lifealign_lite.recipe import load_recipe
 
     if all_entries and (name is None or out_dir is not None or fmt != "peft"):
@@ -253,15 +218,12 @@ def export_cmd(
         _fail("--check and --base-gguf go with --format gguf or gguf-merged")
     if check is not None and (not check.is_file() or check_n < 1):
         _fail(f"--check {check}: not a pairs file" if not check.is_file() else f"--check-n must be at least 1, got {check_n}")
-    try:
-        if all_entries:
-            result = export_all(_bank(bank).root, Path(name), home_dir(), load_recipe(None))
-        else:
-            result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None), base_gguf, outtype)
-            if check is not None:
-                result["parity"] = gguf_parity(_bank(bank).root, name, out_dir, check, check_n, home_dir(), load_recipe(None), base_gguf)
-    except (BankError, ModelError) as exc:
-        _fail(str(exc))
+    if all_entries:
+        result = export_all(_bank(bank).root, Path(name), home_dir(), load_recipe(None))
+    else:
+        result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None), base_gguf, outtype)
+        if check is not None:
+            result["parity"] = gguf_parity(_bank(bank).root, name, out_dir, check, check_n, home_dir(), load_recipe(None), base_gguf)
     if all_entries:
         err.print(f"exported {', '.join(result['names'])} as PEFT folders to {result['out']}; serve them with vLLM:", highlight=False, soft_wrap=True)
         print(result["vllm"])
