@@ -1,13 +1,12 @@
 """Tests for lifealign_lite.prefix: one pass over each pair's prompt gives the same log-probs, losses and LoRA
 gradients as running the prompt once per response (``prefix_sharing: off``), on a tiny random Llama in fp32.
 
-Tolerance: both paths compute the same function in fp32, but with different matrix shapes (one packed row per
-pair instead of two padded rows) and a different summation order of the per-token terms, so results differ
-by float rounding only. fp32's unit rounding is 6e-8; a summed log-prob here is ~30 tokens of ~|6| each, and
-each term passes through 2 layers of ~100-term dot products, so rounding differences of ~1e-6 absolute are
-expected and 1e-5 (about 100x fp32 epsilon relative to values of ~100) is a bound with margin; gradients
-are compared relative to each tensor's size (rtol 1e-4, atol 1e-4 x max |grad|). A wrong mask (rejected
-tokens seeing chosen ones) or wrong position ids changes log-probs by ~1e-1, far outside these bounds
+Tolerance: both paths compute the same function in fp32, with different matrix shapes (one packed row per pair
+instead of two padded rows) and a different order of summing the per-token terms, so they may differ by float
+rounding only. fp32's unit rounding is 6e-8; a summed log-prob here is up to ~220 in size, so rounding
+differences of ~1e-5 are possible and 1e-4 absolute bounds them (measured on this fixture: 0.0, the same bits);
+gradients are compared per tensor relative to its largest entry (rtol 1e-4, atol 1e-4 x max |grad|; measured:
+about 1e-6 relative). A wrong mask (rejected tokens seeing chosen ones) moves log-probs by far more
 (``test_wrong_mask_would_be_caught``).
 """
 
@@ -26,7 +25,7 @@ from lifealign_lite.train import Tokenized, pair_logps, reference_logps, score_p
 from test_train import SYNTHETIC, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ATOL_LOGP = 1e-5
+ATOL_LOGP = 1e-4
 
 
 @pytest.fixture
@@ -47,11 +46,10 @@ def lora_model(base, seed: int = 7):
     return model
 
 
-def loss_and_grads(model, batch, pad, mode):
+def loss_and_grads(model, batch, pad, mode, ref):
     model.zero_grad(set_to_none=True)
     pc, pr, cn, rn = pair_logps(model, batch, pad, "cpu", prefix_sharing=mode)
-    ref_c = torch.linspace(-90.0, -20.0, len(batch))  # fixed reference log-probs: the loss is non-trivial
-    out = fpo_loss(pc, pr, ref_c, ref_c.flip(0), beta=0.5, gamma=2.0)
+    out = fpo_loss(pc, pr, ref[0], ref[1], beta=0.5, gamma=2.0)
     out.losses.mean().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return out.losses.detach(), torch.cat([pc, pr]).detach(), (cn, rn), grads
@@ -61,8 +59,13 @@ def test_shared_prefix_losses_and_lora_gradients_equal_unshared(tiny_base, items
     model = lora_model(tiny_base)
     pad = tiny_base.tokenizer.pad_token_id
     batch = items[:7]
-    loss_off, logps_off, counts_off, grads_off = loss_and_grads(model, batch, pad, "off")
-    loss_on, logps_on, counts_on, grads_on = loss_and_grads(model, batch, pad, "on")
+    with torch.no_grad():  # reference log-probs near the policy's: margins in [-1, 1], losses neither 0 nor saturated
+        c, r, _, _ = pair_logps(model, batch, pad, "cpu", prefix_sharing="off")
+    shift = torch.linspace(-2.0, 2.0, len(batch))
+    ref = (c + shift, r - shift)
+    loss_off, logps_off, counts_off, grads_off = loss_and_grads(model, batch, pad, "off", ref)
+    loss_on, logps_on, counts_on, grads_on = loss_and_grads(model, batch, pad, "on", ref)
+    assert (loss_off > 1e-3).all()
     assert counts_on[0].tolist() == counts_off[0].tolist() == [len(t.chosen) for t in batch]
     assert counts_on[1].tolist() == counts_off[1].tolist() == [len(t.rejected) for t in batch]
     assert torch.allclose(logps_on, logps_off, rtol=0, atol=ATOL_LOGP), (logps_on - logps_off).abs().max()
