@@ -24,11 +24,14 @@ def can_share(items: Sequence) -> bool:
     return all(len(t.prompt) > 0 for t in items)
 
 
-def use_sharing(mode: str, items: Sequence) -> bool:
-    """Whether ``pair_logps`` takes the shared path for this batch: ``on`` and ``auto`` share wherever packing
-    works (it measured faster on the default model and data: docs/PERFORMANCE.md), ``off`` never does."""
+def use_sharing(mode: str, items: Sequence, device="cpu") -> bool:
+    """Whether ``pair_logps`` takes the shared path for this batch. ``on`` shares wherever packing works;
+    ``auto`` does so on a CPU, where it measured faster (docs/PERFORMANCE.md), and not on other devices, where
+    it is unmeasured (on CUDA a custom mask rules out SDPA's flash kernel); ``off`` never shares."""
     if mode not in MODES:
         raise ValueError(f"prefix_sharing must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto" and torch.device(device).type != "cpu":
+        return False
     return mode != "off" and can_share(items)
 
 

@@ -133,7 +133,7 @@ def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device, *, prefix
     ``prefix_sharing`` (the recipe key, auto|on|off): each pair's prompt runs once for both responses
     (``prefix.py``), or, with ``off``, each response runs in its own sequence with the prompt in front.
     """
-    if use_sharing(prefix_sharing, items):
+    if use_sharing(prefix_sharing, items, device):
         return shared_pair_logps(_causal_lm(model), items, pad_id, device)
     seqs = [(t.prompt, t.chosen) for t in items] + [(t.prompt, t.rejected) for t in items]
     sums, counts = sequence_logps(model, *_collate(seqs, pad_id, device))

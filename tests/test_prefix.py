@@ -146,6 +146,7 @@ def test_empty_prompt_falls_back_and_modes_are_checked():
     assert can_share(items[:1]) and not can_share(items)
     assert use_sharing("auto", items[:1]) and use_sharing("on", items[:1]) and not use_sharing("off", items[:1])
     assert not use_sharing("on", items)
+    assert not use_sharing("auto", items[:1], "cuda") and use_sharing("on", items[:1], "cuda")  # auto: CPU only (measured there)
     with pytest.raises(ValueError, match="prefix_sharing"):
         use_sharing("yes", items)
     assert Recipe().prefix_sharing == "auto"
