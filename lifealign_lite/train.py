@@ -3,7 +3,8 @@
 Read top to bottom: tokenize the pairs (TRL's chat-template handling), compute the reference log-probs once
 with the short-term adapter switched off (the model as it stood when the task began), optionally warm up with
 SFT on the chosen responses, then optimize the preference loss over length-grouped batches. Chosen and
-rejected responses go through the model in one batch, and the output head runs only on response tokens.
+rejected responses go through the model in one batch, sharing one pass over their prompt (``prefix.py``; the
+recipe's ``prefix_sharing``), and the output head runs only on response tokens.
 Ctrl-C (or SIGTERM) saves a checkpoint that ``resume`` continues from.
 """
 
