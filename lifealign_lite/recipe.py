@@ -39,6 +39,7 @@ class Recipe:
     needs_cuda: bool = False  # the preset only makes sense on a CUDA GPU: refused at once on a machine without one
     autocast: str = "auto"  # auto|bf16|none: bf16 autocast over fp32 weights for training on a CPU; auto = where the CPU has native bf16
     score_precision: str = "fp32"  # fp32|bf16: precision of eval/bench scoring (fp32: bf16 rounding is larger than an adapter's effect)
+    prefix_sharing: str = "auto"  # auto|on|off: each pair's prompt runs once for both responses (prefix.py); off = once per response
     # preference optimization (FPO; focal_gamma = 0 is DPO)
     loss: str = "fpo"
     beta: float = 0.1
@@ -88,7 +89,8 @@ class Recipe:
                 raise RecipeError(f"{f.name} must be a finite number, got {value}")
         choices = {"quant": QUANT_CHOICES, "autocast": ("auto", "bf16", "none"), "router": ("minilm", "base"),
                    "slot_mode": ("specialist", "core"), "loss": LOSS_CHOICES, "score_precision": ("fp32", "bf16"),
-                   "lr_schedule": ("linear", "cosine"), "reference": ("memory", "base")}
+                   "lr_schedule": ("linear", "cosine"), "reference": ("memory", "base"),
+                   "prefix_sharing": ("auto", "on", "off")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise RecipeError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")

@@ -3,7 +3,8 @@
 Read top to bottom: tokenize the pairs (TRL's chat-template handling), compute the reference log-probs once
 with the short-term adapter switched off (the model as it stood when the task began), optionally warm up with
 SFT on the chosen responses, then optimize the preference loss over length-grouped batches. Chosen and
-rejected responses go through the model in one batch, and the output head runs only on response tokens.
+rejected responses go through the model in one batch, sharing one pass over their prompt (``prefix.py``; the
+recipe's ``prefix_sharing``), and the output head runs only on response tokens.
 Ctrl-C (or SIGTERM) saves a checkpoint that ``resume`` continues from.
 """
 
@@ -23,6 +24,7 @@ import torch
 from .data import Pair
 from .losses import preference_loss, sft_loss
 from .model import autocast, reference_mode
+from .prefix import shared_pair_logps, use_sharing
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,14 @@ def sequence_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
     return sums, counts
 
 
-def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen logps, rejected logps, chosen token counts, rejected token counts) of a batch, in one forward pass."""
+def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device, *, prefix_sharing: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps, rejected logps, chosen token counts, rejected token counts) of a batch, in one forward pass.
+
+    ``prefix_sharing`` (the recipe key, auto|on|off): each pair's prompt runs once for both responses
+    (``prefix.py``), or, with ``off``, each response runs in its own sequence with the prompt in front.
+    """
+    if use_sharing(prefix_sharing, items, device):
+        return shared_pair_logps(_causal_lm(model), items, pad_id, device)
     seqs = [(t.prompt, t.chosen) for t in items] + [(t.prompt, t.rejected) for t in items]
     sums, counts = sequence_logps(model, *_collate(seqs, pad_id, device))
     n = len(items)
@@ -136,7 +144,7 @@ def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device) -> tuple[
 
 @torch.no_grad()
 def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_size: int = 8, progress: Callable[[int], None] | None = None,
-                bf16_autocast: bool = False) -> dict[str, torch.Tensor]:
+                bf16_autocast: bool = False, prefix_sharing: str = "auto") -> dict[str, torch.Tensor]:
     """Log-probs of every pair under the model as it is now (no grad), in length-sorted batches."""
     was_training = model.training
     model.eval()
@@ -147,7 +155,7 @@ def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_si
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         with autocast(bf16_autocast):
-            c, r, cn, rn = pair_logps(model, [items[i] for i in idx], pad_id, device)
+            c, r, cn, rn = pair_logps(model, [items[i] for i in idx], pad_id, device, prefix_sharing=prefix_sharing)
         for key, val in zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), (c, r, cn, rn)):
             out[key][idx] = val.cpu().to(out[key].dtype)
         if progress:
@@ -157,11 +165,11 @@ def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_si
 
 
 def reference_logps(model, items, pad_id, device, batch_size=8, progress=None, bf16_autocast: bool = False,
-                    bare: bool = False) -> dict[str, torch.Tensor]:
+                    bare: bool = False, prefix_sharing: str = "auto") -> dict[str, torch.Tensor]:
     """Reference log-probs, computed once per task: the model as the task began (short-term adapter off), or
     with ``bare`` the base model alone (every adapter off)."""
     with reference_mode(model, bare=bare):
-        return score_pairs(model, items, pad_id, device, batch_size, progress, bf16_autocast)
+        return score_pairs(model, items, pad_id, device, batch_size, progress, bf16_autocast, prefix_sharing)
 
 
 @dataclass
@@ -339,7 +347,7 @@ def train_short_term(
         report.start("reference", len(used))
         # only the pairs the steps will see need reference log-probs (max_steps may stop before the end of the data)
         sub = reference_logps(model, [items[i] for i in used], pad_id, device, progress=lambda n: report.advance("reference", n, {}),
-                              bf16_autocast=bf16_autocast, bare=recipe.reference == "base")
+                              bf16_autocast=bf16_autocast, bare=recipe.reference == "base", prefix_sharing=recipe.prefix_sharing)
         ref = {k: torch.zeros(len(items), dtype=v.dtype).index_copy(0, torch.tensor(used, dtype=torch.long), v) for k, v in sub.items()}
     state.ref, state.trained = ref, used
 
@@ -363,7 +371,7 @@ def train_short_term(
                     idx = next(stream)
                     batch = [items[i] for i in idx]
                     with autocast(bf16_autocast):
-                        pc, pr, _, _ = pair_logps(model, batch, pad_id, device)
+                        pc, pr, _, _ = pair_logps(model, batch, pad_id, device, prefix_sharing=recipe.prefix_sharing)
                     out = loss_fn(pc, pr, ref["chosen"][idx].to(device), ref["rejected"][idx].to(device))
                     (out.losses.mean() / recipe.grad_accum).backward()
                     metrics["loss"] += out.losses.detach().sum().item()

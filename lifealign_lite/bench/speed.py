@@ -40,13 +40,14 @@ from ..align import peak_rss_mb
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-helpful" / "train.jsonl"
 
-SPEED_VARIANTS = ("trl-default", "trl-tuned", "lifealign")
+SPEED_VARIANTS = ("trl-default", "trl-tuned", "lifealign", "lifealign-unshared")
 QUANT_MODES = ("none", "nf4", "int8")
 CHAT_MODES = ("merged", "unmerged", "nf4")
 SPEED_LABELS = {
     "trl-default": "(a) TRL DPOTrainer, defaults",
     "trl-tuned": "(b) TRL DPOTrainer, tuned",
     "lifealign": "(c) lifealign-lite FPO",
+    "lifealign-unshared": "(d) lifealign-lite FPO, prefix_sharing off",
 }
 GEN_PROMPT = "Explain in a few sentences why the sky is blue."
 CHAT_PROMPTS = (
@@ -60,7 +61,7 @@ CHAT_PROMPTS = (
 SPEED_TOP_KEYS = {
     "bench", "machine", "settings", "variants", "ratio_vs_trl_default", "ratio_vs_trl_tuned",
     "train_ratio_vs_trl_default", "train_ratio_vs_trl_tuned", "matmul", "params", "flops_per_token_estimate",
-    "share_of_matmul_peak",
+    "share_of_matmul_peak", "ratio_shared_vs_unshared",
 }
 SPEED_VARIANT_KEYS = {
     "ok", "variant", "label", "wall_s", "phases_s", "pairs", "pairs_trained", "steps", "tokens", "tokens_per_s",
@@ -187,6 +188,8 @@ def summarize_speed(variants: dict[str, dict], matmul: dict | None, settings: di
         "flops_per_token_estimate": flops["total"] if flops else None,
         "flops_per_token_breakdown": flops,
         "share_of_matmul_peak": share_of_peak(get(ours, "tokens_per_s"), flops["total"], peak) if flops else None,
+        # (c) / (d): what sharing each pair's prompt between its two responses buys, side by side in one run
+        "ratio_shared_vs_unshared": ratio(get(ours, "pairs_per_s"), get("lifealign-unshared", "pairs_per_s")),
     }
 
 
@@ -336,11 +339,11 @@ def _load_pairs(options: dict):
     return load_pairs(options["data"], max_pairs=options["pairs"], seed=options.get("seed", 0))
 
 
-def _load_variant(options: dict):
+def _load_variant(options: dict, **extra):
     """What every `bench speed` variant starts from: recipe, pairs and the loaded model (load time and memory apart)."""
     from lifealign_lite.model import load_base
 
-    recipe = _recipe(options)
+    recipe = _recipe(options, **extra)
     home = Path(options["home"])
     pairs = _load_pairs(options)
     t_load = time.perf_counter()
@@ -348,14 +351,15 @@ def _load_variant(options: dict):
     return recipe, home, pairs, base, time.perf_counter() - t_load, peak_rss_mb(), _count_params(base.model)
 
 
-def one_speed_lifealign(options: dict) -> dict:
-    """(c): lifealign-lite's own training, from the loaded model to the saved adapter."""
+def one_speed_lifealign(options: dict, prefix_sharing: str = "auto") -> dict:
+    """(c): lifealign-lite's own training, from the loaded model to the saved adapter; (d) the same with
+    ``prefix_sharing`` off (each pair's prompt runs once per response)."""
     import torch
 
     from lifealign_lite.model import attach_adapters, save_adapter
     from lifealign_lite.train import tokenize_pairs, train_short_term
 
-    recipe, home, pairs, base, load_s, rss_loaded, params = _load_variant(options)
+    recipe, home, pairs, base, load_s, rss_loaded, params = _load_variant(options, prefix_sharing=prefix_sharing)
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -400,7 +404,7 @@ def one_speed_lifealign(options: dict) -> dict:
         "truncated": {"prompts": tstats.truncated_prompts, "responses": tstats.truncated_responses},
         "train_loss": _round(sum(h["loss"] for h in state.history) / len(state.history), 4) if state.history else None,
         "config": {"trainer": "lifealign_lite.train.train_short_term", "loss": recipe.loss, "beta": recipe.beta,
-                   "focal_gamma": recipe.focal_gamma, "gradient_checkpointing": False, "reference": "precomputed once (adapter off)",
+                   "focal_gamma": recipe.focal_gamma, "prefix_sharing": recipe.prefix_sharing, "gradient_checkpointing": False, "reference": "precomputed once (adapter off)",
                    "dtype": base.info["dtype"], "device": base.info["device"], "max_prompt_length": recipe.max_prompt_length,
                    "warmup_ratio": recipe.warmup_ratio, "lora": {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout,
                                                                   "target_modules": list(recipe.target_modules)}},
@@ -897,8 +901,8 @@ def _run_one(variant: str, options: dict) -> dict:
     if not known_variant(variant):
         raise BenchError(f"unknown variant {variant!r}")
     _child_setup(options, variant)
-    if variant == "lifealign":
-        res = one_speed_lifealign(options)
+    if variant in ("lifealign", "lifealign-unshared"):
+        res = one_speed_lifealign(options, "off" if variant == "lifealign-unshared" else "auto")
     elif variant in ("trl-default", "trl-tuned"):
         res = one_speed_trl(options, tuned=variant == "trl-tuned")
     elif variant.startswith("quant-") and variant[6:] in QUANT_MODES:
