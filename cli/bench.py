@@ -44,7 +44,7 @@ def speed_cmd(
     max_length: int = typer.Option(256, "--max-length", help="Longest prompt + response, in tokens."),
     lr: float = typer.Option(5e-5, "--lr", help="Learning rate of every variant."),
     model: str = ModelOpt,
-    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated subset of trl-default,trl-tuned,lifealign."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated subset of trl-default,trl-tuned,lifealign,lifealign-unshared (lifealign with prefix_sharing off)."),
     trl_bf16: Optional[bool] = typer.Option(None, "--trl-bf16/--trl-fp32", help="Force TRL's bf16 autocast on or off (default: TRL's default, on)."),
     threads: Optional[int] = ThreadsOpt,
     matmul_size: int = typer.Option(2048, "--matmul-size", help="Side of the square matrices of the peak-GFLOP/s probe."),
@@ -73,7 +73,8 @@ def speed_cmd(
         out.print(table)
         mm = result["matmul"] or {}
         out.print(f"(c) / (a) pairs/s: {_fmt(result['ratio_vs_trl_default'], '.2f')}   (c) / (b): {_fmt(result['ratio_vs_trl_tuned'], '.2f')}"
-                  f"   (train loop only: {_fmt(result['train_ratio_vs_trl_default'], '.2f')} / {_fmt(result['train_ratio_vs_trl_tuned'], '.2f')})")
+                  f"   (train loop only: {_fmt(result['train_ratio_vs_trl_default'], '.2f')} / {_fmt(result['train_ratio_vs_trl_tuned'], '.2f')})"
+                  f"   (c) / (d): {_fmt(result.get('ratio_shared_vs_unshared'), '.2f')}")
         flops = result["flops_per_token_estimate"]
         out.print(f"fp32 matmul {mm.get('n')}x{mm.get('n')}: {_fmt(mm.get('best_gflops'), '.1f')} GFLOP/s (bf16: {_fmt(mm.get('bf16_best_gflops'), '.1f')});  "
                   f"(c) at {_fmt(flops / 1e9 if flops else None, '.2f')} GFLOP/token: {_fmt((result['share_of_matmul_peak'] or 0) * 100 if result['share_of_matmul_peak'] is not None else None, '.1f')} % of it")

@@ -73,7 +73,8 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
     bf16 = recipe.score_precision == "bf16"
 
     def score(subset):
-        return score_pairs(session.model, subset, pad, device, progress=lambda n: report("score", n, {}), bf16_autocast=bf16)
+        return score_pairs(session.model, subset, pad, device, progress=lambda n: report("score", n, {}), bf16_autocast=bf16,
+                           prefix_sharing=recipe.prefix_sharing)
 
     if base_scores is None:
         session._activate(BASE)

@@ -9,6 +9,7 @@ import torch
 
 from .batching import Tokenized, collate
 from .model import autocast, reference_mode
+from .prefix import shared_pair_logps, use_sharing
 
 
 def causal_lm(model):
@@ -34,8 +35,14 @@ def sequence_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
     return sums, counts
 
 
-def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen logps, rejected logps, chosen token counts, rejected token counts) of a batch, in one forward pass."""
+def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device, *, prefix_sharing: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps, rejected logps, chosen token counts, rejected token counts) of a batch, in one forward pass.
+
+    ``prefix_sharing`` (the recipe key, auto|on|off): each pair's prompt runs once for both responses
+    (``prefix.py``), or, with ``off``, each response runs in its own sequence with the prompt in front.
+    """
+    if use_sharing(prefix_sharing, items, device):
+        return shared_pair_logps(causal_lm(model), items, pad_id, device)
     seqs = [(t.prompt, t.chosen) for t in items] + [(t.prompt, t.rejected) for t in items]
     sums, counts = sequence_logps(model, *collate(seqs, pad_id, device))
     n = len(items)
@@ -44,7 +51,7 @@ def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device) -> tuple[
 
 @torch.no_grad()
 def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_size: int = 8, progress: Callable[[int], None] | None = None,
-                bf16_autocast: bool = False) -> dict[str, torch.Tensor]:
+                bf16_autocast: bool = False, prefix_sharing: str = "auto") -> dict[str, torch.Tensor]:
     """Log-probs of every pair under the model as it is now (no grad), in length-sorted batches."""
     was_training = model.training
     model.eval()
@@ -55,7 +62,7 @@ def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_si
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         with autocast(bf16_autocast):
-            c, r, cn, rn = pair_logps(model, [items[i] for i in idx], pad_id, device)
+            c, r, cn, rn = pair_logps(model, [items[i] for i in idx], pad_id, device, prefix_sharing=prefix_sharing)
         for key, val in zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), (c, r, cn, rn)):
             out[key][idx] = val.cpu().to(out[key].dtype)
         if progress:
@@ -65,8 +72,8 @@ def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_si
 
 
 def reference_logps(model, items, pad_id, device, batch_size=8, progress=None, bf16_autocast: bool = False,
-                    bare: bool = False) -> dict[str, torch.Tensor]:
+                    bare: bool = False, prefix_sharing: str = "auto") -> dict[str, torch.Tensor]:
     """Reference log-probs, computed once per task: the model as the task began (short-term adapter off), or
     with ``bare`` the base model alone (every adapter off)."""
     with reference_mode(model, bare=bare):
-        return score_pairs(model, items, pad_id, device, batch_size, progress, bf16_autocast)
+        return score_pairs(model, items, pad_id, device, batch_size, progress, bf16_autocast, prefix_sharing)

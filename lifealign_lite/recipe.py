@@ -59,6 +59,8 @@ class Recipe:
     needs_cuda: bool = knob(False, "model", "The preset only makes sense on a CUDA GPU: refused at once on a machine without one.")
     autocast: str = knob("auto", "model", "bf16 autocast over fp32 weights for training on a CPU; auto = where the CPU has native bf16.", choices=("auto", "bf16", "none"))
     score_precision: str = knob("fp32", "model", "Precision of eval/bench scoring (fp32: bf16 rounding is larger than an adapter's effect).", choices=("fp32", "bf16"))
+    prefix_sharing: str = knob("auto", "model", "Each pair's prompt runs once for both responses (prefix.py); off = once per response.",
+                               choices=("auto", "on", "off"))
     # preference optimization (FPO; focal_gamma = 0 is DPO)
     loss: str = knob("fpo", "loss", "Preference loss.", choices=LOSS_CHOICES)
     beta: float = knob(0.1, "loss", "DPO/FPO beta: how far the model may move from the reference.")

@@ -2,8 +2,9 @@
 
 Read top to bottom: the reference log-probs are computed once with the short-term adapter switched off (the model
 as it stood when the task began), an optional SFT warm-up on the chosen responses, then the preference loss over
-length-grouped batches. Chosen and rejected responses go through the model in one batch (``logprobs.py``), and
-the output head runs only on response tokens. Ctrl-C (or SIGTERM) saves a checkpoint that ``resume`` continues
+length-grouped batches. Chosen and rejected responses go through the model in one batch (``logprobs.py``), sharing
+one pass over their prompt (``prefix.py``; the recipe's ``prefix_sharing``), and the output head runs only on
+response tokens. Ctrl-C (or SIGTERM) saves a checkpoint that ``resume`` continues
 from (``checkpoint.py``). Tokenizing and batching live in ``batching.py``.
 """
 
@@ -87,7 +88,7 @@ def train_short_term(
         report.start("reference", len(used))
         # only the pairs the steps will see need reference log-probs (max_steps may stop before the end of the data)
         sub = reference_logps(model, [items[i] for i in used], pad_id, device, progress=lambda n: report.advance("reference", n, {}),
-                              bf16_autocast=bf16_autocast, bare=recipe.reference == "base")
+                              bf16_autocast=bf16_autocast, bare=recipe.reference == "base", prefix_sharing=recipe.prefix_sharing)
         ref = {k: torch.zeros(len(items), dtype=v.dtype).index_copy(0, torch.tensor(used, dtype=torch.long), v) for k, v in sub.items()}
     state.ref, state.trained = ref, used
 
@@ -111,7 +112,7 @@ def train_short_term(
                     idx = next(stream)
                     batch = [items[i] for i in idx]
                     with autocast(bf16_autocast):
-                        pc, pr, _, _ = pair_logps(model, batch, pad_id, device)
+                        pc, pr, _, _ = pair_logps(model, batch, pad_id, device, prefix_sharing=recipe.prefix_sharing)
                     out = loss_fn(pc, pr, ref["chosen"][idx].to(device), ref["rejected"][idx].to(device))
                     (out.losses.mean() / recipe.grad_accum).backward()
                     metrics["loss"] += out.losses.detach().sum().item()

@@ -146,7 +146,15 @@ def test_summarize_speed_ratios_and_shape():
     assert res["params"] == 134_515_008
     assert res["flops_per_token_estimate"] == 8 * 134_515_008
     assert res["share_of_matmul_peak"] == round(67.5 * 8 * 134_515_008 / 135e9, 4)
+    assert res["ratio_shared_vs_unshared"] is None  # (d) not run
     json.loads(json.dumps(res))  # plain JSON all the way down
+
+
+def test_summarize_speed_ratio_of_prefix_sharing():
+    variants = {"lifealign": _variant("lifealign", 0.3, 0.5), "lifealign-unshared": _variant("lifealign-unshared", 0.2, 0.4)}
+    res = summarize_speed(variants, None, {}, {})
+    assert res["ratio_shared_vs_unshared"] == 1.5
+    assert res["ratio_vs_trl_default"] is None  # (d) is no TRL anchor
 
 
 def test_summarize_speed_with_a_failed_variant_leaves_its_ratio_empty():

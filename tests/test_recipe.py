@@ -89,7 +89,7 @@ def test_non_finite_values_are_refused_from_every_source(tmp_path):
 
 
 def test_new_choice_fields_are_checked():
-    for key in ("score_precision", "lr_schedule", "reference"):
+    for key in ("score_precision", "lr_schedule", "reference", "prefix_sharing"):
         with pytest.raises(RecipeError, match=key):
             load_recipe("edge-cpu", {key: "bogus"})
     assert load_recipe(None).score_precision == "fp32"

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-helpful" / "train.jsonl"
 
 
-SPEED_VARIANTS = ("trl-default", "trl-tuned", "lifealign")
+SPEED_VARIANTS = ("trl-default", "trl-tuned", "lifealign", "lifealign-unshared")
 
 
 QUANT_MODES = ("none", "nf4", "int8")
@@ -249,11 +249,11 @@ def load_bench_pairs(options: dict):
     return load_pairs(options["data"], max_pairs=options["pairs"], seed=options.get("seed", 0))
 
 
-def load_variant(options: dict):
+def load_variant(options: dict, **extra):
     """What every `bench speed` variant starts from: recipe, pairs and the loaded model (load time and memory apart)."""
     from lifealign_lite.model import load_base
 
-    recipe = bench_recipe(options)
+    recipe = bench_recipe(options, **extra)
     home = Path(options["home"])
     pairs = load_bench_pairs(options)
     t_load = time.perf_counter()

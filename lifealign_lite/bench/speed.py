@@ -37,13 +37,14 @@ SPEED_LABELS = {
     "trl-default": "(a) TRL DPOTrainer, defaults",
     "trl-tuned": "(b) TRL DPOTrainer, tuned",
     "lifealign": "(c) lifealign-lite FPO",
+    "lifealign-unshared": "(d) lifealign-lite FPO, prefix_sharing off",
 }
 
 
 SPEED_TOP_KEYS = {
     "bench", "machine", "settings", "variants", "ratio_vs_trl_default", "ratio_vs_trl_tuned",
     "train_ratio_vs_trl_default", "train_ratio_vs_trl_tuned", "matmul", "params", "flops_per_token_estimate",
-    "share_of_matmul_peak",
+    "share_of_matmul_peak", "ratio_shared_vs_unshared",
 }
 
 
@@ -108,18 +109,21 @@ def summarize_speed(variants: dict[str, dict], matmul: dict | None, settings: di
         "flops_per_token_estimate": flops["total"] if flops else None,
         "flops_per_token_breakdown": flops,
         "share_of_matmul_peak": share_of_peak(get(ours, "tokens_per_s"), flops["total"], peak) if flops else None,
+        # (c) / (d): what sharing each pair's prompt between its two responses buys, side by side in one run
+        "ratio_shared_vs_unshared": ratio(get(ours, "pairs_per_s"), get("lifealign-unshared", "pairs_per_s")),
     }
 
 
-def one_speed_lifealign(options: dict) -> dict:
-    """(c): lifealign-lite's own training, from the loaded model to the saved adapter."""
+def one_speed_lifealign(options: dict, prefix_sharing: str = "auto") -> dict:
+    """(c): lifealign-lite's own training, from the loaded model to the saved adapter; (d) the same with
+    ``prefix_sharing`` off (each pair's prompt runs once per response)."""
     import torch
 
     from lifealign_lite.model import attach_adapters, save_adapter
     from lifealign_lite.batching import tokenize_pairs
     from lifealign_lite.train import train_short_term
 
-    recipe, home, pairs, base, load_s, rss_loaded, params = load_variant(options)
+    recipe, home, pairs, base, load_s, rss_loaded, params = load_variant(options, prefix_sharing=prefix_sharing)
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -164,7 +168,7 @@ def one_speed_lifealign(options: dict) -> dict:
         "truncated": {"prompts": tstats.truncated_prompts, "responses": tstats.truncated_responses},
         "train_loss": round_or_none(sum(h["loss"] for h in state.history) / len(state.history), 4) if state.history else None,
         "config": {"trainer": "lifealign_lite.train.train_short_term", "loss": recipe.loss, "beta": recipe.beta,
-                   "focal_gamma": recipe.focal_gamma, "gradient_checkpointing": False, "reference": "precomputed once (adapter off)",
+                   "focal_gamma": recipe.focal_gamma, "prefix_sharing": recipe.prefix_sharing, "gradient_checkpointing": False, "reference": "precomputed once (adapter off)",
                    "dtype": base.info["dtype"], "device": base.info["device"], "max_prompt_length": recipe.max_prompt_length,
                    "warmup_ratio": recipe.warmup_ratio, "lora": {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout,
                                                                   "target_modules": list(recipe.target_modules)}},
@@ -336,4 +340,6 @@ def bench_speed(home: Path, data: Path | None = None, pairs: int = 40, steps: in
 
 def one_variant(options: dict, variant: str) -> dict:
     """Measure one speed variant in this (child) process."""
-    return one_speed_lifealign(options) if variant == "lifealign" else one_speed_trl(options, tuned=variant == "trl-tuned")
+    if variant in ("lifealign", "lifealign-unshared"):
+        return one_speed_lifealign(options, "off" if variant == "lifealign-unshared" else "auto")
+    return one_speed_trl(options, tuned=variant == "trl-tuned")
