@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .memory.bank import Bank, BankError, read_adapter
+from .memory.bank import Bank, BankError, adapter_rank, read_adapter
 from .memory.router import CORE
 from .model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, embedded_gguf_path, load_base, resolve_model_path
 from .system import quiet
@@ -146,7 +146,9 @@ def export_all(bank_dir: Path, out: Path, home: Path, recipe) -> dict:
     if not names:
         raise BankError(f"{bank_dir}: no domains aligned yet; nothing to export")
     results = [export_entry(bank_dir, name, out / name, "peft", home, recipe) for name in names]
-    rank = next((r for r in VLLM_LORA_RANKS if r >= state.meta.get("bank_rank", 8)), VLLM_LORA_RANKS[-1])
+    # the largest rank any exported module has (entries keep their own rank, at most bank_rank), rounded up to a value vLLM takes
+    largest = max((adapter_rank(out / name) or state.meta.get("bank_rank", 8)) for name in names)
+    rank = next((r for r in VLLM_LORA_RANKS if r >= largest), VLLM_LORA_RANKS[-1])
     modules = " ".join(f"{name}={out / name}" for name in names)
     command = f"vllm serve {results[0]['base']} --enable-lora --lora-modules {modules} --max-lora-rank {rank}"
     return {"format": "peft", "out": str(out), "names": names, "vllm": command}
