@@ -238,15 +238,13 @@ def eval_cmd(
     pairs = load_pairs(data, max_pairs=max_pairs, seed=rcp.seed)
     session = open_session(existing_bank(bank), home_dir(), rcp, domain=domain, note=status)
     with reporter_for(err) as reporter:
-        result = evaluate(session, pairs, rcp, domain, reporter=reporter)
+        result = evaluate(session, pairs, rcp, domain, reporter=reporter).summary
         if judge is not None:
             judged = judge_pairs(session, pairs, judge, domain, max_new_tokens=judge_max_new_tokens, reporter=reporter)
             result.update({k: judged[k] for k in ("judge_score", "judged", "unparsed")})
             per_domain = result.setdefault("per_domain", {})
             for name, figures in judged["per_domain"].items():  # one row per domain, the judge's figures beside the rest
                 per_domain.setdefault(name, {}).update(figures)
-    result.pop("_base_scores")
-    result.pop("_per_pair")
     if as_json:
         print(json.dumps(result, indent=2))
         return

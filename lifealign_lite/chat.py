@@ -82,12 +82,12 @@ class ChatSession:
         fixed = self.threshold if self.threshold is not None and self.threshold >= 0 else None
         own_states = getattr(self._embedder, "name", "") == "base"  # keys hold the base model's states: no adapter in
         if own_states:
-            self._activate(BASE)
+            self.activate(BASE)
         with self.model.disable_adapter() if own_states and hasattr(self.model, "peft_config") else contextlib.nullcontext():
             embedding = self._embedder([text])[0]
         return self._router.route(embedding, text, fixed)
 
-    def _activate(self, name: str) -> None:
+    def activate(self, name: str) -> None:
         """Make ``name`` (a domain, core or base) the adapter in use."""
         if name == self.active:
             return
@@ -136,7 +136,7 @@ class ChatSession:
         t0 = time.perf_counter()
         messages = self.history + [{"role": "user", "content": text}]
         memory, r = self.memory_for(messages)
-        self._activate(memory)
+        self.activate(memory)
         enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
@@ -182,7 +182,7 @@ class ChatSession:
 
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        self._activate(memory)
+        self.activate(memory)
         if isinstance(prompt, str):
             enc = self.tokenizer(prompt, return_tensors="pt")
         else:

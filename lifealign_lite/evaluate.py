@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import contextlib
 from collections import defaultdict
 from typing import Sequence
@@ -47,11 +49,24 @@ def _subset(scores: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.
     return {k: v[idx] for k, v in scores.items()}
 
 
-def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, reporter=None, base_scores: dict | None = None) -> dict:
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` found.
+
+    ``summary`` holds the JSON-able figures (what ``eval --json`` prints); ``base_scores`` the base model's
+    ``score_pairs`` output, to pass back as ``base_scores`` when the same pairs are scored again; ``per_pair`` each
+    pair's scores (lists), for paired intervals.
+    """
+
+    summary: dict
+    base_scores: dict[str, torch.Tensor]
+    per_pair: dict[str, list[float]]
+
+
+def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, reporter=None, base_scores: dict | None = None) -> Evaluation:
     """Score ``pairs`` with the memory ``domain`` selects (a domain, ``auto``, ``core`` or ``base``).
 
     ``base_scores`` (the base model's ``score_pairs`` output for these pairs) skips recomputing the reference.
-    The result carries them under ``"_base_scores"`` for reuse.
     """
     items, _ = tokenize_pairs(pairs, session.tokenizer, recipe.max_length, recipe.max_prompt_length)
     session.set_domain(domain)
@@ -77,14 +92,14 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
                            prefix_sharing=recipe.prefix_sharing)
 
     if base_scores is None:
-        session._activate(BASE)
+        session.activate(BASE)
         with session.model.disable_adapter() if hasattr(session.model, "peft_config") else contextlib.nullcontext():
             base_scores = score(items)
     policy = {k: v.clone() for k, v in base_scores.items()}
     for memory, idx in groups.items():
         if memory == BASE:
             continue
-        session._activate(memory)
+        session.activate(memory)
         scored = score([items[i] for i in idx])
         for k in policy:
             policy[k][idx] = scored[k]
@@ -97,6 +112,4 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
             by_domain[p.domain].append(i)
     if by_domain:
         result["per_domain"] = {d: metrics_from_scores(_subset(policy, idx), _subset(base_scores, idx), recipe.beta) for d, idx in sorted(by_domain.items())}
-    result["_base_scores"] = base_scores
-    result["_per_pair"] = {k: v.tolist() for k, v in per_pair.items()}
-    return result
+    return Evaluation(result, base_scores, {k: v.tolist() for k, v in per_pair.items()})

@@ -45,16 +45,16 @@ def main() -> None:
         pairs = load_pairs(DATA / domain / "dev.jsonl", max_pairs=args.max_test, seed=0)
         base_scores, rows = None, []
         for session in sessions:
-            result = evaluate(session, pairs, recipe, domain, base_scores=base_scores)
-            base_scores = result["_base_scores"]
-            rows.append(result)
-        ref = rows[0]["_per_pair"]
+            ev = evaluate(session, pairs, recipe, domain, base_scores=base_scores)
+            base_scores = ev.base_scores
+            rows.append(ev.summary | {"per_pair": ev.per_pair})
+        ref = rows[0]["per_pair"]
         report[domain] = {"pairs": len(pairs), "banks": []}
         for bank, row in zip(args.banks, rows):
             entry = {"bank": bank, "pref_acc": row["pref_acc"], "margin": row["margin"]}
             if row is not rows[0]:
                 for metric in ("pref_acc", "margin"):
-                    diff = np.asarray(row["_per_pair"][metric]) - np.asarray(ref[metric])
+                    diff = np.asarray(row["per_pair"][metric]) - np.asarray(ref[metric])
                     entry[f"{metric}_diff"] = float(diff.mean())
                     entry[f"{metric}_diff_95"] = interval(diff)
             report[domain]["banks"].append(entry)

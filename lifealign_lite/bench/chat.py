@@ -117,9 +117,9 @@ def one_chat(options: dict, mode: str) -> dict:
                               "decode_tokens_per_s": median([x["decode_tokens_per_s"] for x in timed]), "turns": timed}
     switches = []
     for memory in memories * 3:
-        session._activate(next((m for m in memories if m != memory), BASE))
+        session.activate(next((m for m in memories if m != memory), BASE))
         t = time.perf_counter()
-        session._activate(memory)
+        session.activate(memory)
         switches.append((time.perf_counter() - t) * 1e3)
     slowest = min(per_memory, key=lambda m: per_memory[m]["tokens_per_s"] or 0.0)
     return {

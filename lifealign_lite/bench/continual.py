@@ -173,10 +173,10 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
     base_cache: dict[str, dict] = {}
     session = open_session(out / "banks" / "_empty", home, base_recipe, domain="base")
     for t in tasks:
-        res = evaluate(session, tests[t.name], base_recipe, "base")
-        base_cache[t.name] = res.pop("_base_scores")
-        state.setdefault("base", {})[t.name] = {k: res[k] for k in METRICS}
-        state.setdefault("base_pairs", {})[t.name] = res["_per_pair"]
+        ev = evaluate(session, tests[t.name], base_recipe, "base")
+        base_cache[t.name] = ev.base_scores
+        state.setdefault("base", {})[t.name] = {k: ev.summary[k] for k in METRICS}
+        state.setdefault("base_pairs", {})[t.name] = ev.per_pair
     step_done()
     del session
 
@@ -222,14 +222,14 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
                     continue
                 if mode == "separate":
                     sess = open_session(out / "banks" / method / test.name, home, recipe, domain=test.name)
-                res = evaluate(sess, tests[test.name], recipe, test.name if mode == "separate" else memory, base_scores=base_cache[test.name])
-                scores[f"{i},{j}"] = {k: res[k] for k in (*METRICS, "ties")}
-                pair_scores[f"{i},{j}"] = res["_per_pair"]
+                ev = evaluate(sess, tests[test.name], recipe, test.name if mode == "separate" else memory, base_scores=base_cache[test.name])
+                scores[f"{i},{j}"] = {k: ev.summary[k] for k in (*METRICS, "ties")}
+                pair_scores[f"{i},{j}"] = ev.per_pair
                 if oracle is not None:  # each test pair answered by its true domain's slot (the core for a domain not seen yet)
                     told = test.name if j <= i else "core"
-                    res = evaluate(sess, tests[test.name], recipe, told, base_scores=base_cache[test.name])
-                    oracle[f"{i},{j}"] = {k: res[k] for k in (*METRICS, "ties")}
-                    oracle_pairs[f"{i},{j}"] = res["_per_pair"]
+                    ev = evaluate(sess, tests[test.name], recipe, told, base_scores=base_cache[test.name])
+                    oracle[f"{i},{j}"] = {k: ev.summary[k] for k in (*METRICS, "ties")}
+                    oracle_pairs[f"{i},{j}"] = ev.per_pair
             state["seconds"][f"{method},{i}"] = round(time.perf_counter() - t0, 1)
             step_done()
 

@@ -38,6 +38,10 @@ read), so chat, eval, export and align stop before they use a damaged file, with
 the version and the newest intact version to roll back to. Versions written before checksums existed are
 opened after a structural check (every JSON and safetensors file parses) and reported as unverified.
 Only safetensors weights belong in a bank: a pickle-based file (``.bin``, ``.pt``, ...) is refused by name.
+
+Over 400 lines on purpose: the layout, the commit protocol, verification and the readers of every file of a
+version change together (a new file kind is written, checksummed, shared and read here), and splitting them
+would spread the crash-safety argument over several modules.
 """
 
 from __future__ import annotations
