@@ -187,7 +187,7 @@ def gguf_parity(bank_dir: Path, name: str, gguf_file: Path, prompts: Path, n: in
     def llama_logprobs(model_path: Path, lora: Path | None) -> list[np.ndarray]:
         with quiet():
             llm = Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=max_prompt_tokens + 8,
-                        n_threads=max(1, torch.get_num_threads()), logits_all=False, verbose=False)
+                        n_threads=max(1, torch.get_num_threads()), logits_all=True, verbose=False)  # without logits_all, llama-cpp-python 0.3.36 leaves scores at zero
         out = []
         for toks in ids:
             llm.reset()
