@@ -287,7 +287,14 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
     result = {"n": n, "repeats": len(times), "threads": torch.get_num_threads(),
               "best_gflops": round(flops / min(times) / 1e9, 1), "median_gflops": round(flops / statistics.median(times) / 1e9, 1)}
     # bf16, for reference only: CPUs with AVX512-BF16 or AMX multiply bf16 several times faster than fp32, and
-    # TRL's default bf16 autocast uses it while lifealign-lite trains in fp32 on a CPU
+    # TRL's default bf16 autocast uses it while lifealign-lite trains in fp32 on a CPU. Elsewhere bf16 is emulated
+    # (a 2048 x 2048 product ran for over 5 minutes on a 2-core CPU without AVX512): not probed there.
+    from ..model import cpu_native_bf16
+
+    if not cpu_native_bf16():
+        result["bf16_best_gflops"] = None
+        result["bf16_skipped"] = "this CPU has no native bf16 (AVX512-BF16 or AMX): emulated, not probed"
+        return result
     try:
         a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
         torch.mm(a16, b16)
