@@ -15,7 +15,7 @@ from lifealign_lite.recipe import GROUPS, describe, list_recipes, load_recipe
 from .bench import bench_app
 from .chat import chat_loop
 from .common import (HELP_SETTINGS, App, BankOpt, JsonOpt, RecipeOpt, SetOpt, build_recipe, default_bank, err, existing_bank,
-                     fail, home_dir, out, status)
+                     fail, home_dir, out, recipe_options, status)
 from .memory import memory_app
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(memory_app, name="memory")
 app.add_typer(bench_app, name="bench")
+BANK_MODEL = {"model": "It must be the bank's."}  # chat, eval and serve use the bank's memory: trained on that base
 
 
 def _version(value: bool) -> None:
@@ -44,34 +45,14 @@ def main_options(
     """Keep a language model aligned as new preference data arrives (LifeAlign: FPO + memory consolidation)."""
 
 
-_DEFAULT_RECIPE = load_recipe(None)
-
-
-def recipe_flag(key: str, *names: str, metavar: str | None = None):
-    """A flag for recipe field ``key``: None unless given (so it overrides nothing), its help (from the recipe field)
-    naming the key and the default recipe's value (another --recipe has its own: `lifealign-lite recipes NAME`)."""
-    info = describe(key)
-    return typer.Option(None, *names, metavar=metavar or "|".join(info["choices"] or ()) or None, help=f"{info['help']} (recipe key {key})",
-                        show_default=f"{_DEFAULT_RECIPE.name}: {getattr(_DEFAULT_RECIPE, key)}")
-
-
 @app.command()
+@recipe_options()
 def align(
     data: Path = typer.Argument(..., help="Preference pairs as JSON Lines (TRL plain or conversational format)."),
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name of this task (default: the lines' domain field, else 'general')."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = recipe_flag("model", "--model", metavar="FOLDER|HUB_ID"),
-    quant: Optional[str] = recipe_flag("quant", "--quant"),
-    loss: Optional[str] = recipe_flag("loss", "--loss"),
-    max_pairs: Optional[int] = recipe_flag("max_pairs", "--max-pairs", metavar="N"),
-    max_steps: Optional[int] = recipe_flag("max_steps", "--max-steps", metavar="N"),
-    epochs: Optional[float] = recipe_flag("epochs", "--epochs", metavar="X"),
-    lr: Optional[float] = recipe_flag("lr", "--lr", "--learning-rate", metavar="RATE"),
-    beta: Optional[float] = recipe_flag("beta", "--beta", metavar="B"),
-    focal_gamma: Optional[float] = recipe_flag("focal_gamma", "--focal-gamma", metavar="G"),
-    batch_size: Optional[int] = recipe_flag("batch_size", "--batch-size", metavar="N"),
-    seed: Optional[int] = recipe_flag("seed", "--seed", metavar="N"),
+    flags: Optional[dict] = None,  # the recipe's flags (--model, --lr, ...: every knob marked flag), from recipe_options
     sets: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this domain and data."),
     wait: float = typer.Option(0.0, "--wait", metavar="SECONDS", help="If another align is writing the bank, wait up to SECONDS for it."),
@@ -82,8 +63,7 @@ def align(
     from lifealign_lite.progress import reporter_for
     from lifealign_lite.train import Interrupted
 
-    rcp = build_recipe(recipe, sets, model=model, quant=quant, loss=loss, max_pairs=max_pairs, max_steps=max_steps,
-                       epochs=epochs, lr=lr, beta=beta, focal_gamma=focal_gamma, batch_size=batch_size, seed=seed)
+    rcp = build_recipe(recipe, sets, **flags)
     try:
         with reporter_for(err) as reporter:
             result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait)
@@ -109,13 +89,13 @@ def align(
 
 
 @app.command()
+@recipe_options("model", "quant", notes=BANK_MODEL)
 def chat(
     domain: str = typer.Option("auto", "--domain", "-d", help="A domain's memory, 'auto' (route each prompt), 'core' or 'base'."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one prompt on stdout and exit."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
-    quant: Optional[str] = typer.Option(None, "--quant", metavar="auto|nf4|int8|none", help="Weight precision (default: the recipe's)."),
+    flags: Optional[dict] = None,  # --model, --quant from recipe_options
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="N", help="Longest answer, in tokens."),
     unmerged: bool = typer.Option(False, "--unmerged", help="Keep the adapter unmerged (slower; for comparison)."),
     sets: Optional[list[str]] = SetOpt,
@@ -127,7 +107,7 @@ def chat(
 
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    rcp = build_recipe(recipe, sets, model=model, quant=quant)
+    rcp = build_recipe(recipe, sets, **flags)
     bank_dir = existing_bank(bank)
     if prompt is None:
         status(f"loading the model and the memory of {bank_dir} ...")
@@ -202,12 +182,13 @@ def read_messages(path: Path) -> list[dict]:
 
 
 @app.command("eval")
+@recipe_options("model", notes=BANK_MODEL)
 def eval_cmd(
     data: Path = typer.Argument(..., help="Held-out preference pairs (JSON Lines)."),
     domain: str = typer.Option("auto", "--domain", "-d", help="A domain's memory, 'auto' (route each pair), 'core' or 'base'."),
     bank: Optional[Path] = BankOpt,
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
+    flags: Optional[dict] = None,  # --model from recipe_options
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", metavar="N", help="Score N pairs (seeded shuffle)."),
     as_json: bool = JsonOpt,
     sets: Optional[list[str]] = SetOpt,
@@ -225,7 +206,7 @@ def eval_cmd(
     from lifealign_lite.judge import Judge, judge_pairs
     from lifealign_lite.progress import reporter_for
 
-    rcp = build_recipe(recipe, sets, model=model)
+    rcp = build_recipe(recipe, sets, **flags)
     judge = None
     if judge_url:
         api_key = None
@@ -299,6 +280,7 @@ def recipes(
 
 
 @app.command()
+@recipe_options("model", "quant", notes=BANK_MODEL)
 def serve(
     bank: Optional[Path] = BankOpt,
     host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to bind; anything but loopback needs --api-key."),
@@ -310,8 +292,7 @@ def serve(
                                            "(e.g. http://HOST:8000/v1 of a vLLM serving `memory export --all`), model = the routed memory."),
     upstream_key: Optional[str] = typer.Option(None, "--upstream-key", envvar="LIFEALIGN_UPSTREAM_KEY", metavar="KEY", help="Bearer key of the upstream."),
     recipe: Optional[str] = RecipeOpt,
-    model: Optional[str] = typer.Option(None, "--model", metavar="FOLDER|HUB_ID", help="Base model (must be the bank's; default: the recipe's)."),
-    quant: Optional[str] = typer.Option(None, "--quant", metavar="auto|nf4|int8|none", help="Weight precision (default: the recipe's)."),
+    flags: Optional[dict] = None,  # --model, --quant from recipe_options
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Serve the model and the bank's memory over an OpenAI-compatible HTTP API.
@@ -322,7 +303,7 @@ def serve(
     from lifealign_lite.serve import check_bind, serve as run_server
 
     check_bind(host, port, api_key)
-    rcp = build_recipe(recipe, sets, model=model, quant=quant)
+    rcp = build_recipe(recipe, sets, **flags)
     bank_dir = existing_bank(bank)
     status(f"loading the model and the memory of {bank_dir} ...")
     try:

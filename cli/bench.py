@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import BankOpt, err, existing_bank, fail, home_dir, out, status, sub_app
+from .common import BankOpt, err, existing_bank, fail, home_dir, out, status, sub_app, with_options
 
 bench_app = sub_app("Benchmarks: continual alignment (LifeAlign vs baselines), routing accuracy, training speed vs TRL, "
                     "CPU precision, chat latency, server throughput.")
@@ -23,10 +23,43 @@ VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show each subprocess's
 ThreadsOpt = typer.Option(None, "--threads", help="torch threads in every variant (default: torch's choice).")
 ModelOpt = typer.Option("default", "--model", help="Local model folder or hub id; 'default' is the embedded SmolLM2-135M-Instruct.")
 TimeoutOpt = typer.Option(3600.0, "--timeout", help="Seconds before one variant's subprocess is stopped.")
+# what every benchmark that runs variants in subprocesses takes, passed on to it as keyword arguments
+RUN_OPTIONS = {"model": (str, ModelOpt), "threads": (Optional[int], ThreadsOpt), "timeout": (float, TimeoutOpt), "verbose": (bool, VerboseOpt)}
+run_options = with_options("run", RUN_OPTIONS)
+
+
+def training_run_options(pairs: int):
+    """:data:`RUN_OPTIONS` plus the training a benchmark times (speed, quant): which pairs, how many, how many steps,
+    what batch size."""
+    return with_options("run", {
+        "data": (Optional[Path], typer.Option(None, "--data", help="Preference pairs (JSON Lines) (default: ../shared/data/hh-helpful/train.jsonl "
+                                                                     "next to the repo).")),
+        "pairs": (int, typer.Option(pairs, "--pairs", help="Use N pairs (seeded shuffle).")),
+        "steps": (int, typer.Option(0, "--steps", help="Optimizer steps (default 0: one epoch, pairs / batch size).")),
+        "batch_size": (int, typer.Option(2, "--batch-size", help="Pairs per optimizer step.")), **RUN_OPTIONS})
+
+
+def printed_json(result: dict, as_json: bool) -> bool:
+    """With --json, print the result as one JSON object on stdout and say so; without, the caller prints tables."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+    return as_json
 
 
 def _fmt(x, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _table(title: str, first: str, columns: list[tuple[str, str, str]], results: dict) -> Table:
+    """One row a variant (or mode): its figures (header, result key, format), then its peak memory; a variant that
+    failed says so, with the peak memory it reached when known."""
+    table = Table(first, *(header for header, _, _ in columns), "peak MB", title=title)
+    for name, r in results.items():
+        if r.get("ok"):
+            table.add_row(r.get("label", name), *(_fmt(r[key], spec) for _, key, spec in columns), _fmt(r["peak_rss_mb"], ".0f"))
+        else:
+            table.add_row(r.get("label", name), "failed", *["-"] * (len(columns) - 1), _fmt(r.get("peak_rss_mb"), ".0f"))
+    return table
 
 
 def _failures(err, results: dict) -> None:
@@ -36,41 +69,26 @@ def _failures(err, results: dict) -> None:
 
 
 @bench_app.command("speed")
+@training_run_options(pairs=40)
 def speed_cmd(
-    data: Optional[Path] = typer.Option(None, "--data", help="Preference pairs (JSON Lines) (default: ../shared/data/hh-helpful/train.jsonl next to the repo)."),
-    pairs: int = typer.Option(40, "--pairs", help="Use N pairs (seeded shuffle)."),
-    steps: int = typer.Option(0, "--steps", help="Optimizer steps (default 0: one epoch, pairs / batch size)."),
-    batch_size: int = typer.Option(2, "--batch-size", help="Pairs per optimizer step."),
+    run: Optional[dict] = None,  # --data, --pairs, --steps, --batch-size, --model, --threads, --timeout, --verbose
     max_length: int = typer.Option(256, "--max-length", help="Longest prompt + response, in tokens."),
     lr: float = typer.Option(5e-5, "--lr", help="Learning rate of every variant."),
-    model: str = ModelOpt,
     variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated subset of trl-default,trl-tuned,lifealign,lifealign-unshared (lifealign with prefix_sharing off)."),
     trl_bf16: Optional[bool] = typer.Option(None, "--trl-bf16/--trl-fp32", help="Force TRL's bf16 autocast on or off (default: TRL's default, on)."),
-    threads: Optional[int] = ThreadsOpt,
     matmul_size: int = typer.Option(2048, "--matmul-size", help="Side of the square matrices of the peak-GFLOP/s probe."),
     matmul_repeats: int = typer.Option(5, "--matmul-repeats", help="Timed repeats of the matmul probe (best counts)."),
-    timeout: float = TimeoutOpt,
     as_json: bool = JsonOpt,
-    verbose: bool = VerboseOpt,
 ) -> None:
     """TRL DPOTrainer (defaults; tuned) vs lifealign-lite FPO: wall time, pairs/s, tokens/s, peak memory."""
     from lifealign_lite.bench.speed import bench_speed
 
-    result = bench_speed(home_dir(), data, pairs, steps, batch_size, max_length, lr, model, variants, threads,
-                         matmul_size, matmul_repeats, timeout, log=status,
-                         verbose=verbose, trl_bf16=trl_bf16)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        table = Table("variant", "wall s", "pairs/s", "train pairs/s", "tokens/s", "peak MB",
-                      title=f"bench speed: {pairs} pairs, batch {batch_size}, max length {max_length}")
-        for name, r in result["variants"].items():
-            if r.get("ok"):
-                table.add_row(r["label"], _fmt(r["wall_s"], ".1f"), _fmt(r["pairs_per_s"]), _fmt(r["train_pairs_per_s"]),
-                              _fmt(r["tokens_per_s"], ".1f"), _fmt(r["peak_rss_mb"], ".0f"))
-            else:
-                table.add_row(r.get("label", name), "failed", "-", "-", "-", _fmt(r.get("peak_rss_mb"), ".0f"))
-        out.print(table)
+    result = bench_speed(home_dir(), max_length=max_length, lr=lr, variants=variants, matmul_size=matmul_size,
+                         matmul_repeats=matmul_repeats, log=status, trl_bf16=trl_bf16, **run)
+    if not printed_json(result, as_json):
+        out.print(_table(f"bench speed: {run['pairs']} pairs, batch {run['batch_size']}, max length {max_length}", "variant", [
+            ("wall s", "wall_s", ".1f"), ("pairs/s", "pairs_per_s", ".3f"), ("train pairs/s", "train_pairs_per_s", ".3f"),
+            ("tokens/s", "tokens_per_s", ".1f")], result["variants"]))
         mm = result["matmul"] or {}
         out.print(f"(c) / (a) pairs/s: {_fmt(result['ratio_vs_trl_default'], '.2f')}   (c) / (b): {_fmt(result['ratio_vs_trl_tuned'], '.2f')}"
                   f"   (train loop only: {_fmt(result['train_ratio_vs_trl_default'], '.2f')} / {_fmt(result['train_ratio_vs_trl_tuned'], '.2f')})"
@@ -82,68 +100,45 @@ def speed_cmd(
 
 
 @bench_app.command("quant")
+@training_run_options(pairs=8)
 def quant_cmd(
-    data: Optional[Path] = typer.Option(None, "--data", help="Preference pairs (JSON Lines) (default: hh-helpful train)."),
-    pairs: int = typer.Option(8, "--pairs", help="Use N pairs (seeded shuffle)."),
-    steps: int = typer.Option(0, "--steps", help="FPO steps (default 0: one epoch, pairs / batch size)."),
-    batch_size: int = typer.Option(2, "--batch-size", help="Pairs per optimizer step."),
+    run: Optional[dict] = None,  # --data, --pairs, --steps, --batch-size, --model, --threads, --timeout, --verbose
     new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens generated for the tokens/s figure."),
-    model: str = ModelOpt,
     modes: Optional[str] = typer.Option(None, "--modes", help="Comma-separated subset of none,nf4,int8."),
-    threads: Optional[int] = ThreadsOpt,
-    timeout: float = TimeoutOpt,
     as_json: bool = JsonOpt,
-    verbose: bool = VerboseOpt,
 ) -> None:
     """Precision on this machine (what `--quant auto` decides): load time, footprint, FPO pairs/s, generation tokens/s."""
     from lifealign_lite.bench.quant import bench_quant
 
-    result = bench_quant(home_dir(), data, pairs, steps, batch_size, new_tokens, model, modes, threads, timeout,
-                         log=status, verbose=verbose)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        table = Table("quant", "load s", "weights MB", "FPO pairs/s", "generate tokens/s", "peak MB", title="bench quant")
-        for name, r in result["modes"].items():
-            if r.get("ok"):
-                table.add_row(name, _fmt(r["load_s"], ".1f"), _fmt(r["footprint_mb"], ".0f"), _fmt(r["train_pairs_per_s"]),
-                              _fmt(r["gen_tokens_per_s"], ".1f"), _fmt(r["peak_rss_mb"], ".0f"))
-            else:
-                table.add_row(name, "failed", "-", "-", "-", "-")
-        out.print(table)
+    result = bench_quant(home_dir(), new_tokens=new_tokens, modes=modes, log=status, **run)
+    if not printed_json(result, as_json):
+        out.print(_table("bench quant", "quant", [("load s", "load_s", ".1f"), ("weights MB", "footprint_mb", ".0f"),
+                                                  ("FPO pairs/s", "train_pairs_per_s", ".3f"), ("generate tokens/s", "gen_tokens_per_s", ".1f")],
+                         result["modes"]))
     _failures(err, result["modes"])
 
 
 @bench_app.command("chat")
+@run_options
 def chat_cmd(
     bank: Optional[Path] = typer.Option(None, "--bank", help="Time a memory of this bank (default: a random LoRA r=16 on q_proj/v_proj)."),
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="The bank's memory to time (default: its first domain, else core)."),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens generated per timed answer."),
     repeats: int = typer.Option(3, "--repeats", help="Timed answers per mode (after one untimed answer that also merges)."),
     cold_repeats: int = typer.Option(2, "--cold-repeats", help="Cold starts of `lifealign-lite chat --prompt` to time."),
-    model: str = ModelOpt,
     modes: Optional[str] = typer.Option(None, "--modes", help="Comma-separated subset of merged,unmerged,nf4."),
-    threads: Optional[int] = ThreadsOpt,
-    timeout: float = TimeoutOpt,
+    run: Optional[dict] = None,  # --model, --threads, --timeout, --verbose
     as_json: bool = JsonOpt,
-    verbose: bool = VerboseOpt,
 ) -> None:
     """Time to first token and tokens/s with an adapter merged, unmerged and on a 4-bit base; CLI cold start."""
     from lifealign_lite.bench.chat import bench_chat
 
-    result = bench_chat(home_dir(), bank, domain, model, new_tokens, repeats, cold_repeats, modes=modes, threads=threads,
-                        timeout=timeout, log=status, verbose=verbose)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        table = Table("mode", "load s", "first token s", "tokens/s", "decode tokens/s", "peak MB", title=f"bench chat: {result['settings']['memory']}")
-        for name, r in result["modes"].items():
-            if r.get("ok"):
-                table.add_row(name, _fmt(r["load_s"], ".1f"), _fmt(r["first_token_s"], ".2f"), _fmt(r["tokens_per_s"], ".1f"),
-                              _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["peak_rss_mb"], ".0f"))
-            else:
-                table.add_row(name, "failed", "-", "-", "-", "-")
-        out.print(table)
+    result = bench_chat(home_dir(), bank, domain, new_tokens=new_tokens, repeats=repeats, cold_repeats=cold_repeats, modes=modes,
+                        log=status, **run)
+    if not printed_json(result, as_json):
+        out.print(_table(f"bench chat: {result['settings']['memory']}", "mode", [
+            ("load s", "load_s", ".1f"), ("first token s", "first_token_s", ".2f"), ("tokens/s", "tokens_per_s", ".1f"),
+            ("decode tokens/s", "decode_tokens_per_s", ".1f")], result["modes"]))
         out.print(f"tokens/s {_fmt(result['tokens_per_s'], '.1f')} (slowest memory) vs plain transformers generate "
                   f"{_fmt(result['transformers_tokens_per_s'], '.1f')}: ratio {_fmt(result['ratio_vs_transformers'], '.2f')}; "
                   f"first token {_fmt(result['first_token_s'], '.2f')} s; memory switch {_fmt(result['switch_ms'], '.1f')} ms; "
@@ -185,9 +180,7 @@ def serve_cmd(
     with bars:
         result = bench_serve(home_dir(), bank_dir, model, clients, requests, max_tokens, data, threads, progress=progress,
                              log=lambda s: bars.console.print(f"[dim]{s}[/]", highlight=False))
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
+    if not printed_json(result, as_json):
         s = result["settings"]
         table = Table("clients", "requests/s", "first token median s", "first token p90 s", "latency median s", "tokens/s", "errors",
                       title=f"bench serve: {s['requests']} requests of {s['max_tokens']} tokens, models {', '.join(s['models'])}")
@@ -264,8 +257,7 @@ def routing_cmd(
     with err.status("embedding prompts and fitting routers (leave-one-domain-out refits each router once per domain)"):
         report = routing_report(parsed, MiniLMEmbedder(), max_train=max_train, max_test=max_test, quantile=q,
                                 progress=lambda what: err.print(f"[dim]done: {what}[/]"))
-    if as_json:
-        print(json.dumps(report, indent=2))
+    if printed_json(report, as_json):
         return
     names = list(report["shipped"]["accuracy"])
 

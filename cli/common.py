@@ -8,9 +8,11 @@ and shows its traceback.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -98,6 +100,71 @@ def build_recipe(recipe: Optional[str], sets: list[str], **flags):
         return load_recipe(recipe, {**parse_set_options(sets or []), **given})
     except RecipeError as exc:
         fail(str(exc))
+
+
+def with_options(into: str, options: dict[str, tuple[Any, Any]]) -> Callable:
+    """A decorator that puts ``options`` (name -> (type, ``typer.Option``)) into a command's signature in place of its
+    parameter ``into``, and passes the command their values collected in one dict, as ``into``.
+
+    Options several commands share are declared once this way (the recipe's flags, the benchmarks' run options),
+    and a command's signature stays the list of what is its own."""
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        assert into in signature.parameters and not set(options) & set(signature.parameters), (into, list(options))
+        params = []
+        for param in signature.parameters.values():
+            if param.name != into:
+                params.append(param)
+                continue
+            params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
+                       for name, (kind, option) in options.items()]
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            collected = {name: kwargs.pop(name) for name in options}
+            return command(**kwargs, **{into: collected})
+
+        run.__signature__ = signature.replace(parameters=params)
+        run.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
+        return run
+
+    return decorate
+
+
+@functools.lru_cache(maxsize=1)
+def _default_recipe():
+    from lifealign_lite.recipe import load_recipe
+
+    return load_recipe(None)
+
+
+def _recipe_option(key: str, note: str = "") -> tuple[Any, Any]:
+    """The flag of recipe field ``key``, made from its knob: ``--KEY`` (dashes) plus the knob's aliases, its metavar (the
+    knob's, else its choices, else N or X by type) and its help (plus ``note``) naming the key and the default recipe's
+    value (another --recipe has its own: `lifealign-lite recipes NAME`). None unless given, so it overrides nothing."""
+    from lifealign_lite.recipe import describe
+
+    info, default = describe(key), getattr(_default_recipe(), key)
+    dashed, kind = key.replace("_", "-"), type(default)
+    if kind is bool:
+        names, metavar = (f"--{dashed}/--no-{dashed}",), None
+    else:
+        names = (f"--{dashed}", *info["aliases"])
+        metavar = info["metavar"] or "|".join(info["choices"] or ()) or {int: "N", float: "X"}.get(kind, "TEXT")
+        kind = str if kind is list else kind  # a list is given comma-separated
+    shown = ",".join(default) if isinstance(default, list) else default
+    return Optional[kind], typer.Option(None, *names, metavar=metavar, help=" ".join(filter(None, (info["help"], note))) + f" (recipe key {key})",
+                                        show_default=f"{_default_recipe().name}: {shown}")
+
+
+def recipe_options(*keys: str, into: str = "flags", notes: dict[str, str] | None = None) -> Callable:
+    """Give a command the flags of these recipe fields (default: every knob marked ``flag``, :func:`recipe.flag_keys`)
+    in place of its parameter ``into``, which receives them as one overrides dict for :func:`build_recipe`; ``notes``
+    adds a sentence to a flag's help."""
+    from lifealign_lite.recipe import flag_keys
+
+    return with_options(into, {key: _recipe_option(key, (notes or {}).get(key, "")) for key in keys or flag_keys()})
 
 
 RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="NAME|PATH", help="Preset name (see `lifealign-lite recipes`) or path to a YAML file.")

@@ -74,7 +74,7 @@ def _check_bank_shape(state: BankState, recipe: Recipe) -> dict:
 
 
 def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, domain: str, pairs: list[Pair], recipe: Recipe,
-                     base_info: dict, embedder, lineage: dict, fisher: dict | None = None) -> tuple[BankState, dict]:
+                     base_identity: dict, embedder, lineage: dict, fisher: dict | None = None) -> tuple[BankState, dict]:
     """SLMC: fold the short-term ``update`` into a new bank version (core, slot, key, replay, history).
 
     ``lineage["trained_pairs"]`` (when given) is how many of ``pairs`` the steps used; the domain counts both."""
@@ -102,8 +102,8 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
     try:
         meta = pending.state.meta = _check_bank_shape(state, recipe) | {"route_quantile": recipe.route_quantile}
         folder = pending.folder
-        replace_adapter(folder / "core", new_core, meta["bank_rank"], meta["target_modules"], base_info["name"])
-        replace_adapter(folder / "slots" / domain, slot, meta["bank_rank"], meta["target_modules"], base_info["name"])
+        replace_adapter(folder / "core", new_core, meta["bank_rank"], meta["target_modules"], base_identity["name"])
+        replace_adapter(folder / "slots" / domain, slot, meta["bank_rank"], meta["target_modules"], base_identity["name"])
         info = pending.state.domains.setdefault(domain, {"pairs_seen": 0, "lineage": []})
         info["pairs_seen"] += len(pairs)
         info["pairs_trained"] = info.get("pairs_trained", 0) + trained
@@ -117,7 +117,7 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
         # same space (a consolidated update is its denoised update minus a combination of earlier ones, by induction),
         # so SLMC's projection is the same, while a consolidated update's rank grows with every earlier task's
         pending.history, pending.replay, pending.fisher = history + [denoised], replay, fisher
-        new_state = bank.commit(pending, base_info)
+        new_state = bank.commit(pending, base_identity)
     except BaseException:
         bank.abort(pending)
         raise
@@ -175,7 +175,7 @@ def align(
         _check_bank_shape(state, recipe)
         run_dir = _find_resumable(runs, domain, data_hash) if resume else runs / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{domain}"
         base = base or load_model()
-        bank.check_base(base.info)
+        bank.check_base(base.info.identity())
         t_loaded = time.perf_counter()
 
         memory_dir = state.slot_dir(domain) if domain in state.domains else state.core_dir()
@@ -189,9 +189,9 @@ def align(
 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict()}, indent=2))
-        bf16 = base.info.get("bf16_autocast", False)
+        bf16 = base.info.bf16_autocast
         prior_fisher = state.fisher() if recipe.ewc_lambda > 0 else {}
-        st = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], run_dir / "checkpoint", resume=resume, reporter=reporter,
+        st = train_short_term(model, base.tokenizer, items, recipe, base.info.device, run_dir / "checkpoint", resume=resume, reporter=reporter,
                               bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe, prior_fisher),
                               log_path=run_dir / "train_log.jsonl")
         if st.history and plot_history(st.history, run_dir / "training.png") is None:
@@ -203,7 +203,7 @@ def align(
             if reporter:
                 reporter.start("fisher", len(own))
             task_fisher = fisher_diagonal(model, [items[i] for i in own], {k: v[own] for k, v in st.ref.items()}, preference_loss(recipe.loss, recipe.beta, recipe.focal_gamma), base.tokenizer.pad_token_id,
-                                          base.info["device"], bf16, progress=(lambda n: reporter.advance("fisher", n, {})) if reporter else None)
+                                          base.info.device, bf16, progress=(lambda n: reporter.advance("fisher", n, {})) if reporter else None)
             fisher = accumulate_fisher(prior_fisher, task_fisher)
         save_adapter(model, run_dir / "adapter")
 
@@ -211,12 +211,12 @@ def align(
         own_trained = sum(i < len(pairs) for i in st.trained)
         lineage = {"run": run_dir.name, "data": str(data_path), "data_hash": data_hash, "pairs": len(pairs), "trained_pairs": own_trained,
                    "replayed": len(replay), "replayed_trained": len(st.trained) - own_trained,
-                   "recipe": recipe.name, "recipe_hash": recipe_hash, "trained_from": trained_from, "base": base.info["name"], "time": now()}
+                   "recipe": recipe.name, "recipe_hash": recipe_hash, "trained_from": trained_from, "base": base.info.name, "time": now()}
         memory = read_adapter(memory_dir)[0] if memory_dir else {}
         del model  # training memory is no longer needed for consolidation
         note(f"consolidating into the bank (SLMC: denoise, project against {len(state.tasks)} earlier task(s), update key and replay)")
         new_state, cstats = consolidate_task(bank, state, read_adapter(run_dir / "adapter")[0], memory, domain, pairs, recipe,
-                                             base.info, make_embedder(recipe.router, base), lineage, fisher)
+                                             base.info.identity(), make_embedder(recipe.router, base), lineage, fisher)
 
     train_time = st.history[-1]["time"] if st.history else 0.0
     trained_pairs = sum(h["pairs"] for h in st.history)
@@ -240,7 +240,7 @@ def align(
         "loss_end": st.window("loss", first=False),
         "penalty_start": st.window("reg", first=True),  # EWC / O-LoRA penalty (None when off)
         "penalty_end": st.window("reg", first=False),
-        "model": base.info,
+        "model": base.info.to_dict(),
         "recipe": recipe.to_dict(),
         "consolidation": cstats,
         "bank_version": new_state.version,

@@ -271,11 +271,11 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
     # a wrong domain is reported before the slow imports and the model load
     ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
     base = load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, note=note)
-    bank.check_base(base.info)
+    bank.check_base(base.info.identity())
     base.model.eval()
     session = ChatSession(model=base.model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
                           embedder_factory=lambda: _embedder(state.meta.get("router", recipe.router), base), merge=merge,
-                          direct=merge and base.info["quant"] == "none")
+                          direct=merge and base.info.quant == "none")
     session.load_adapters(state)
     session.set_domain(domain)
     return session

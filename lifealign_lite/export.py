@@ -104,7 +104,7 @@ def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, rec
     from transformers import AutoModelForCausalLM
 
     base = load_base(base_spec, home, "none", trust_remote_code=recipe.trust_remote_code)
-    bank.check_base(base.info)
+    bank.check_base(base.info.identity())
     probe = base.tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with quiet(), torch.no_grad():  # no third-party warnings or progress bars around our one line
         peft_model = PeftModel.from_pretrained(base.model, str(src)).eval()
@@ -181,7 +181,7 @@ def gguf_parity(bank_dir: Path, name: str, gguf_file: Path, prompts: Path, n: in
     kind = str(gguf.GGUFReader(gguf_file).fields["general.type"].contents())
     pairs = load_pairs(prompts, max_pairs=n, seed=0)
     base = load_base(bank.manifest()["base"]["name"], home, "none", trust_remote_code=recipe.trust_remote_code)
-    bank.check_base(base.info)
+    bank.check_base(base.info.identity())
     ids = [base.tokenizer.apply_chat_template(p.prompt, add_generation_prompt=True, return_dict=True)["input_ids"][-max_prompt_tokens:] for p in pairs]
 
     def llama_logprobs(model_path: Path, lora: Path | None) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -38,11 +38,32 @@ class ModelError(LifeAlignError, RuntimeError):
     """A model that cannot be found or loaded as asked."""
 
 
+@dataclass(kw_only=True)
+class ModelInfo:
+    """What was loaded, and how it runs: saved in every run summary (:meth:`to_dict`), its :meth:`identity` checked
+    against the bank's and stored in its manifest."""
+
+    name: str  # as the user named it (the embedded default as DEFAULT_MODEL_NAME)
+    bf16_autocast: bool = False  # forward passes run under bf16 autocast (use_bf16_autocast)
+    fingerprint: str  # model_fingerprint: config and name
+    quant: str = "none"  # resolved precision: none, nf4 or int8
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def identity(self) -> dict[str, str]:
+        """The base as a bank records it (its manifest's ``base``): name and fingerprint."""
+        return {"name": self.name, "fingerprint": self.fingerprint}
+
+    def to_dict(self) -> dict:
+        """The JSON form (the keys of a run summary's ``model``, in the order they always had)."""
+        return asdict(self)
+
+
 @dataclass
 class BaseModel:
     model: torch.nn.Module
     tokenizer: object
-    info: dict  # name, fingerprint, quant, dtype, device
+    info: ModelInfo
 
 
 def pick_device() -> str:
@@ -95,13 +116,13 @@ def cpu_native_bf16() -> bool:
         return False
 
 
-def use_bf16_autocast(setting: str, info: dict) -> bool:
+def use_bf16_autocast(setting: str, device: str, quant: str) -> bool:
     """bf16 autocast applies to a full-precision model on a CPU only (CUDA runs bf16 weights or compute already).
 
     ``auto`` turns it on where the CPU has native bf16 (:func:`cpu_native_bf16`); ``bf16`` forces it, ``none``
     keeps fp32. Scoring (``evaluate``) runs in fp32 whatever this says: the recipe's ``score_precision``.
     """
-    if setting == "none" or info["device"] != "cpu" or info["quant"] != "none":
+    if setting == "none" or device != "cpu" or quant != "none":
         return False
     return setting == "bf16" or cpu_native_bf16()
 
@@ -242,7 +263,7 @@ def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = N
               autocast_setting: str = "none", note: Callable[[str], None] | None = None, loading_note: str | None = None) -> BaseModel:
     """Load a base causal LM and its tokenizer in the asked precision (safetensors only).
 
-    ``info["bf16_autocast"]`` says whether its forward passes should run under bf16 autocast (``autocast_setting``).
+    ``info.bf16_autocast`` says whether its forward passes should run under bf16 autocast (``autocast_setting``).
     ``note`` (optional) receives one-line status messages (the one-time conversion of the embedded model, then
     ``loading_note`` once the model is found).
     """
@@ -272,15 +293,9 @@ def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = N
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelError(f"model {spec!r} has no chat template; use an instruct/chat model")
     model.config.use_cache = False
-    info = {
-        "name": DEFAULT_MODEL_NAME if spec in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "", None) else spec,
-        "bf16_autocast": False,  # decided below, once device and precision are known
-        "fingerprint": model_fingerprint(model),
-        "quant": quant,
-        "dtype": str(dtype).replace("torch.", ""),
-        "device": device,
-    }
-    info["bf16_autocast"] = use_bf16_autocast(autocast_setting, info)
+    info = ModelInfo(name=DEFAULT_MODEL_NAME if spec in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "", None) else spec,
+                     bf16_autocast=use_bf16_autocast(autocast_setting, device, quant), fingerprint=model_fingerprint(model),
+                     quant=quant, dtype=str(dtype).replace("torch.", ""), device=device)
     return BaseModel(model=model, tokenizer=tokenizer, info=info)
 
 
@@ -307,7 +322,7 @@ def attach_adapters(base: BaseModel, recipe, memory_dir: Path | None = None, gra
 
     model = base.model
     with quiet():
-        if base.info["quant"] != "none":
+        if base.info.quant != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         if memory_dir is not None:
             model = PeftModel.from_pretrained(model, str(memory_dir), adapter_name=MEMORY, is_trainable=False)

@@ -31,19 +31,29 @@ class RecipeError(LifeAlignError, ValueError):
 GROUPS = ("meta", "model", "lora", "optimisation", "loss", "memory", "baselines")
 
 
-def knob(default: Any = MISSING, group: str = "", help: str = "", *, choices: tuple | None = None, default_factory: Any = MISSING):
+def knob(default: Any = MISSING, group: str = "", help: str = "", *, choices: tuple | None = None, default_factory: Any = MISSING,
+         flag: bool = False, aliases: tuple[str, ...] = (), metavar: str | None = None):
     """A recipe field that carries its group, its help and its allowed values: ``validate`` checks the choices, and the
-    CLI's flags and ``lifealign-lite recipes NAME`` take the help from here (said once)."""
+    CLI's flags and ``lifealign-lite recipes NAME`` take the help from here (said once).
+
+    ``flag``: ``align`` has a command-line flag for it, ``--KEY`` with dashes (the common knobs; ``--set`` reaches every
+    one), plus ``aliases``; ``metavar`` is what its help shows for the value (default: the choices, else N or X by type).
+    """
     assert group in GROUPS, group
-    meta = {"group": group, "help": help, "choices": choices}
+    meta = {"group": group, "help": help, "choices": choices, "flag": flag, "aliases": aliases, "metavar": metavar}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
 def describe(key: str) -> dict:
-    """A recipe key's group, help and choices."""
+    """A recipe key's group, help and choices, and its command-line flag (``flag``, ``aliases``, ``metavar``)."""
     return dict(_FIELDS[key].metadata)
+
+
+def flag_keys() -> list[str]:
+    """The recipe keys ``align`` has a flag for (knobs marked ``flag``), in the recipe's order."""
+    return [key for key, f in _FIELDS.items() if f.metadata["flag"]]
 
 
 @dataclass
@@ -53,8 +63,9 @@ class Recipe:
     name: str = knob(DEFAULT_RECIPE, "meta", "Preset name.")
     description: str = knob("", "meta", "What the preset is for.")
     # model and precision
-    model: str = knob("default", "model", "Local model folder or hub id; default = the embedded SmolLM2-135M-Instruct.")
-    quant: str = knob("auto", "model", "Weight precision; auto = NF4 on CUDA, fp32 on a CPU.", choices=QUANT_CHOICES)
+    model: str = knob("default", "model", "Local model folder or hub id; default = the embedded SmolLM2-135M-Instruct.", flag=True,
+                      metavar="FOLDER|HUB_ID")
+    quant: str = knob("auto", "model", "Weight precision; auto = NF4 on CUDA, fp32 on a CPU.", choices=QUANT_CHOICES, flag=True)
     trust_remote_code: bool = knob(False, "model", "Let transformers run the model repository's own code.")
     needs_cuda: bool = knob(False, "model", "The preset only makes sense on a CUDA GPU: refused at once on a machine without one.")
     autocast: str = knob("auto", "model", "bf16 autocast over fp32 weights for training on a CPU; auto = where the CPU has native bf16.", choices=("auto", "bf16", "none"))
@@ -62,21 +73,21 @@ class Recipe:
     prefix_sharing: str = knob("auto", "model", "Each pair's prompt runs once for both responses (prefix.py); off = once per response.",
                                choices=("auto", "on", "off"))
     # preference optimization (FPO; focal_gamma = 0 is DPO)
-    loss: str = knob("fpo", "loss", "Preference loss.", choices=LOSS_CHOICES)
-    beta: float = knob(0.1, "loss", "DPO/FPO beta: how far the model may move from the reference.")
-    focal_gamma: float = knob(2.0, "loss", "FPO's focal exponent; 0 is plain DPO.")
+    loss: str = knob("fpo", "loss", "Preference loss.", choices=LOSS_CHOICES, flag=True)
+    beta: float = knob(0.1, "loss", "DPO/FPO beta: how far the model may move from the reference.", flag=True, metavar="B")
+    focal_gamma: float = knob(2.0, "loss", "FPO's focal exponent; 0 is plain DPO.", flag=True, metavar="G")
     # optimization
-    lr: float = knob(5e-5, "optimisation", "Peak learning rate of AdamW.")
-    epochs: float = knob(1.0, "optimisation", "Passes over the data (when --max-steps is 0).")
-    max_steps: int = knob(0, "optimisation", "Stop after N optimizer steps; 0 = run --epochs.")
-    batch_size: int = knob(4, "optimisation", "Pairs per optimizer step (per accumulation).")
+    lr: float = knob(5e-5, "optimisation", "Peak learning rate of AdamW.", flag=True, aliases=("--learning-rate",), metavar="RATE")
+    epochs: float = knob(1.0, "optimisation", "Passes over the data (when --max-steps is 0).", flag=True)
+    max_steps: int = knob(0, "optimisation", "Stop after N optimizer steps; 0 = run --epochs.", flag=True)
+    batch_size: int = knob(4, "optimisation", "Pairs per optimizer step (per accumulation).", flag=True)
     grad_accum: int = knob(1, "optimisation", "Batches accumulated per optimizer step.")
     warmup_ratio: float = knob(0.1, "optimisation", "Share of the steps spent warming the learning rate up.")
     lr_schedule: str = knob("linear", "optimisation", "Learning-rate decay after warm-up (the authors use cosine).", choices=("linear", "cosine"))
     weight_decay: float = knob(0.0, "optimisation", "AdamW weight decay.")
     max_grad_norm: float = knob(1.0, "optimisation", "Gradient norm clipped to this.")
-    seed: int = knob(0, "optimisation", "Seed of the data shuffle, the LoRA initialization and replay sampling.")
-    max_pairs: int = knob(0, "optimisation", "Use N pairs (seeded shuffle); 0 = all.")
+    seed: int = knob(0, "optimisation", "Seed of the data shuffle, the LoRA initialization and replay sampling.", flag=True)
+    max_pairs: int = knob(0, "optimisation", "Use N pairs (seeded shuffle); 0 = all.", flag=True)
     # sequence lengths (prompt is truncated from the left, responses from the right)
     max_length: int = knob(256, "model", "Longest prompt + response, in tokens.")
     max_prompt_length: int = knob(128, "model", "Longest prompt, in tokens (truncated from the left; responses from the right).")

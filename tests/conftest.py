@@ -7,13 +7,16 @@ do for the real default model; the tiny model is a randomly initialised 2-layer 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 CHATML_TEMPLATE = (
@@ -58,7 +61,7 @@ def build_tiny_base(tokenizer, seed: int = TINY_SEED):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lifealign_lite.model import BaseModel
+    from lifealign_lite.model import BaseModel, ModelInfo
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -77,8 +80,50 @@ def build_tiny_base(tokenizer, seed: int = TINY_SEED):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float().eval()
     torch.random.set_rng_state(rng_state)
-    info = {"name": "tiny-llama", "fingerprint": f"tiny-{seed}", "quant": "none", "dtype": "float32", "device": "cpu"}
+    info = ModelInfo(name="tiny-llama", fingerprint=f"tiny-{seed}", quant="none", dtype="float32", device="cpu")
     return BaseModel(model=model, tokenizer=tokenizer, info=info)
+
+
+# -- helpers several test modules import (``from conftest import ...``) ----------------------------------------
+
+def invoke_cli(args, home: Path):
+    """``lifealign-lite ARGS`` in-process, with LIFEALIGN_HOME=home and a wide terminal; a clean exit (any code) is
+    fine, an uncaught exception is a bug in the command and fails the test."""
+    from typer.testing import CliRunner
+
+    from lifealign_lite.cli.app import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"LIFEALIGN_HOME": str(home), "COLUMNS": "250"})
+    assert result.exception is None or isinstance(result.exception, SystemExit), f"{args}: {result.exception!r}"
+    return result
+
+
+def align_examples(root: Path, home: Path, recipe, domains) -> Path:
+    """A bank at ``root`` built by aligning the sample domains (examples/NAME.jsonl) in order: one version each."""
+    from lifealign_lite.align import align
+
+    for domain in domains:
+        align(EXAMPLES / f"{domain}.jsonl", recipe, home, root, domain=domain)
+    return root
+
+
+def copy_bank(source: Path, dest: Path):
+    """A private copy of a bank (hard links inside it kept, as on a real disk), for a test that changes it."""
+    from lifealign_lite.memory.bank import Bank
+
+    subprocess.run(["cp", "-a", str(source), str(dest)], check=True)
+    return Bank(dest)
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """Whatever happens inside the block, the process is not left running: killed if need be, and waited for."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -128,14 +173,10 @@ def single_thread():
 def two_domain_bank(tmp_path_factory, lifealign_home) -> Path:
     """The sample medical (bank version 1) then support (version 2) domains aligned into one bank with the real
     model, in tiny runs (2 steps of 2 pairs, 8 pairs each), once per session. Tests copy it before changing it."""
-    from lifealign_lite.align import align
     from lifealign_lite.recipe import load_recipe
 
-    root = tmp_path_factory.mktemp("two-domain") / "bank"
     recipe = load_recipe("edge-cpu", {"max_steps": 2, "batch_size": 2, "max_pairs": 8})
-    for domain in ("medical", "support"):
-        align(Path(__file__).resolve().parents[1] / "examples" / f"{domain}.jsonl", recipe, lifealign_home, root, domain=domain)
-    return root
+    return align_examples(tmp_path_factory.mktemp("two-domain") / "bank", lifealign_home, recipe, ("medical", "support"))
 
 
 @pytest.fixture(scope="session")
@@ -154,10 +195,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def tiny_bank(tmp_path_factory, tiny_model_dir) -> Path:
     """A bank with one domain (medical, 2 steps of 2 pairs) aligned on the tiny model, routed by its own hidden
     states (no embedding model to load): seconds, for CLI tests that need a bank but not a real model."""
-    from lifealign_lite.align import align
     from lifealign_lite.recipe import load_recipe
 
-    root = tmp_path_factory.mktemp("tiny-bank") / "bank"
     recipe = load_recipe("edge-cpu", {"model": str(tiny_model_dir), "router": "base", "max_steps": 2, "batch_size": 2, "max_pairs": 8})
-    align(REPO / "examples" / "medical.jsonl", recipe, tmp_path_factory.mktemp("tiny-home"), root, domain="medical")
-    return root
+    return align_examples(tmp_path_factory.mktemp("tiny-bank") / "bank", tmp_path_factory.mktemp("tiny-home"), recipe, ("medical",))

@@ -165,26 +165,19 @@ def test_align_bad_line_exits_2_with_file_and_line(env, tmp_path):
     assert not (Path(env["LIFEALIGN_HOME"]) / "models").exists()
 
 
-def test_align_missing_file_exits_2(env, tmp_path):
-    result = invoke(["align", tmp_path / "nope.jsonl", "--bank", tmp_path / "bank"], env)
+@pytest.mark.parametrize("extra, named", [
+    (None, "nope.jsonl"),  # the data file does not exist
+    (["--set", "bogus=1"], "bogus"),  # an unknown key is named
+    (["--set", "focal_gama=1"], "focal_gamma"),  # a close key: the right one is suggested
+    (["--set", "lrr=1"], "unknown recipe key 'lrr' (did you mean 'lr'?)"),
+    (["--lrr", "1"], "No such option: --lrr (Possible options: --lr)"),  # a mistyped flag: click suggests
+], ids=["missing-file", "set-unknown-key", "set-close-key", "set-did-you-mean", "flag-did-you-mean"])
+def test_align_refused_before_any_work_exits_2_naming_the_problem(env, tmp_path, extra, named):
+    data = tmp_path / "nope.jsonl" if extra is None else write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    result = invoke(["align", data, "--bank", tmp_path / "bank", *(extra or [])], env)
     assert result.exit_code == 2
-    assert "nope.jsonl" in result.stderr
+    assert named in result.stderr
     assert tree(tmp_path / "bank") == []
-
-
-def test_set_unknown_key_exits_2_naming_it(env, tmp_path):
-    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
-    result = invoke(["align", data, "--bank", tmp_path / "bank", "--set", "bogus=1"], env)
-    assert result.exit_code == 2
-    assert "bogus" in result.stderr
-    assert tree(tmp_path / "bank") == []
-
-
-def test_set_close_key_suggests_the_right_one(env, tmp_path):
-    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
-    result = invoke(["align", data, "--bank", tmp_path / "bank", "--set", "focal_gama=1"], env)
-    assert result.exit_code == 2
-    assert "focal_gamma" in result.stderr
 
 
 @pytest.mark.parametrize("setting", ["lr=abc", "lr=nan", "beta=inf", "batch_size=0", "batch_size=abc", "max_steps=1.5", "max_grad_norm=nan"])
@@ -427,22 +420,24 @@ def test_gpu_recipe_without_cuda_fails_at_once(env, tmp_path):
 # -- help ------------------------------------------------------------------------------------------------------
 
 def _commands(group, path=()):
-    import click
-
     for name, cmd in group.commands.items():
         yield (*path, name), cmd
-        if isinstance(cmd, click.Group):
+        if hasattr(cmd, "commands"):  # a group (typer vendors its own click: no isinstance against the click package)
             yield from _commands(cmd, (*path, name))
 
 
+def _is_option(param) -> bool:
+    return param.param_type_name == "option"
+
+
 def test_every_option_of_every_command_has_help():
-    import click
     import typer
 
     from lifealign_lite.cli.app import app
 
-    missing = [f"{' '.join(path)} {p.opts[0]}" for path, cmd in _commands(typer.main.get_command(app))
-               for p in cmd.params if isinstance(p, click.Option) and not p.help]
+    commands = list(_commands(typer.main.get_command(app)))
+    assert len(commands) > 10 and sum(_is_option(p) for _, cmd in commands for p in cmd.params) > 50  # the walk sees them
+    missing = [f"{' '.join(path)} {p.opts[0]}" for path, cmd in commands for p in cmd.params if _is_option(p) and not p.help]
     assert missing == []
 
 
@@ -460,6 +455,74 @@ def test_align_help_shows_recipe_defaults_and_bench_help_lists_every_benchmark(e
     for name in ("speed", "quant", "chat", "continual", "routing"):
         assert name in bench_help
     assert "continual alignment" in bench_help and "routing accuracy" in bench_help
+
+
+# the recipe's flags, generated from its knobs: these names, aliases and metavars are a contract (README, scripts)
+ALIGN_FLAGS = {"--model": "FOLDER|HUB_ID", "--quant": "auto|nf4|int8|none", "--loss": "fpo|dpo", "--max-pairs": "N", "--max-steps": "N",
+               "--epochs": "X", "--lr": "RATE", "--learning-rate": "RATE", "--beta": "B", "--focal-gamma": "G", "--batch-size": "N",
+               "--seed": "N"}
+
+
+def _command(*path):
+    import typer
+
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def _options(*path):
+    return {opt: p for p in _command(*path).params if _is_option(p) for opt in p.opts}
+
+
+def test_align_has_a_flag_for_every_knob_marked_flag_with_its_help_and_metavar():
+    from dataclasses import fields
+
+    from lifealign_lite.recipe import Recipe, describe
+
+    options = _options("align")
+    marked = {f.name for f in fields(Recipe) if describe(f.name)["flag"]}
+    assert {"--" + key.replace("_", "-") for key in marked} | {"--learning-rate"} == set(ALIGN_FLAGS)
+    for flag, metavar in ALIGN_FLAGS.items():
+        option = options[flag]
+        key = option.name
+        assert option.metavar == metavar and option.default is None, flag
+        assert option.help == f"{describe(key)['help']} (recipe key {key})", flag
+    assert options["--lr"] is options["--learning-rate"]
+    # the command's own options are still there, in their places
+    names = [p.name for p in _command("align").params]
+    assert names[:4] == ["data", "domain", "bank", "recipe"] and names[-4:] == ["sets", "resume", "wait", "as_json"]
+
+
+@pytest.mark.parametrize("command", ["chat", "serve", "eval"])
+def test_commands_over_a_bank_take_the_model_flags_from_the_recipe(command):
+    from lifealign_lite.recipe import describe
+
+    options = _options(command)
+    assert options["--model"].metavar == "FOLDER|HUB_ID" and "must be the bank's" in options["--model"].help
+    assert options["--model"].help.startswith(describe("model")["help"])
+    if command != "eval":
+        assert options["--quant"].metavar == "auto|nf4|int8|none" and "(recipe key quant)" in options["--quant"].help
+    else:
+        assert "--quant" not in options and options["--max-pairs"].help == "Score N pairs (seeded shuffle)."  # eval's own
+
+
+def test_a_flag_by_its_alias_reaches_the_recipe(env, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    result = invoke(["align", data, "--bank", tmp_path / "bank", "--learning-rate", "2"], env)
+    assert result.exit_code == 2 and "lr must be in (0, 1], got 2.0" in result.stderr
+    assert tree(tmp_path / "bank") == []
+
+
+def test_benchmarks_share_their_run_options():
+    for path in (("bench", "speed"), ("bench", "quant"), ("bench", "chat")):
+        options = _options(*path)
+        for flag in ("--model", "--threads", "--timeout", "--verbose", "--json"):
+            assert flag in options and options[flag].help, (path, flag)
+    for path in (("bench", "speed"), ("bench", "quant")):
+        assert {"--data", "--pairs", "--steps", "--batch-size"} <= set(_options(*path))
+    assert _options("bench", "speed")["--pairs"].default == 40 and _options("bench", "quant")["--pairs"].default == 8
 
 
 def test_version(env):

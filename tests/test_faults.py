@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,14 +27,15 @@ from pathlib import Path
 
 import pytest
 from typer import Exit
-from typer.testing import CliRunner
 
-from lifealign_lite.align import align
 from lifealign_lite.memory.replay import REPLAY_MAX_CHARS, update_replay
-from lifealign_lite.cli.app import app, build_recipe
+from lifealign_lite.cli.app import build_recipe
 from lifealign_lite.data import Pair
 from lifealign_lite.memory.bank import CHECKSUMS, Bank, BankError
 from lifealign_lite.recipe import RecipeError, load_recipe
+
+from conftest import align_examples, copy_bank, reaped
+from conftest import invoke_cli as invoke
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -69,25 +69,14 @@ def home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_bank(tmp_path_factory, tiny_model, home) -> Path:
     """medical (version 1) then support (version 2), aligned with the tiny model in-process."""
-    root = tmp_path_factory.mktemp("tiny-bank") / "bank"
     recipe = load_recipe(None, {**TINY_OVERRIDES, "model": str(tiny_model)})
-    for domain in ("medical", "support"):
-        align(EXAMPLES / f"{domain}.jsonl", recipe, home, root, domain=domain)
-    return root
+    return align_examples(tmp_path_factory.mktemp("tiny-bank") / "bank", home, recipe, ("medical", "support"))
 
 
 @pytest.fixture
 def bank(tiny_bank, tmp_path) -> Bank:
-    """A private copy of the two-version bank (hard links inside it kept, as on a real disk)."""
-    dest = tmp_path / "bank"
-    subprocess.run(["cp", "-a", str(tiny_bank), str(dest)], check=True)
-    return Bank(dest)
-
-
-def invoke(args, home: Path):
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"LIFEALIGN_HOME": str(home), "COLUMNS": "250"})
-    assert result.exception is None or isinstance(result.exception, SystemExit), f"{args}: {result.exception!r}"
-    return result
+    """A private copy of the two-version bank."""
+    return copy_bank(tiny_bank, tmp_path / "bank")
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -450,7 +439,7 @@ def kill_loop(bank: Bank, tiny_model: Path, home: Path, tmp: Path, kills: int, s
         with open(log, "w") as fh:
             proc = subprocess.Popen([str(CLI), "align", str(data), "--domain", domain, "--bank", str(bank.root), "--model", str(tiny_model),
                                      *TINY, "--seed", str(i)], env=env, stdout=fh, stderr=subprocess.STDOUT)
-        try:
+        with reaped(proc):
             deadline = time.monotonic() + 300
             if mode == "anytime":
                 time.sleep(rng.uniform(0.5, 14.0))
@@ -463,10 +452,6 @@ def kill_loop(bank: Bank, tiny_model: Path, home: Path, tmp: Path, kills: int, s
                 time.sleep(rng.uniform(0.0, 0.05))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         counts["runs"] += 1
         counts["killed" if proc.returncode == -signal.SIGKILL else "finished"] += 1
         listed = {v["version"] for v in Bank(bank.root).manifest()["versions"]}

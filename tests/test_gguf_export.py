@@ -8,17 +8,12 @@ only where llama-cpp-python is installed (an optional extra) and is marked slow 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from lifealign_lite.cli.app import app
 from lifealign_lite.gguf_export import (
     GGUFExportError,
     _rope_rows,
@@ -29,6 +24,9 @@ from lifealign_lite.gguf_export import (
 )
 from lifealign_lite.memory.bank import Bank, read_adapter
 from lifealign_lite.memory.consolidate import LowRank
+
+from conftest import copy_bank
+from conftest import invoke_cli as invoke
 
 gguf = pytest.importorskip("gguf")
 
@@ -65,15 +63,7 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def bank(tiny_bank, tmp_path) -> Bank:
-    dest = tmp_path / "bank"
-    subprocess.run(["cp", "-a", str(tiny_bank), str(dest)], check=True)
-    return Bank(dest)
-
-
-def invoke(args, home: Path):
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"LIFEALIGN_HOME": str(home), "COLUMNS": "250"})
-    assert result.exception is None or isinstance(result.exception, SystemExit), f"{args}: {result.exception!r}"
-    return result
+    return copy_bank(tiny_bank, tmp_path / "bank")
 
 
 def one_line_error(result) -> str:

@@ -29,6 +29,8 @@ from lifealign_lite.memory.bank import Bank, BankError, BankState, read_adapter,
 from lifealign_lite.memory.consolidate import LowRank
 from lifealign_lite.recipe import load_recipe
 
+from conftest import reaped
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CLI = Path(sys.executable).parent / "lifealign-lite"
@@ -186,7 +188,7 @@ def test_sigkill_while_consolidating_leaves_a_whole_version(bank2, lifealign_hom
         proc = subprocess.Popen([str(CLI), "align", str(EXAMPLES / "medical.jsonl"), "--domain", "medical", "--bank", str(bank.root),
                                  "--max-steps", "1", "--max-pairs", "8", "--batch-size", "2"], env=env, stdout=fh, stderr=subprocess.STDOUT)
     phase = "start"
-    try:
+    with reaped(proc):
         deadline = time.monotonic() + 400
         # The short-term adapter is saved right before consolidation ...
         while proc.poll() is None and not list((bank.root / "runs").glob("*-medical/adapter/adapter_config.json")):
@@ -202,10 +204,6 @@ def test_sigkill_while_consolidating_leaves_a_whole_version(bank2, lifealign_hom
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     where = f"killed at phase {phase!r} + {delay * 1000:.1f} ms; return code {proc.returncode}; log: {log.read_text()[-800:]}"
     print(where[:120])  # shown with -rP: which phase the kill hit
     assert proc.returncode in (0, -signal.SIGKILL), where

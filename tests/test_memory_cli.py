@@ -3,42 +3,27 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from lifealign_lite.align import align
-from lifealign_lite.cli.app import app
 from lifealign_lite.memory.bank import Bank, folder_size
 from lifealign_lite.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def invoke(args, home: Path):
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"LIFEALIGN_HOME": str(home), "COLUMNS": "250"})
-    assert result.exception is None or isinstance(result.exception, SystemExit), f"{args}: {result.exception!r}"
-    return result
+from conftest import align_examples, copy_bank
+from conftest import invoke_cli as invoke
 
 
 @pytest.fixture(scope="module")
 def three_versions(tmp_path_factory, tiny_model_dir) -> Path:
     """medical (v1), support (v2), medical again (v3), with the tiny model."""
-    root = tmp_path_factory.mktemp("three") / "bank"
-    home = tmp_path_factory.mktemp("home")
     recipe = load_recipe("edge-cpu", {"model": str(tiny_model_dir), "router": "base", "max_steps": 1, "batch_size": 2, "max_pairs": 4})
-    for domain in ("medical", "support", "medical"):
-        align(REPO / "examples" / f"{domain}.jsonl", recipe, home, root, domain=domain)
-    return root
+    return align_examples(tmp_path_factory.mktemp("three") / "bank", tmp_path_factory.mktemp("home"), recipe, ("medical", "support", "medical"))
 
 
 @pytest.fixture
 def bank(three_versions, tmp_path) -> Bank:
-    dest = tmp_path / "bank"
-    subprocess.run(["cp", "-a", str(three_versions), str(dest)], check=True)
-    return Bank(dest)
+    return copy_bank(three_versions, tmp_path / "bank")
 
 
 def test_list_shows_rank_bytes_and_bank_against_its_loras(bank, tmp_path):

@@ -35,17 +35,17 @@ def one_quant(options: dict, mode: str) -> dict:
     # full precision runs as align and chat run it: fp32 weights, bf16 autocast where this CPU measures it faster
     base = load_base(recipe.model, Path(options["home"]), mode, autocast_setting=recipe.autocast)
     load_s = time.perf_counter() - t
-    result: dict[str, Any] = {"ok": True, "quant": base.info["quant"], "bf16_autocast": base.info["bf16_autocast"], "load_s": round(load_s, 2),
+    result: dict[str, Any] = {"ok": True, "quant": base.info.quant, "bf16_autocast": base.info.bf16_autocast, "load_s": round(load_s, 2),
                               "footprint_mb": mb(base.model.get_memory_footprint()), "rss_after_load_mb": peak_rss_mb()}
-    with autocast(base.info["bf16_autocast"]):
+    with autocast(base.info.bf16_autocast):
         result.update(_greedy_tokens_per_s(base.model, base.tokenizer, options["new_tokens"]))
     torch.manual_seed(recipe.seed)
     model = attach_adapters(base, recipe)
     items, _ = tokenize_pairs(pairs, base.tokenizer, recipe.max_length, recipe.max_prompt_length)
     clock = PhaseClock()
     with tempfile.TemporaryDirectory(prefix="lifealign-bench-") as tmp:
-        state = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], Path(tmp) / "checkpoint", reporter=clock,
-                                 bf16_autocast=base.info.get("bf16_autocast", False))
+        state = train_short_term(model, base.tokenizer, items, recipe, base.info.device, Path(tmp) / "checkpoint", reporter=clock,
+                                 bf16_autocast=base.info.bf16_autocast)
     trained = sum(h["pairs"] for h in state.history)
     train_s = state.history[-1]["time"] if state.history else None
     h = state.history

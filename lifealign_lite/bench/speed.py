@@ -133,8 +133,8 @@ def one_speed_lifealign(options: dict, prefix_sharing: str = "auto") -> dict:
     t_tok = time.perf_counter()
     clock = PhaseClock()
     with tempfile.TemporaryDirectory(prefix="lifealign-bench-") as tmp:
-        state = train_short_term(model, base.tokenizer, items, recipe, base.info["device"], Path(tmp) / "checkpoint", reporter=clock,
-                                 bf16_autocast=base.info.get("bf16_autocast", False))
+        state = train_short_term(model, base.tokenizer, items, recipe, base.info.device, Path(tmp) / "checkpoint", reporter=clock,
+                                 bf16_autocast=base.info.bf16_autocast)
         t_trained = time.perf_counter()
         save_adapter(model, Path(tmp) / "adapter")
     t_end = time.perf_counter()
@@ -169,7 +169,7 @@ def one_speed_lifealign(options: dict, prefix_sharing: str = "auto") -> dict:
         "train_loss": round_or_none(sum(h["loss"] for h in state.history) / len(state.history), 4) if state.history else None,
         "config": {"trainer": "lifealign_lite.train.train_short_term", "loss": recipe.loss, "beta": recipe.beta,
                    "focal_gamma": recipe.focal_gamma, "prefix_sharing": recipe.prefix_sharing, "gradient_checkpointing": False, "reference": "precomputed once (adapter off)",
-                   "dtype": base.info["dtype"], "device": base.info["device"], "max_prompt_length": recipe.max_prompt_length,
+                   "dtype": base.info.dtype, "device": base.info.device, "max_prompt_length": recipe.max_prompt_length,
                    "warmup_ratio": recipe.warmup_ratio, "lora": {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout,
                                                                   "target_modules": list(recipe.target_modules)}},
     }
@@ -266,7 +266,7 @@ def one_speed_trl(options: dict, tuned: bool) -> dict:
         "config": {"trainer": "trl.DPOTrainer", "loss": "sigmoid (DPO)", "gradient_checkpointing": bool(args.gradient_checkpointing),
                    "precompute_ref_log_probs": bool(args.precompute_ref_log_probs), "bf16": bool(args.bf16), "use_cpu": bool(args.use_cpu),
                    "beta": args.beta, "lr_scheduler": getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type)), "warmup": args.warmup_steps,
-                   "dtype": base.info["dtype"], "device": str(args.device),
+                   "dtype": base.info.dtype, "device": str(args.device),
                    "lora": {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout, "target_modules": list(recipe.target_modules)}},
     }
 

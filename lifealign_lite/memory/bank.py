@@ -383,13 +383,13 @@ class Bank:
     def _write_manifest(self, manifest: dict) -> None:
         _atomic_write(self.manifest_path, json.dumps(manifest, indent=2))
 
-    def check_base(self, base_info: dict) -> None:
-        """Refuse a bank built on another base model."""
+    def check_base(self, base_identity: dict) -> None:
+        """Refuse a bank built on another base model (``base_identity``: name and fingerprint, ``ModelInfo.identity()``)."""
         base = self.manifest().get("base")
-        if base and base.get("fingerprint") != base_info.get("fingerprint"):
+        if base and base.get("fingerprint") != base_identity.get("fingerprint"):
             raise BankError(
                 f"{self.root}: this bank was built on {base.get('name')!r} (fingerprint {base.get('fingerprint')}), "
-                f"not {base_info.get('name')!r}; use --bank with another folder or --model {base.get('name')}"
+                f"not {base_identity.get('name')!r}; use --bank with another folder or --model {base.get('name')}"
             )
 
     # versions ------------------------------------------------------------------------------------------
@@ -505,8 +505,9 @@ class Bank:
         state = BankState(version=0, folder=tmp, domains=json.loads(json.dumps(parent.domains)), tasks=list(parent.tasks), meta=dict(parent.meta), event=event)
         return PendingVersion(state=state, folder=tmp, parent=parent.folder)
 
-    def commit(self, pending: PendingVersion, base_info: dict) -> BankState:
-        """Finish a version: write its small files, fsync, rename into place, then move the manifest pointer."""
+    def commit(self, pending: PendingVersion, base_identity: dict) -> BankState:
+        """Finish a version: write its small files, fsync, rename into place, then move the manifest pointer.
+        ``base_identity`` (name and fingerprint) is recorded in a new bank's manifest."""
         folder = pending.folder
         if pending.keys is not None:
             _write_keys(folder, pending.keys)
@@ -534,7 +535,7 @@ class Bank:
         final = self.version_dir(version)
         os.rename(folder, final)
         _fsync_dir(final.parent)
-        manifest["base"] = manifest.get("base") or {k: base_info[k] for k in ("name", "fingerprint")}
+        manifest["base"] = manifest.get("base") or {k: base_identity[k] for k in ("name", "fingerprint")}
         manifest["versions"].append({"version": version, "parent": manifest["current"], "event": state.event, "created": data["created"]})
         manifest["current"] = version
         self._write_manifest(manifest)
@@ -586,7 +587,7 @@ class Bank:
         _fsync_dir(versions)
         return drop, before - folder_size(versions)
 
-    def remove_domain(self, name: str, base_info: dict) -> BankState:
+    def remove_domain(self, name: str, base_identity: dict) -> BankState:
         """A new version without the domain's slot, key and replay pairs (what it taught the core stays there)."""
         self.require()
         state = self.load()
@@ -599,7 +600,7 @@ class Bank:
             pending.key_texts = {k: v for k, v in state.key_texts().items() if k != name}
             pending.router = fit_router(pending.keys, pending.key_texts, state.meta.get("route_quantile", 0.05))
             pending.replay = [p for p in state.replay() if p.domain != name]
-            return self.commit(pending, base_info)
+            return self.commit(pending, base_identity)
         except BaseException:
             self.abort(pending)
             raise
