@@ -122,11 +122,17 @@ def open_chat(bank_dir: Path, home: Path, recipe, engine: str = AUTO, domain: st
 
 
 def threads() -> int:
-    """llama.cpp's threads: ``OMP_NUM_THREADS`` when set (as torch reads it, and ``bench --threads`` sets it), else every usable core."""
+    """llama.cpp's threads: ``OMP_NUM_THREADS`` when set (torch reads it too; ``bench --threads`` sets it), else
+    llama-cpp-python's own default, half the logical CPUs (the physical cores where each has two threads).
+
+    More threads than idle cores is the one setting to avoid: llama.cpp's threads spin at every barrier, and one
+    descheduled thread stalls the rest (measured on the 2-core machine at load 6 to 9: a 38-token prompt took 15.6 s
+    on 2 threads, 0.83 s on 1; docs/PERFORMANCE.md).
+    """
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, (os.cpu_count() or 2) // 2)
 
 
 def open_llama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, version: int | None = None,

@@ -87,7 +87,8 @@ def one_chat(options: dict, mode: str) -> dict:
     if mode == "llama.cpp":
         from llama_cpp import Llama
 
-        llm = Llama(model_path=str(session.base_gguf), n_ctx=1024, n_threads=session.model.n_threads, verbose=False)
+        n = session.model.n_threads
+        llm = Llama(model_path=str(session.base_gguf), n_ctx=1024, n_threads=n, n_threads_batch=n, verbose=False)
         anchors["llama_cpp"] = lambda prompt, n: llama_greedy(llm, session.tokenizer, prompt, n)
     for generate in anchors.values():
         generate(GEN_PROMPT, 4)  # warm-up, as the untimed first answer
@@ -226,14 +227,12 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
     The top-level figures are those of the engine ``chat`` uses by default here (``settings.engine``): the
     ``llama.cpp`` mode where llama-cpp-python is installed and the model has a GGUF, else ``merged``; the
     ``llama_cpp_*`` keys are the llama.cpp mode's, ``llama_cpp_tokens_per_s`` its plain llama.cpp anchor.
-    By default every mode runs, llama.cpp only where llama-cpp-python imports.
+    By default every mode runs, llama.cpp only where it is the default engine.
     """
-    from lifealign_lite.llamacpp import LLAMA_CPP, engine_for, llama_cpp_importable
+    from lifealign_lite.llamacpp import LLAMA_CPP, engine_for
 
     log = log or (lambda s: None)
     names = parse_variants(modes, CHAT_MODES)
-    if not modes and not llama_cpp_importable():
-        names.remove(LLAMA_CPP)
     with tempfile.TemporaryDirectory(prefix="lifealign-bench-chat-") as tmp:
         options: dict[str, Any] = {"home": str(home), "model": model, "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
                                    "batch_size": 2, "max_length": 256, "lr": 5e-5, "seed": 0}
@@ -244,6 +243,9 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
             log("creating a random LoRA adapter (r=16, q_proj/v_proj) ...")
             options["adapter"] = str(make_random_adapter(home, Path(tmp) / "adapter", model))
             memory = "random non-zero LoRA r=16 on q_proj,v_proj"
+        engine = engine_for("auto", Path(bank) if bank else None, bench_recipe(options))
+        if not modes and engine != LLAMA_CPP:
+            names.remove(LLAMA_CPP)
         results = {}
         for mode in names:
             log(f"chat {mode} in its own process ...")
@@ -257,7 +259,6 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
             cold.append(cold_start(home, Path(bank), cold_domain, prompt, new_tokens, timeout, threads, model))
     ok = [c for c in cold if c.get("ok")]
     merged, unmerged, llama = results.get("merged", {}), results.get("unmerged", {}), results.get(LLAMA_CPP, {})
-    engine = engine_for("auto", Path(bank) if bank else None, bench_recipe(options))
     figures = LLAMA_CPP if engine == LLAMA_CPP and llama.get("ok") else "merged"
     ours = results.get(figures, {}) if results.get(figures, {}).get("ok") else {}
     llama = llama if llama.get("ok") else {}
