@@ -14,13 +14,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from .errors import InputError
 from .memory.bank import Bank, BankError, BankState, read_adapter
 from .memory.consolidate import LowRank
 from .memory.router import CORE, Route, prompt_text
 from .system import quiet
+
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 BASE = "base"
 AUTO = "auto"

@@ -39,9 +39,9 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from .chat import AUTO, BASE, ChatSession, ChatTurn
+from .chat import AUTO, ChatSession, ChatTurn, open_session
 from .errors import InputError
-from .memory.bank import Bank, BankError, BankState
+from .memory.bank import Bank, BankState
 from .memory.router import CORE
 from .model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, ModelError, resolve_quant
 
@@ -116,8 +116,6 @@ def open_chat(bank_dir: Path, home: Path, recipe, engine: str = AUTO, domain: st
     """Open a chat session on the engine :func:`engine_for` picks (chat's and the server's entry point)."""
     if engine_for(engine, bank_dir, recipe, unmerged=not merge) == LLAMA_CPP:
         return open_llama_session(bank_dir, home, recipe, domain, version, note)
-    from .chat import open_session
-
     return open_session(bank_dir, home, recipe, domain=domain, merge=merge, version=version, note=note)
 
 

@@ -19,11 +19,14 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import LifeAlignError
 from .files import swap_dir
 from .system import quiet
+
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"

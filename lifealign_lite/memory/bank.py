@@ -58,13 +58,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import LifeAlignError
 from ..files import atomic_write as _atomic_write, fsync_dir as _fsync_dir, fsync_tree as _fsync_tree
 from ..data import DataError, Pair, file_sha256, load_pairs, write_pairs
 from .consolidate import LowRank
 from .router import Router, fit_router
+
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 FORMAT = 1
 CHECKSUMS = "checksums.json"

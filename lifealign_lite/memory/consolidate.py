@@ -30,7 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 # torch is imported inside the functions that compute: reading a bank (chat on llama.cpp) needs LowRank, not torch.
 # Factors come out as float32 (.float()); SVDs, inner products and projections work in float64 (.double()).

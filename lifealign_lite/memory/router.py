@@ -20,11 +20,14 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ..data import Pair
+
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 KEY_PROMPTS = 300  # stored prompts per domain (the budget; ~0.6 MB per domain with their text)
 NEIGHBOURS = 10  # novelty: mean similarity of a prompt's 10 nearest stored prompts of the chosen domain
