@@ -26,6 +26,7 @@ without them (``auto`` routing imports the embedder when the first prompt is rou
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import ctypes
 import hashlib
@@ -33,6 +34,7 @@ import importlib.util
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -157,6 +159,8 @@ def open_llama_base(model: str, home: Path, n_threads: int | None = None) -> Lla
     path = base_gguf(model)
     n = n_threads or threads()
     llm = Llama(model_path=str(path), n_ctx=0, n_threads=n, n_threads_batch=n, verbose=False)  # n_ctx=0: the model's own context
+    ref = weakref.ref(llm)  # freed before the interpreter tears llama_cpp down (else its __del__ prints a TypeError at exit)
+    atexit.register(lambda: ref() is not None and ref().close())
     return LlamaSession(model=llm, tokenizer=GGUFTokenizer(llm), state=None, domain=AUTO, threshold=None, embedder_factory=lambda: None,
                         home=Path(home), base_gguf=path)
 

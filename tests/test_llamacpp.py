@@ -177,6 +177,7 @@ def test_adapters_are_exported_once_and_reused(two_domain_bank, gguf_home, expor
 @pytest.mark.integration
 def test_ctrl_c_returns_the_partial_answer_and_the_next_answer_is_whole(session):
     session.set_domain("medical")
+    session.history = []
     whole = session.ask(PROMPTS[2], max_new_tokens=TOKENS, keep_history=False).text
     seen: list[str] = []
 
@@ -206,7 +207,7 @@ def test_the_server_engine_answers_on_llama_cpp(session, two_domain_bank):
         engine.run(Job(prompt=prompt, model="support", max_tokens=6), events.append, threading.Event())
         done = events[-1][1]
         assert events[0][0] == "start" and events[-1][0] == "done" and done.memory == "support"
-        assert done.text == "".join(e[1] for e in events if e[0] == "text") and 0 < done.tokens <= 6 and done.prompt_tokens > 5
+        assert done.text == "".join(e[1] for e in events if e[0] == "text") and 0 < done.tokens <= 6 and done.prompt_tokens >= 5
     events = []
     engine.run(Job(prompt="Once upon a time", model="base", max_tokens=8, temperature=0.8, seed=3), events.append, threading.Event())
     events_again: list[tuple] = []
