@@ -14,7 +14,7 @@ from lifealign_lite.recipe import GROUPS, describe, list_recipes, load_recipe
 
 from .bench import bench_app
 from .chat import chat_loop
-from .common import (HELP_SETTINGS, App, BankOpt, JsonOpt, RecipeOpt, SetOpt, build_recipe, default_bank, err, existing_bank,
+from .common import (HELP_SETTINGS, App, BankOpt, EngineOpt, JsonOpt, RecipeOpt, SetOpt, build_recipe, default_bank, err, existing_bank,
                      fail, home_dir, out, recipe_options, status)
 from .memory import memory_app
 
@@ -98,12 +98,13 @@ def chat(
     flags: Optional[dict] = None,  # --model, --quant from recipe_options
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="N", help="Longest answer, in tokens."),
     unmerged: bool = typer.Option(False, "--unmerged", help="Keep the adapter unmerged (slower; for comparison)."),
+    engine: str = EngineOpt,
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Chat with the model and the bank's memory. Inside: /domain [NAME], /reset, /help, /bye (also /exit, /quit).
 
     Ctrl-C stops an answer and returns to the prompt; line editing and history work as in a shell."""
-    from lifealign_lite.chat import open_session
+    from lifealign_lite.llamacpp import open_chat
 
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -112,13 +113,14 @@ def chat(
     if prompt is None:
         status(f"loading the model and the memory of {bank_dir} ...")
     try:
-        session = open_session(bank_dir, home_dir(), rcp, domain=domain, merge=not unmerged, note=status)
+        session = open_chat(bank_dir, home_dir(), rcp, engine=engine, domain=domain, merge=not unmerged, note=status)
     except KeyboardInterrupt:  # Ctrl-C while loading: leave without a traceback
         raise typer.Exit(130)
     if prompt is not None:
         turn = session.ask(prompt, on_token=lambda t: print(t, end="", flush=True), max_new_tokens=max_new_tokens)
         print()
-        err.print(f"[dim]memory: {turn.memory}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
+        err.print(f"[dim]memory: {turn.memory}  engine: {session.engine}  first token {turn.first_token_s:.2f} s  "
+                  f"{turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
         raise typer.Exit(130 if turn.interrupted else 0)
     chat_loop(session, max_new_tokens)
 
@@ -293,13 +295,14 @@ def serve(
     upstream_key: Optional[str] = typer.Option(None, "--upstream-key", envvar="LIFEALIGN_UPSTREAM_KEY", metavar="KEY", help="Bearer key of the upstream."),
     recipe: Optional[str] = RecipeOpt,
     flags: Optional[dict] = None,  # --model, --quant from recipe_options
+    engine: str = EngineOpt,
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Serve the model and the bank's memory over an OpenAI-compatible HTTP API.
 
     The request's `model` picks the memory: a domain, core, base, or auto (route the conversation; the default).
     A bank version committed while serving is used from the next request on."""
-    from lifealign_lite.chat import open_session
+    from lifealign_lite.llamacpp import open_chat
     from lifealign_lite.serve import check_bind, serve as run_server
 
     check_bind(host, port, api_key)
@@ -307,10 +310,10 @@ def serve(
     bank_dir = existing_bank(bank)
     status(f"loading the model and the memory of {bank_dir} ...")
     try:
-        session = open_session(bank_dir, home_dir(), rcp, note=status)
+        session = open_chat(bank_dir, home_dir(), rcp, engine=engine, note=status)
     except KeyboardInterrupt:
         raise typer.Exit(130)
-    status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 (Ctrl-C stops)")
+    status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 with {session.engine} (Ctrl-C stops)")
     run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key)
 
 

@@ -126,11 +126,11 @@ def chat_cmd(
     new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens generated per timed answer."),
     repeats: int = typer.Option(3, "--repeats", help="Timed answers per mode (after one untimed answer that also merges)."),
     cold_repeats: int = typer.Option(2, "--cold-repeats", help="Cold starts of `lifealign-lite chat --prompt` to time."),
-    modes: Optional[str] = typer.Option(None, "--modes", help="Comma-separated subset of merged,unmerged,nf4."),
+    modes: Optional[str] = typer.Option(None, "--modes", help="Comma-separated subset of merged,unmerged,nf4,llama.cpp (default: all; llama.cpp where llama-cpp-python is installed)."),
     run: Optional[dict] = None,  # --model, --threads, --timeout, --verbose
     as_json: bool = JsonOpt,
 ) -> None:
-    """Time to first token and tokens/s with an adapter merged, unmerged and on a 4-bit base; CLI cold start."""
+    """Time to first token and tokens/s with an adapter merged, unmerged, on a 4-bit base and on llama.cpp; CLI cold start."""
     from lifealign_lite.bench.chat import bench_chat
 
     result = bench_chat(home_dir(), bank, domain, new_tokens=new_tokens, repeats=repeats, cold_repeats=cold_repeats, modes=modes,
@@ -142,7 +142,11 @@ def chat_cmd(
         out.print(f"tokens/s {_fmt(result['tokens_per_s'], '.1f')} (slowest memory) vs plain transformers generate "
                   f"{_fmt(result['transformers_tokens_per_s'], '.1f')}: ratio {_fmt(result['ratio_vs_transformers'], '.2f')}; "
                   f"first token {_fmt(result['first_token_s'], '.2f')} s; memory switch {_fmt(result['switch_ms'], '.1f')} ms; "
-                  f"--help {_fmt(result['help_s'], '.2f')} s")
+                  f"--help {_fmt(result['help_s'], '.2f')} s (engine {result['settings']['engine']}, figures of mode {result['settings']['figures_from_mode']})")
+        if result["llama_cpp_chat_tokens_per_s"] is not None:
+            out.print(f"llama.cpp: chat {_fmt(result['llama_cpp_chat_tokens_per_s'], '.1f')} tokens/s vs plain llama.cpp "
+                      f"{_fmt(result['llama_cpp_tokens_per_s'], '.1f')}; first token {_fmt(result['llama_cpp_first_token_s'], '.2f')} s; "
+                      f"switch {_fmt(result['llama_cpp_switch_ms'], '.1f')} ms")
         cold = result["cold_start"]
         out.print(f"cold start `lifealign-lite chat --prompt ... --domain {cold['domain']}`: first output {_fmt(cold['best_first_output_s'], '.1f')} s, "
                   f"answer complete {_fmt(cold['best_total_s'], '.1f')} s (best of {len(cold['runs'])})")

@@ -19,7 +19,7 @@ def chat_loop(session, max_new_tokens: int) -> None:
     from lifealign_lite.memory.bank import BankError
 
     history = _line_editing(home_dir() / "chat_history")
-    out.print(f"[bold]lifealign-lite chat[/]  domains: {', '.join(session.available())}  (/help for commands, /bye to leave)")
+    out.print(f"[bold]lifealign-lite chat[/] ({session.engine})  domains: {', '.join(session.available())}  (/help for commands, /bye to leave)")
     try:
         while True:
             try:
@@ -64,7 +64,7 @@ def _answer(session, text: str, max_new_tokens: int) -> None:
     if turn.interrupted:
         out.print("\n[yellow]stopped[/]", end="")
     where = f"{turn.memory} (routed, {turn.route.scores.get(turn.memory, 0):.2f})" if turn.route else turn.memory
-    out.print(f"\n[dim]memory: {where}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
+    out.print(f"\n[dim]memory: {where}  engine: {session.engine}  first token {turn.first_token_s:.2f} s  {turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
 
 
 def _line_editing(history_file: Path):

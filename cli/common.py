@@ -171,3 +171,6 @@ RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="NAME|PATH", help="Pres
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any recipe field (repeatable); `lifealign-lite recipes NAME` lists them.")
 BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", metavar="FOLDER", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout.")
+EngineOpt = typer.Option("auto", "--engine", metavar="auto|torch|llama.cpp",
+                         help="What generates: llama.cpp (llama-cpp-python on the base GGUF; the default where it is installed and the model "
+                              "has a GGUF) or torch (transformers; --quant, --unmerged and any model).")

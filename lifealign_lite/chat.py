@@ -14,16 +14,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from .errors import InputError
 from .memory.bank import Bank, BankError, BankState, read_adapter
 from .memory.consolidate import LowRank
 from .memory.router import CORE, Route, prompt_text
-from .model import load_base
 from .system import quiet
+
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 BASE = "base"
 AUTO = "auto"
@@ -62,6 +62,8 @@ class ChatSession:
     updates: dict[str, dict[str, LowRank]] = field(default_factory=dict)
     _originals: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> its base weight
     direct: bool = False  # adapters merged as fp32 updates (``updates``) instead of through PEFT
+    engine: ClassVar[str] = "torch"  # what answers, for status lines (llamacpp.LlamaSession: llama.cpp)
+    embedder_shares_model: ClassVar[bool] = True  # the "base" routing embedder reads this session's model (adapter off)
 
     def available(self) -> list[str]:
         return sorted(self.state.domains) + ([CORE] if self.state.core_dir() else []) + [BASE]
@@ -80,7 +82,7 @@ class ChatSession:
             self._router = self.state.router()
         text = prompt_text(conversation)
         fixed = self.threshold if self.threshold is not None and self.threshold >= 0 else None
-        own_states = getattr(self._embedder, "name", "") == "base"  # keys hold the base model's states: no adapter in
+        own_states = getattr(self._embedder, "name", "") == "base" and self.embedder_shares_model  # keys hold base states: no adapter in
         if own_states:
             self.activate(BASE)
         with self.model.disable_adapter() if own_states and hasattr(self.model, "peft_config") else contextlib.nullcontext():
@@ -102,20 +104,28 @@ class ChatSession:
                     self.model.merge_adapter()
         self.active = name
 
-    @torch.no_grad()
     def _merge_update(self, update: dict[str, LowRank]) -> None:
         """Set each weight an update touches to base + B @ A, and every other touched weight back to base.
 
         Copying from the kept original (instead of subtracting the old update) leaves no rounding behind.
         """
-        for module, original in self._originals.items():
-            if module not in update:
-                self.model.get_submodule(module).weight.copy_(original)
-        for module, low_rank in update.items():
-            weight = self.model.get_submodule(module).weight
-            if module not in self._originals:
-                self._originals[module] = weight.detach().clone()
-            torch.add(self._originals[module], (low_rank.B @ low_rank.A).to(weight.dtype), out=weight)
+        import torch
+
+        with torch.no_grad():
+            for module, original in self._originals.items():
+                if module not in update:
+                    self.model.get_submodule(module).weight.copy_(original)
+            for module, low_rank in update.items():
+                weight = self.model.get_submodule(module).weight
+                if module not in self._originals:
+                    self._originals[module] = weight.detach().clone()
+                torch.add(self._originals[module], (low_rank.B @ low_rank.A).to(weight.dtype), out=weight)
+
+    def seed(self, seed: int) -> None:
+        """Seed the sampling of the next answers (the server's ``seed``)."""
+        import torch
+
+        torch.manual_seed(seed)
 
     def memory_for(self, conversation) -> tuple[str, Route | None]:
         if self.domain != AUTO:
@@ -129,6 +139,7 @@ class ChatSession:
         Ctrl-C while answering stops generation (at the next token) and returns the partial answer with
         ``interrupted`` set, so an interactive caller can go back to its prompt.
         """
+        import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         if max_new_tokens < 1:  # generate() would raise in its thread and leave the streamer waiting forever
@@ -178,6 +189,7 @@ class ChatSession:
         decoding (with chat's repetition penalty) unless ``temperature`` > 0. Pieces of text go to ``on_token``;
         setting ``stop`` ends generation at the next token. Returns the text and the number of new tokens.
         """
+        import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         if max_new_tokens < 1:
@@ -254,6 +266,8 @@ class _StopOnEvent:
         self.event = event
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        import torch
+
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -266,6 +280,8 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
     against 0.42 unmerged and 0.42 in fp32 on 12 hh-helpful dev pairs), and casting every weight to bf16 at
     every step under autocast cost more than it saved (docs/PERFORMANCE.md, ``bench chat``).
     """
+    from .model import load_base
+
     bank = Bank(bank_dir)
     state = bank.load(version)
     # a wrong domain is reported before the slow imports and the model load

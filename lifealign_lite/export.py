@@ -13,8 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from .errors import InputError
 from .memory.bank import Bank, BankError, adapter_rank, read_adapter
 from .memory.router import CORE
@@ -51,7 +49,7 @@ def base_gguf(base_spec: str, explicit: Path | None = None) -> Path:
 
 def export_gguf(bank_dir: Path, name: str, out: Path, fmt: str, base_gguf_path: Path | None = None, outtype: str = "f16") -> dict:
     """Write ``name`` as a llama.cpp LoRA adapter (``gguf``) or a whole merged model (``gguf-merged``) file ``out``."""
-    from .gguf_export import check_adapter_file, read_base, write_adapter_gguf, write_merged_gguf
+    from .gguf_export import read_base, write_merged_gguf
 
     out = Path(out)
     if out.exists():
@@ -60,20 +58,34 @@ def export_gguf(bank_dir: Path, name: str, out: Path, fmt: str, base_gguf_path: 
     if out.resolve().is_relative_to(bank.root.resolve()):
         raise BankError(f"{out}: inside the bank {bank.root}, whose files must not change; choose a file outside it")
     src = entry_dir(bank, name)
+    base_path = base_gguf(bank.manifest()["base"]["name"], base_gguf_path)
+    if fmt == "gguf":
+        return adapter_gguf(src, base_path, out, f"lifealign-lite {name}") | {"llama_cpp": f"llama-cli -m {base_path} --lora {out} -cnv"}
+    return write_merged_gguf(_gguf_update(src), read_base(base_path), out, outtype) | {"llama_cpp": f"llama-cli -m {out} -cnv"}
+
+
+def adapter_gguf(src: Path, base_path: Path, out: Path, label: str) -> dict:
+    """Write the adapter folder ``src`` (a bank entry) as a llama.cpp LoRA adapter file ``out`` for the base GGUF
+    ``base_path``, checked structurally against it (``export --format gguf``; chat on llama.cpp caches these)."""
+    from .gguf_export import check_adapter_file, read_base, write_adapter_gguf
+
+    update = _gguf_update(src)
+    base = read_base(base_path)
+    result = write_adapter_gguf(update, base, out, label)
+    problems = check_adapter_file(out, base)
+    if problems:
+        out.unlink()
+        raise BankError(f"{out}: the written adapter fails the structural check ({problems[0]}); nothing was kept")
+    return result
+
+
+def _gguf_update(src: Path) -> dict:
+    """The entry's weight updates, refusing a LoRA on the embeddings (llama.cpp adapters cannot hold one)."""
     with open(src / "adapter_model.safetensors", "rb") as fh:  # PEFT names embedding LoRAs lora_embedding_A / _B
         header = fh.read(8 + int.from_bytes(fh.read(8), "little"))
     if b"lora_embedding" in header:
         raise BankError(f"{src}: a LoRA on the embeddings cannot be exported as a llama.cpp adapter; use --format peft or merged")
-    update = read_adapter(src)[0]
-    base = read_base(base_gguf(bank.manifest()["base"]["name"], base_gguf_path))
-    if fmt == "gguf":
-        result = write_adapter_gguf(update, base, out, f"lifealign-lite {name}")
-        problems = check_adapter_file(out, base)
-        if problems:
-            out.unlink()
-            raise BankError(f"{out}: the written adapter fails the structural check ({problems[0]}); nothing was kept")
-        return result | {"llama_cpp": f"llama-cli -m {base.path} --lora {out} -cnv"}
-    return write_merged_gguf(update, base, out, outtype) | {"llama_cpp": f"llama-cli -m {out} -cnv"}
+    return read_adapter(src)[0]
 
 
 def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, recipe, base_gguf_path: Path | None = None, outtype: str = "f16") -> dict:
@@ -100,6 +112,7 @@ def export_entry(bank_dir: Path, name: str, out: Path, fmt: str, home: Path, rec
     base_spec = bank.manifest()["base"]["name"]  # the model the bank was built on
     if fmt == "peft":
         return export_peft(src, out, resolve_model_path(base_spec, home))
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -165,6 +178,7 @@ def gguf_parity(bank_dir: Path, name: str, gguf_file: Path, prompts: Path, n: in
     """
     import gguf
     import numpy as np
+    import torch
 
     from .data import load_pairs
 

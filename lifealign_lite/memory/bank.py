@@ -58,10 +58,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import LifeAlignError
 from ..files import atomic_write as _atomic_write, fsync_dir as _fsync_dir, fsync_tree as _fsync_tree
@@ -69,16 +66,46 @@ from ..data import DataError, Pair, file_sha256, load_pairs, write_pairs
 from .consolidate import LowRank
 from .router import Router, fit_router
 
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
+
 FORMAT = 1
 CHECKSUMS = "checksums.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # weights that can run code when loaded
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 # fp16 over bf16: its 10-bit mantissa keeps the factors 8 times more precisely, and balanced LoRA factors lie far
 # inside fp16's range (measured on the four-domain bank: docs/PERFORMANCE.md)
-STORAGE_DTYPE = torch.float16
+# (torch.float16: the module attribute is made on first use, so that reading a bank imports no torch; see __getattr__)
 HISTORY_DIR = "history"
 KEYS_DIR = "keys"
 PEFT_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules
+
+
+def __getattr__(name: str):
+    """``STORAGE_DTYPE`` (torch.float16), imported when first asked for: chat on llama.cpp reads a bank without torch."""
+    if name == "STORAGE_DTYPE":
+        import torch
+
+        return torch.float16
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _storage_dtype():
+    """The storage precision: ``STORAGE_DTYPE`` as set on this module (a measurement script sets it), else float16."""
+    return globals().get("STORAGE_DTYPE") or __getattr__("STORAGE_DTYPE")
+
+
+def load_file(path: str) -> dict:
+    """safetensors' reader for torch, imported on first use (reading a manifest or checksums needs no torch)."""
+    from safetensors.torch import load_file as load
+
+    return load(path)
+
+
+def save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file as save
+
+    save(tensors, path, metadata=metadata)
 
 
 class BankError(LifeAlignError, RuntimeError):
@@ -140,12 +167,14 @@ def write_adapter(folder: Path, update: dict[str, LowRank], rank: int, target_mo
     too_big = [f"{name} (rank {u.rank})" for name, u in update.items() if u.rank > rank]
     if too_big:
         raise ValueError(f"{too_big[0]} exceeds the bank rank {rank}; compress first")
+    import torch
+
     ranks = {name: max(u.rank, 1) for name, u in update.items()}
     r = max(ranks.values(), default=1)
     tensors = {}
     for name, u in update.items():
-        b = torch.zeros(u.shape[0], ranks[name], dtype=STORAGE_DTYPE)
-        a = torch.zeros(ranks[name], u.shape[1], dtype=STORAGE_DTYPE)
+        b = torch.zeros(u.shape[0], ranks[name], dtype=_storage_dtype())
+        a = torch.zeros(ranks[name], u.shape[1], dtype=_storage_dtype())
         b[:, : u.rank], a[: u.rank] = u.B, u.A
         tensors[f"{PEFT_PREFIX}{name}{_LORA_B}"] = b.contiguous()
         tensors[f"{PEFT_PREFIX}{name}{_LORA_A}"] = a.contiguous()
@@ -176,7 +205,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def _save_lowrank(path: Path, update: dict[str, LowRank]) -> None:
     tensors = {}
     for name, u in update.items():
-        tensors[f"{name}.B"], tensors[f"{name}.A"] = u.B.to(STORAGE_DTYPE).contiguous(), u.A.to(STORAGE_DTYPE).contiguous()
+        tensors[f"{name}.B"], tensors[f"{name}.A"] = u.B.to(_storage_dtype()).contiguous(), u.A.to(_storage_dtype()).contiguous()
     save_file(tensors, str(path))
 
 

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
-_OUT_DTYPE = torch.float32
-_WORK_DTYPE = torch.float64
+# torch is imported inside the functions that compute: reading a bank (chat on llama.cpp) needs LowRank, not torch.
+# Factors come out as float32 (.float()); SVDs, inner products and projections work in float64 (.double()).
 
 # Relative cut-off (to the largest singular value / Gram eigenvalue) below
 # which a direction is round-off, not signal: far below float32 resolution
@@ -82,9 +83,11 @@ class LowRank:
     @classmethod
     def zeros(cls, d_out: int, d_in: int, device: torch.device | str | None = None) -> LowRank:
         """The zero update of shape ``(d_out, d_in)`` as a rank-0 factorisation."""
+        import torch
+
         return cls(
-            torch.zeros(d_out, 0, dtype=_OUT_DTYPE, device=device),
-            torch.zeros(0, d_in, dtype=_OUT_DTYPE, device=device),
+            torch.zeros(d_out, 0, dtype=torch.float32, device=device),
+            torch.zeros(0, d_in, dtype=torch.float32, device=device),
         )
 
 
@@ -95,7 +98,7 @@ def _balanced(uo: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> LowRank:
     a LoRA adapter initialised from them wants.
     """
     root = s.sqrt()
-    return LowRank((uo * root).to(_OUT_DTYPE), (root[:, None] * vh).to(_OUT_DTYPE))
+    return LowRank((uo * root).float(), (root[:, None] * vh).float())
 
 
 def _svd64(u: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,8 +107,10 @@ def _svd64(u: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ``B = Qb Rb``, ``A^T = Qa Ra``, ``Rb Ra^T = Uc S Vch`` give
     ``U = (Qb Uc) S (Vch Qa^T)``.
     """
-    qb, rb = torch.linalg.qr(u.B.to(_WORK_DTYPE))
-    qa, ra = torch.linalg.qr(u.A.to(_WORK_DTYPE).T)
+    import torch
+
+    qb, rb = torch.linalg.qr(u.B.double())
+    qa, ra = torch.linalg.qr(u.A.double().T)
     uc, s, vch = torch.linalg.svd(rb @ ra.T, full_matrices=False)
     return qb @ uc, s, vch @ qa.T
 
@@ -122,7 +127,7 @@ def svd_factored(u: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a rank-0 input gives ``k = 0``.
     """
     uo, s, vh = _svd64(u)
-    return uo.to(_OUT_DTYPE), s.to(_OUT_DTYPE), vh.to(_OUT_DTYPE)
+    return uo.float(), s.float(), vh.float()
 
 
 def denoise(u: LowRank, tau: float) -> tuple[LowRank, int]:
@@ -136,6 +141,8 @@ def denoise(u: LowRank, tau: float) -> tuple[LowRank, int]:
     ``tau`` must lie in ``(0, 1]``. A zero update gives a rank-0 result and
     ``k = 0``. Returns ``(truncated update, k)``.
     """
+    import torch
+
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     uo, s, vh = _svd64(u)
@@ -156,15 +163,15 @@ def inner(a: LowRank, b: LowRank) -> torch.Tensor:
     ``O((d_out + d_in) r_a r_b)`` (Li et al., LifeAlign, AAAI 2026,
     arXiv:2509.17183, SLMC). Returns a float32 scalar tensor.
     """
-    return _inner64(a, b).to(_OUT_DTYPE)
+    return _inner64(a, b).float()
 
 
 def _inner64(a: LowRank, b: LowRank) -> torch.Tensor:
     """Float64 version of :func:`inner`, used to build Gram matrices."""
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    left = a.B.to(_WORK_DTYPE).T @ b.B.to(_WORK_DTYPE)
-    right = a.A.to(_WORK_DTYPE) @ b.A.to(_WORK_DTYPE).T
+    left = a.B.double().T @ b.B.double()
+    right = a.A.double() @ b.A.double().T
     return (left * right).sum()
 
 
@@ -190,6 +197,8 @@ def project(
     Stats: ``hist_fraction = ||U_hist||^2 / ||u||^2`` (0 for a zero ``u``) and
     ``coeffs = c`` as a list of floats, in history order.
     """
+    import torch
+
     if not history:
         return u, {"hist_fraction": 0.0, "coeffs": []}
     gram = torch.stack([torch.stack([_inner64(hi, hj) for hj in history]) for hi in history])
@@ -199,12 +208,12 @@ def project(
     hist_norm2 = coeffs @ gram @ coeffs  # ||sum_i c_i h_i||^2 without densifying
     hist_fraction = float(hist_norm2 / u_norm2) if u_norm2 > 0 else 0.0
 
-    b_blocks, a_blocks = [u.B.to(_OUT_DTYPE)], [u.A.to(_OUT_DTYPE)]
+    b_blocks, a_blocks = [u.B.float()], [u.A.float()]
     for c, h in zip(coeffs.tolist(), history):
         weight = -(1.0 - gamma_p) * c
         if weight != 0.0:
-            b_blocks.append((weight * h.B.to(_WORK_DTYPE)).to(_OUT_DTYPE))
-            a_blocks.append(h.A.to(_OUT_DTYPE))
+            b_blocks.append((weight * h.B.double()).float())
+            a_blocks.append(h.A.float())
     out = LowRank(torch.cat(b_blocks, dim=1), torch.cat(a_blocks, dim=0))
     return out, {"hist_fraction": hist_fraction, "coeffs": coeffs.tolist()}
 
@@ -215,14 +224,16 @@ def add(*updates: LowRank) -> LowRank:
     The rank of the result is the sum of the input ranks; use :func:`compress`
     to bound it (Li et al., LifeAlign, AAAI 2026, arXiv:2509.17183, SLMC).
     """
+    import torch
+
     if not updates:
         raise ValueError("add() needs at least one update to know the shape")
     shape = updates[0].shape
     if any(v.shape != shape for v in updates):
         raise ValueError(f"shape mismatch: {[v.shape for v in updates]}")
     return LowRank(
-        torch.cat([v.B.to(_OUT_DTYPE) for v in updates], dim=1),
-        torch.cat([v.A.to(_OUT_DTYPE) for v in updates], dim=0),
+        torch.cat([v.B.float() for v in updates], dim=1),
+        torch.cat([v.A.float() for v in updates], dim=0),
     )
 
 
@@ -236,6 +247,8 @@ def compress(u: LowRank, max_rank: int, tau: float = 1.0) -> LowRank:
     round-off (below ``1e-10`` of the largest) are dropped, so the factor rank equals the numerical rank when
     that is smaller than ``max_rank``.
     """
+    import torch
+
     if max_rank < 0:
         raise ValueError(f"max_rank must be >= 0, got {max_rank}")
     if not 0.0 < tau <= 1.0:

@@ -20,12 +20,14 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from ..data import Pair
+
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 KEY_PROMPTS = 300  # stored prompts per domain (the issue's budget; ~0.6 MB per domain with their text)
 NEIGHBOURS = 10  # novelty: mean similarity of a prompt's 10 nearest stored prompts of the chosen domain
@@ -66,12 +68,14 @@ class MiniLMEmbedder:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
             self.model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
 
-    @torch.no_grad()
     def __call__(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        import torch
+
         out = []
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt")
-            hidden = self.model(**enc).last_hidden_state
+            with torch.no_grad():
+                hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).float()
             out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, 384)
@@ -85,15 +89,17 @@ class BaseModelEmbedder:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    @torch.no_grad()
     def __call__(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        import torch
+
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         decoder = lm.get_decoder()
         device = next(decoder.parameters()).device
         out = []
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt").to(device)
-            hidden = decoder(**enc).last_hidden_state.float()
+            with torch.no_grad():
+                hidden = decoder(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
             out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).cpu())
         return torch.cat(out)
@@ -105,6 +111,8 @@ def add_prompts(embeddings: torch.Tensor | None, texts: list[str] | None, new_em
 
     Keys of banks written before the texts were stored (prototypes only) keep their rows with an empty text.
     """
+    import torch
+
     old_e = embeddings if embeddings is not None else new_embeddings[:0]
     old_t = list(texts) if texts is not None and len(texts) == len(old_e) else [""] * len(old_e)
     pool_e, pool_t = torch.cat([old_e.float(), new_embeddings.float()]), old_t + list(new_texts)
@@ -221,6 +229,8 @@ class Router:
 
 def novelty_thresholds(keys: dict[str, torch.Tensor], quantile: float) -> dict[str, float]:
     """Per domain: the ``quantile`` of its stored prompts' leave-one-out neighbour similarity (-1 at quantile 0)."""
+    import torch
+
     out = {}
     for d, e in keys.items():
         loo = _neighbour_similarity(e, e, exclude_self=True) if len(e) > 1 else torch.ones(1)
@@ -234,6 +244,8 @@ def fit_router(keys: dict[str, torch.Tensor], texts: dict[str, list[str]], quant
     Each domain's novelty threshold is the ``quantile`` of its own prompts' leave-one-out neighbour similarity,
     so about that share of a domain's prompts would go to the core, and prompts less like any domain than that do.
     """
+    import torch
+
     domains = sorted(keys)
     texts = {d: (texts.get(d) if texts.get(d) is not None and len(texts[d]) == len(keys[d]) else [""] * len(keys[d])) for d in domains}
     thresholds = novelty_thresholds(keys, quantile)
