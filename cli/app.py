@@ -103,7 +103,7 @@ def align(
             result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait)
     except Interrupted as exc:
         if is_main_process():
-            err.print(f"[yellow]interrupted:[/] {exc}; continue with the same command plus --resume")
+            err.print(f"[yellow]interrupted:[/] {exc}; " + ("continue with the same command plus --resume" if exc.checkpoint else "run the same command again"))
         raise typer.Exit(130)
     if result is None:  # another process of a data-parallel run: the main one reports
         return

@@ -37,8 +37,9 @@ class TrainState:
 class Interrupted(Exception):
     """Training was stopped (Ctrl-C, SIGTERM, or another process of a data-parallel run) after a checkpoint was written."""
 
-    def __init__(self, step: int, checkpoint: Path, why: str = ""):
-        super().__init__(f"{why + ': ' if why else ''}stopped at step {step}; checkpoint saved to {checkpoint}")
+    def __init__(self, step: int, checkpoint: Path | None, why: str = ""):
+        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint under FSDP (the run starts again)"
+        super().__init__(f"{why + ': ' if why else ''}stopped at step {step}; {saved}")
         self.step, self.checkpoint = step, checkpoint
 
 

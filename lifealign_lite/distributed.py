@@ -65,10 +65,8 @@ class Ranks:
             return cls()
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
 
-        # buffers (rotary tables) are equal on every rank: broadcasting them at each forward would only add collectives
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
         device = None if accelerator.device.type == "cpu" else str(accelerator.device)  # cuda:LOCAL_RANK on GPUs
         return cls(world=accelerator.num_processes, rank=accelerator.process_index, device=device, accelerator=accelerator)
 
@@ -136,10 +134,6 @@ class Ranks:
         # FSDP computes the norm over every shard, so it needs the wrapped module's own parameters
         return self.accelerator.clip_grad_norm_(module.parameters() if self.fsdp else params, max_norm)
 
-    def main_first(self):
-        """The main process runs the block first (a one-time model conversion, a bank folder), then the others."""
-        return contextlib.nullcontext() if self.world == 1 else self.accelerator.main_process_first()
-
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -173,9 +167,10 @@ def stopped_by_peer(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def signals_ignored():
+def signals_ignored(for_good: bool = False):
     """Ctrl-C and SIGTERM are ignored inside (a launcher forwards the user's Ctrl-C as a second signal while the
-    checkpoint the first one asked for is written)."""
+    checkpoint the first one asked for is written); ``for_good`` keeps ignoring them after (the process is on its
+    way out, and the launcher's closing SIGTERM must not turn its exit code into a kill)."""
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -186,7 +181,8 @@ def signals_ignored():
         yield
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            if not for_good:
+                signal.signal(sig, handler)
 
 
 def launch(args: list[str], processes: int) -> int:
@@ -205,7 +201,7 @@ def launch(args: list[str], processes: int) -> int:
         raise LaunchError("--num-processes given inside a launcher (accelerate launch / torchrun already started the processes); drop it")
     # each process gets an equal part of the cores, unless the user chose (torchrun would set 1 and say so)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # a failure is said once, below
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
     try:
@@ -214,7 +210,8 @@ def launch(args: list[str], processes: int) -> int:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
         if codes.get(0, 0) > 0:  # the main process said why (one line) and chose its exit code
             return codes[0]
-        rank, code = min(codes.items())
+        rank, failure = exc.get_first_failure()  # the root cause; the launcher stopped the others
+        code = failure.exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         raise LaunchError(f"process {rank} of {processes} {how}; the bank is unchanged; continue with the same command plus --resume "
                           "(from the last checkpoint)") from None

@@ -160,15 +160,16 @@ def train_short_term(
                 if recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 and state.step < total:
                     checkpoint()
         except KeyboardInterrupt:
-            with signals_ignored():  # a launcher passes the user's Ctrl-C on as a second signal: let the save finish
+            # a launcher passes the user's Ctrl-C on as a second signal, then SIGTERM: let the save and the exit finish
+            with signals_ignored(for_good=ranks.world > 1):
                 checkpoint()
-            raise Interrupted(state.step, ckpt) from None
+            raise Interrupted(state.step, None if ranks.fsdp else ckpt) from None
         except Exception as exc:
             if ranks.world == 1 or not stopped_by_peer(exc):
                 raise
-            with signals_ignored():
+            with signals_ignored(for_good=True):
                 checkpoint()
-            raise Interrupted(state.step, ckpt, why="another process of the run stopped") from None
+            raise Interrupted(state.step, None if ranks.fsdp else ckpt, why="another process of the run stopped") from None
     state.full_state = ranks.full_state_dict(scorer)  # FSDP: the adapter's shards, gathered on the main process
     return state
 
@@ -177,7 +178,8 @@ def _reference(model, scorer, items, used: list[int], recipe, device, pad_id, re
     """Reference log-probs of the pairs the steps will see (``max_steps`` may stop before the end of the data), as
     tensors over all ``items``: each process scores its share, gathered to every process in the original order."""
     mine = ranks.share(used)
-    # every process runs the same number of batches (FSDP gathers shards in each): shares are padded to equal length
+    # every process must run the same number of forward passes (DDP syncs buffers and FSDP gathers shards in each):
+    # shares are padded to equal length and the padding's scores dropped
     padded = mine + used[: (len(used) + ranks.world - 1) // ranks.world - len(mine)]
     report.start("reference", len(padded))
     sub = reference_logps(model, [items[i] for i in padded], pad_id, device, progress=lambda n: report.advance("reference", n, {}),

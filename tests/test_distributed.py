@@ -149,8 +149,10 @@ def test_killing_one_process_leaves_the_bank_and_resume_finishes(tiny_model_dir,
             proc.kill()
             proc.wait()
     text = log.read_text()
-    assert proc.returncode not in (0, None), text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
+    assert proc.returncode in (2, 130), text[-3000:]
+    assert "Traceback" not in text and "FutureWarning" not in text, text[-3000:]
+    # the main process says it stopped and saved a checkpoint; the launcher names the process that was killed
+    assert "interrupted: another process of the run stopped" in text or "process 1 of 2 was killed by SIGKILL" in text, text[-3000:]
 
     # the bank is unchanged (no new version, nothing half-written) and its lock is free
     assert digests(bank) == before
