@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from lifealign_lite.recipe import GROUPS, describe, list_recipes, load_recipe
 from .bench import bench_app
 from .chat import chat_loop
 from .common import (HELP_SETTINGS, App, BankOpt, EngineOpt, JsonOpt, RecipeOpt, SetOpt, build_recipe, default_bank, err, existing_bank,
-                     fail, home_dir, out, recipe_options, status)
+                     fail, home_dir, out, recipe_options, relaunch_args, status)
 from .memory import memory_app
 
 app = typer.Typer(
@@ -48,6 +49,7 @@ def main_options(
 @app.command()
 @recipe_options()
 def align(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help="Preference pairs as JSON Lines (TRL plain or conversational format)."),
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name of this task (default: the lines' domain field, else 'general')."),
     bank: Optional[Path] = BankOpt,
@@ -57,19 +59,34 @@ def align(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this domain and data."),
     wait: float = typer.Option(0.0, "--wait", metavar="SECONDS", help="If another align is writing the bank, wait up to SECONDS for it."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout (progress stays on stderr)."),
+    num_processes: int = typer.Option(1, "--num-processes", min=1, metavar="N",
+                                      help="Train data-parallel in N processes on this machine (each a share of every batch; "
+                                           "for GPUs and several machines use `accelerate launch`: README)."),
 ) -> None:
     """Align the model to preference pairs with FPO into a short-term LoRA saved in the bank."""
+    from lifealign_lite.distributed import is_main_process
+
+    rcp = build_recipe(recipe, sets, **flags)
+    if num_processes > 1:
+        from lifealign_lite.data import load_pairs
+        from lifealign_lite.distributed import launch
+
+        load_pairs(data)  # bad data is one line here, not one per process
+        raise typer.Exit(launch(relaunch_args(ctx, drop={"num_processes"}), num_processes))
+
     from lifealign_lite.align import align as run_align
     from lifealign_lite.progress import reporter_for
     from lifealign_lite.train import Interrupted
 
-    rcp = build_recipe(recipe, sets, **flags)
     try:
-        with reporter_for(err) as reporter:
+        with reporter_for(err) if is_main_process() else contextlib.nullcontext() as reporter:
             result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait)
     except Interrupted as exc:
-        err.print(f"[yellow]interrupted:[/] {exc}; continue with the same command plus --resume")
+        if is_main_process():
+            err.print(f"[yellow]interrupted:[/] {exc}; " + ("continue with the same command plus --resume" if exc.checkpoint else "run the same command again"))
         raise typer.Exit(130)
+    if result is None:  # another process of a data-parallel run: the main one reports
+        return
     s = result.summary
     if as_json:
         print(json.dumps({**s, "run_dir": str(result.run_dir)}, indent=2))
@@ -204,10 +221,12 @@ def eval_cmd(
     with --judge, also the mean LLM-judge score (1-10, one rubric per domain) of generated answers."""
     from lifealign_lite.chat import open_session
     from lifealign_lite.data import load_pairs
+    from lifealign_lite.distributed import refuse_launcher
     from lifealign_lite.evaluate import evaluate
     from lifealign_lite.judge import Judge, judge_pairs
     from lifealign_lite.progress import reporter_for
 
+    refuse_launcher("eval")  # scoring a dev split takes seconds to minutes: one process
     rcp = build_recipe(recipe, sets, **flags)
     judge = None
     if judge_url:

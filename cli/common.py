@@ -53,9 +53,13 @@ def status(message: str) -> None:
 
 def report_error(exc: LifeAlignError) -> None:
     """A user error on stderr: invalid data as one ``FILE:LINE: what; what to do`` per line (at most
-    data.MAX_SHOWN_PROBLEMS, then how many more), anything else as one ``error:`` line."""
+    data.MAX_SHOWN_PROBLEMS, then how many more), anything else as one ``error:`` line. In a data-parallel run
+    only the main process prints it (the others stop with the same exit code, silently)."""
     from lifealign_lite.data import DataError
+    from lifealign_lite.distributed import is_main_process
 
+    if not is_main_process():
+        return
     if isinstance(exc, DataError):
         for line in str(exc).splitlines():
             err.print(line, highlight=False, soft_wrap=True, markup=False)
@@ -72,6 +76,30 @@ class App(TyperGroup):
         except LifeAlignError as exc:
             report_error(exc)
             raise typer.Exit(2) from None
+
+
+def relaunch_args(ctx, drop: set[str] = frozenset()) -> list[str]:
+    """The arguments that run ``ctx``'s command again with the values the user gave (defaults left out, so the
+    new process resolves them the same way), less the parameters in ``drop``: what a launcher starts N times.
+    ``ctx`` is a click context (typer's own copy of click or click itself: only their shared attributes are read)."""
+    names, c = [], ctx
+    while c.parent is not None:
+        names.insert(0, c.info_name)
+        c = c.parent
+    positional, options = [], []
+    for param in ctx.command.params:
+        value, source = ctx.params.get(param.name), ctx.get_parameter_source(param.name)
+        if param.name in drop or value is None or getattr(source, "name", "DEFAULT") in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        values = list(value) if param.multiple or param.nargs == -1 else [value]
+        if param.param_type_name == "argument":
+            positional += [str(v) for v in values]
+        elif getattr(param, "is_flag", False):
+            options += [param.opts[0]] if value else param.secondary_opts[:1]
+        else:
+            for v in values:
+                options += [param.opts[0], str(v)]
+    return names + positional + options
 
 
 def sub_app(help: str) -> typer.Typer:

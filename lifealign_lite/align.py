@@ -7,6 +7,7 @@ into a new bank version: core, the domain's slot, its routing key, the replay bu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -19,6 +20,7 @@ import torch
 from .batching import tokenize_pairs
 from .checkpoint import settle
 from .data import DataError, Pair, load_pairs, pairs_hash, validate_domain_name
+from .distributed import Ranks
 from .errors import LifeAlignError
 from .losses import preference_loss
 from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
@@ -147,8 +149,12 @@ def align(
     resume: bool = False,
     reporter=None,
     wait_s: float = 0.0,
-) -> AlignResult:
-    """Align the model to the pairs in ``data_path`` and consolidate the result into the bank at ``bank_dir``."""
+) -> AlignResult | None:
+    """Align the model to the pairs in ``data_path`` and consolidate the result into the bank at ``bank_dir``.
+
+    Under a launcher (``distributed.py``) every process calls this: the main process takes the lock and returns the
+    result; the others train their share of each batch and return None (they read the bank version the main
+    process opened and write nothing)."""
     t_start = time.perf_counter()
     check_device(recipe)
     data_path = Path(data_path)
@@ -157,25 +163,49 @@ def align(
     data_hash = pairs_hash(pairs)
     bank = Bank(bank_dir)
     runs = bank.root / "runs"
+    ranks = Ranks.start()
+    if not ranks.is_main:
+        reporter = None
+    try:
+        result = _align(data_path, pairs, domain, data_hash, recipe, home, bank, runs, resume, reporter, wait_s, ranks, t_start)
+    finally:
+        ranks.close()
+    return result
 
+
+def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, recipe: Recipe, home: Path, bank: Bank, runs: Path,
+           resume: bool, reporter, wait_s: float, ranks: Ranks, t_start: float) -> AlignResult | None:
     note = getattr(reporter, "note", None) or (lambda message: None)  # status lines for the silent phases
 
     def load_model():  # the status line comes once the model is found, so a missing folder is a one-line error
-        return load_base(recipe.model, home, recipe.quant, trust_remote_code=recipe.trust_remote_code, autocast_setting=recipe.autocast, note=note,
+        return load_base(recipe.model, home, recipe.quant, device=ranks.device, trust_remote_code=recipe.trust_remote_code,
+                         autocast_setting=recipe.autocast, note=note,
                          loading_note=f"loading model {recipe.model} ({len(pairs)} pairs of {data_path.name}, domain {domain})")
 
     base = None
-    if not bank.root.exists():  # a new bank: fail on the model (or --resume) before the lock creates its folder
-        if resume:
-            _find_resumable(runs, domain, data_hash)
-        base = load_model()
-
-    with bank.lock(wait_s):
-        state = bank.load()  # verifies every file of the version: damage stops align before it trains
-        _check_bank_shape(state, recipe)
-        run_dir = _find_resumable(runs, domain, data_hash) if resume else runs / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{domain}"
-        base = base or load_model()
-        bank.check_base(base.info.identity())
+    with contextlib.ExitStack() as held:  # the main process holds the bank's lock until the new version is committed
+        if ranks.is_main:
+            try:
+                if not bank.root.exists():  # a new bank: fail on the model (or --resume) before the lock creates its folder
+                    if resume:
+                        _find_resumable(runs, domain, data_hash)
+                    base = load_model()
+                held.enter_context(bank.lock(wait_s))
+                state = bank.load()  # verifies every file of the version: damage stops align before it trains
+                _check_bank_shape(state, recipe)
+                run_dir = _find_resumable(runs, domain, data_hash) if resume else runs / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{domain}"
+                base = base or load_model()
+                bank.check_base(base.info.identity())
+            except LifeAlignError as exc:  # the other processes wait for the version: they stop with the same error
+                ranks.broadcast({"error": str(exc)})
+                raise
+            ranks.broadcast({"version": state.version, "run_dir": str(run_dir)})
+        else:  # the version the main process holds under its lock (read, never written: Bank.load only reads)
+            setup = ranks.broadcast(None)
+            if "error" in setup:
+                raise AlignError(setup["error"])
+            state, run_dir = bank.load(setup["version"]), Path(setup["run_dir"])
+            base = load_model()
         t_loaded = time.perf_counter()
 
         memory_dir = state.slot_dir(domain) if domain in state.domains else state.core_dir()
@@ -187,13 +217,17 @@ def align(
         items, tstats = tokenize_pairs(pairs + replay, base.tokenizer, recipe.max_length, recipe.max_prompt_length)
         t_tokenized = time.perf_counter()
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run.json").write_text(json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict()}, indent=2))
+        if ranks.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "run.json").write_text(json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict(),
+                                                          "processes": ranks.world}, indent=2))
         bf16 = base.info.bf16_autocast
         prior_fisher = state.fisher() if recipe.ewc_lambda > 0 else {}
         st = train_short_term(model, base.tokenizer, items, recipe, base.info.device, run_dir / "checkpoint", resume=resume, reporter=reporter,
                               bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe, prior_fisher),
-                              log_path=run_dir / "train_log.jsonl")
+                              log_path=run_dir / "train_log.jsonl" if ranks.is_main else None, ranks=ranks)
+        if not ranks.is_main:
+            return None  # the main process saves, consolidates and reports
         if st.history and plot_history(st.history, run_dir / "training.png") is None:
             note(f"training.png: {MATPLOTLIB_MISSING}")
         t_trained = time.perf_counter()
@@ -205,7 +239,7 @@ def align(
             task_fisher = fisher_diagonal(model, [items[i] for i in own], {k: v[own] for k, v in st.ref.items()}, preference_loss(recipe.loss, recipe.beta, recipe.focal_gamma), base.tokenizer.pad_token_id,
                                           base.info.device, bf16, progress=(lambda n: reporter.advance("fisher", n, {})) if reporter else None)
             fisher = accumulate_fisher(prior_fisher, task_fisher)
-        save_adapter(model, run_dir / "adapter")
+        save_adapter(model, run_dir / "adapter", full_state=st.full_state)
 
         recipe_hash = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
         own_trained = sum(i < len(pairs) for i in st.trained)
@@ -253,7 +287,8 @@ def align(
             "total": round(time.perf_counter() - t_start, 2),
         },
         "pairs_per_s": round(trained_pairs / train_time, 3) if train_time else None,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),  # of the main process
+        "processes": ranks.world,
         "finished": now(),
         "adapter": str(run_dir / "adapter"),
     }

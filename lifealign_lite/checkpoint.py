@@ -23,6 +23,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # per-step metrics
     ref: dict = field(default_factory=dict, repr=False)  # the task's reference log-probs (set by train_short_term)
     trained: list[int] = field(default_factory=list)  # indices of the items the preference steps use (set by train_short_term)
+    full_state: dict | None = field(default=None, repr=False)  # under FSDP: the gathered state dict (main process)
 
     def window(self, key: str, first: bool, frac: float = 0.1) -> float | None:
         vals = [h[key] for h in self.history if key in h]
@@ -34,10 +35,11 @@ class TrainState:
 
 
 class Interrupted(Exception):
-    """Training was stopped by Ctrl-C or SIGTERM after a checkpoint was written."""
+    """Training was stopped (Ctrl-C, SIGTERM, or another process of a data-parallel run) after a checkpoint was written."""
 
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"stopped at step {step}; checkpoint saved to {checkpoint}")
+    def __init__(self, step: int, checkpoint: Path | None, why: str = ""):
+        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint under FSDP (the run starts again)"
+        super().__init__(f"{why + ': ' if why else ''}stopped at step {step}; {saved}")
         self.step, self.checkpoint = step, checkpoint
 
 

@@ -49,10 +49,26 @@ def pair_logps(model, items: Sequence[Tokenized], pad_id: int, device, *, prefix
     return sums[:n], sums[n:], counts[:n], counts[n:]
 
 
+class PairScorer(torch.nn.Module):
+    """:func:`pair_logps` as a module's forward pass, so that a data-parallel wrapper around it (DDP, FSDP: what
+    ``accelerate`` prepares) sees the forward it hooks: DDP readies its gradient all-reduce there, FSDP gathers
+    its parameter shards. ``model`` is the PEFT model; one process calls it directly, with the same result."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, items: Sequence[Tokenized], pad_id: int, device, prefix_sharing: str = "auto"):
+        return pair_logps(self.model, items, pad_id, device, prefix_sharing=prefix_sharing)
+
+
 @torch.no_grad()
 def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_size: int = 8, progress: Callable[[int], None] | None = None,
-                bf16_autocast: bool = False, prefix_sharing: str = "auto") -> dict[str, torch.Tensor]:
-    """Log-probs of every pair under the model as it is now (no grad), in length-sorted batches."""
+                bf16_autocast: bool = False, prefix_sharing: str = "auto", forward: Callable | None = None) -> dict[str, torch.Tensor]:
+    """Log-probs of every pair under the model as it is now (no grad), in length-sorted batches.
+
+    ``forward`` (optional) runs a batch instead of ``pair_logps(model, ...)``: a data-parallel wrapper's
+    :class:`PairScorer` (the same arguments)."""
     was_training = model.training
     model.eval()
     n = len(items)
@@ -62,7 +78,8 @@ def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_si
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         with autocast(bf16_autocast):
-            c, r, cn, rn = pair_logps(model, [items[i] for i in idx], pad_id, device, prefix_sharing=prefix_sharing)
+            batch = [items[i] for i in idx]
+            c, r, cn, rn = forward(batch, pad_id, device, prefix_sharing) if forward else pair_logps(model, batch, pad_id, device, prefix_sharing=prefix_sharing)
         for key, val in zip(("chosen", "rejected", "chosen_tokens", "rejected_tokens"), (c, r, cn, rn)):
             out[key][idx] = val.cpu().to(out[key].dtype)
         if progress:
@@ -72,8 +89,8 @@ def score_pairs(model, items: Sequence[Tokenized], pad_id: int, device, batch_si
 
 
 def reference_logps(model, items, pad_id, device, batch_size=8, progress=None, bf16_autocast: bool = False,
-                    bare: bool = False, prefix_sharing: str = "auto") -> dict[str, torch.Tensor]:
+                    bare: bool = False, prefix_sharing: str = "auto", forward: Callable | None = None) -> dict[str, torch.Tensor]:
     """Reference log-probs, computed once per task: the model as the task began (short-term adapter off), or
     with ``bare`` the base model alone (every adapter off)."""
     with reference_mode(model, bare=bare):
-        return score_pairs(model, items, pad_id, device, batch_size, progress, bf16_autocast, prefix_sharing)
+        return score_pairs(model, items, pad_id, device, batch_size, progress, bf16_autocast, prefix_sharing, forward)

@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from .distributed import fsdp_launched
 from .errors import LifeAlignError
 from .files import swap_dir
 from .system import quiet
@@ -93,7 +94,7 @@ def resolve_quant(quant: str, device: str) -> str:
     """
     if quant != "auto":
         return quant
-    return "nf4" if device == "cuda" else "none"
+    return "nf4" if torch.device(device).type == "cuda" else "none"
 
 
 @lru_cache(maxsize=None)
@@ -154,12 +155,16 @@ def quantization_config(quant: str, device: str):
 
     if quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    compute = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    extra = {}
+    if fsdp_launched():  # FSDP shards float tensors only: the 4-bit weights are packed into the compute dtype (FSDP-QLoRA)
+        extra["bnb_4bit_quant_storage"] = compute
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=bnb_double_quant_supported(device),
         bnb_4bit_compute_dtype=compute,
+        **extra,
     )
 
 
@@ -290,19 +295,20 @@ def load_base(spec: str, home: Path, quant: str = "auto", device: str | None = N
     path = resolve_model_path(spec, home, note)
     if note and loading_note:
         note(loading_note)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     qcfg = quantization_config(quant, device)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-        kwargs["device_map"] = {"": device}
+        if not fsdp_launched():  # under FSDP the weights stay on the CPU until FSDP moves each process its shard
+            kwargs["device_map"] = {"": device}
     with quiet():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as exc:
             raise ModelError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
-    if qcfg is None:
+    if qcfg is None and not fsdp_launched():
         model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -375,15 +381,20 @@ def reference_mode(model, bare: bool = False) -> Iterator[None]:
                 _train_short_only(model)
 
 
-def save_adapter(model, out_dir: Path, adapter_name: str = SHORT) -> Path:
-    """Save one adapter as a plain PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+def save_adapter(model, out_dir: Path, adapter_name: str = SHORT, full_state: dict | None = None) -> Path:
+    """Save one adapter as a plain PEFT folder (adapter_config.json + adapter_model.safetensors).
+
+    ``full_state`` (FSDP): the gathered state dict of the :class:`~lifealign_lite.logprobs.PairScorer` around
+    ``model``, whose own parameters are shards."""
     import torch
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    if full_state is not None:
+        full_state = {k[len("model."):]: v for k, v in full_state.items() if k.startswith("model.")}
+    state = get_peft_model_state_dict(model, state_dict=full_state, adapter_name=adapter_name)
     save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"))
     config = model.peft_config[adapter_name]
     config.save_pretrained(str(out_dir))

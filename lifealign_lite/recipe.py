@@ -88,6 +88,8 @@ class Recipe:
     max_grad_norm: float = knob(1.0, "optimisation", "Gradient norm clipped to this.")
     seed: int = knob(0, "optimisation", "Seed of the data shuffle, the LoRA initialization and replay sampling.", flag=True)
     max_pairs: int = knob(0, "optimisation", "Use N pairs (seeded shuffle); 0 = all.", flag=True)
+    checkpoint_every: int = knob(0, "optimisation", "Also save a checkpoint every N optimizer steps (0 = only when stopped): "
+                                 "a run killed outright (SIGKILL, a lost machine) resumes from the last one.")
     # sequence lengths (prompt is truncated from the left, responses from the right)
     max_length: int = knob(256, "model", "Longest prompt + response, in tokens.")
     max_prompt_length: int = knob(128, "model", "Longest prompt, in tokens (truncated from the left; responses from the right).")
@@ -127,7 +129,7 @@ class Recipe:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise RecipeError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("focal_gamma", "max_steps", "max_pairs", "sft_warmup_steps", "epochs", "replay_size", "ewc_lambda", "olora_lambda",
+        for key in ("focal_gamma", "max_steps", "max_pairs", "checkpoint_every", "sft_warmup_steps", "epochs", "replay_size", "ewc_lambda", "olora_lambda",
                     "weight_decay"):
             if getattr(self, key) < 0:
                 raise RecipeError(f"{key} must be >= 0, got {getattr(self, key)}")

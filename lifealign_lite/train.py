@@ -10,6 +10,7 @@ from (``checkpoint.py``). Tokenizing and batching live in ``batching.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -20,7 +21,8 @@ import torch
 
 from .batching import Tokenized, TokenizeStats, batch_stream, collate, length_grouped_batches, optimizer_steps, tokenize_pairs, trained_indices
 from .checkpoint import Interrupted, StopFlag, TrainState, load_checkpoint, save_checkpoint, settle
-from .logprobs import pair_logps, reference_logps, score_pairs, sequence_logps
+from .distributed import Ranks, signals_ignored, stopped_by_peer
+from .logprobs import PairScorer, pair_logps, reference_logps, score_pairs, sequence_logps
 from .losses import preference_loss, sft_loss
 from .model import autocast
 from .system import pyplot
@@ -53,6 +55,7 @@ def train_short_term(
     bf16_autocast: bool = False,
     regularizer: Callable[[], torch.Tensor] | None = None,
     log_path: Path | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainState:
     """Train the ``short`` LoRA of ``model`` on ``items`` with the recipe's preference loss.
 
@@ -66,13 +69,21 @@ def train_short_term(
 
     ``reporter`` (optional) gets ``start(phase, total)``, ``advance(phase, n, metrics)`` calls for a progress display.
 
-    ``log_path`` (optional) gets one JSON line per optimizer step (step, loss, acc, margin, pairs, time, lr), written
+    ``log_path`` (optional) gets one JSON line per optimizer step (step, loss, acc, margin, pairs, time, lr, grad_norm), written
     as the step ends, so a running job can be followed; a resumed run rewrites it from the checkpoint's history.
+
+    ``ranks`` (``distributed.py``; default: one process): data-parallel training. Every process draws the same
+    global batches and scores its share of each (``idx[rank::world]``); its loss is its share's summed losses times
+    ``world / len(idx)``, so the gradient the wrapper averages over the processes is the one-process batch mean.
+    Reference log-probs are scored in shares and gathered; metrics are summed over the processes; the main process
+    alone writes the checkpoint (Ctrl-C, SIGTERM, a peer that died, or every ``recipe.checkpoint_every`` steps).
     """
+    ranks = ranks or Ranks()
     torch.manual_seed(recipe.seed)
     pad_id = tokenizer.pad_token_id
     total, _ = optimizer_steps(len(items), recipe)
-    params = [p for p in model.parameters() if p.requires_grad]
+    scorer = ranks.wrap(PairScorer(model))  # the wrapper's forward is where DDP/FSDP hook in
+    params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = int(recipe.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup, recipe.lr_schedule))
@@ -85,18 +96,19 @@ def train_short_term(
         state, ref = load_checkpoint(ckpt, model, optimizer, scheduler)
     else:
         state = TrainState()
-        report.start("reference", len(used))
-        # only the pairs the steps will see need reference log-probs (max_steps may stop before the end of the data)
-        sub = reference_logps(model, [items[i] for i in used], pad_id, device, progress=lambda n: report.advance("reference", n, {}),
-                              bf16_autocast=bf16_autocast, bare=recipe.reference == "base", prefix_sharing=recipe.prefix_sharing)
-        ref = {k: torch.zeros(len(items), dtype=v.dtype).index_copy(0, torch.tensor(used, dtype=torch.long), v) for k, v in sub.items()}
+        ref = _reference(model, scorer, items, used, recipe, device, pad_id, report, bf16_autocast, ranks)
     state.ref, state.trained = ref, used
+
+    def checkpoint() -> None:
+        # under FSDP each process holds a shard of the optimizer state: not written (README, More than one GPU)
+        if ranks.is_main and not ranks.fsdp:
+            save_checkpoint(ckpt, model, optimizer, scheduler, state, ref)
 
     model.train()
     log = _StepLog(log_path, state.history)
     with StopFlag(), log:
         try:
-            if state.sft_step < recipe.sft_warmup_steps:
+            if state.sft_step < recipe.sft_warmup_steps:  # a few steps, run whole on every process (identical there)
                 _sft_warmup(model, items, recipe, device, pad_id, state, report, bf16_autocast)
             report.start("train", total, state.step)
             stream = batch_stream(items, recipe, state.step * recipe.grad_accum)
@@ -104,38 +116,82 @@ def train_short_term(
             t0 = time.perf_counter() - (state.history[-1]["time"] if state.history else 0.0)
             while state.step < total:
                 metrics = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "pairs": 0}
-                if regularizer is not None:
+                reg_value = None
+                if regularizer is not None:  # the same on every process: averaging keeps it once
                     reg = regularizer()
                     reg.backward()
-                    metrics["reg"] = reg.item()
-                for _ in range(recipe.grad_accum):
+                    reg_value = reg.item()
+                for micro in range(recipe.grad_accum):
                     idx = next(stream)
-                    batch = [items[i] for i in idx]
-                    with autocast(bf16_autocast):
-                        pc, pr, _, _ = pair_logps(model, batch, pad_id, device, prefix_sharing=recipe.prefix_sharing)
-                    out = loss_fn(pc, pr, ref["chosen"][idx].to(device), ref["rejected"][idx].to(device))
-                    (out.losses.mean() / recipe.grad_accum).backward()
-                    metrics["loss"] += out.losses.detach().sum().item()
-                    metrics["acc"] += ((out.margins > 0).float() + 0.5 * (out.margins == 0).float()).sum().item()
-                    metrics["margin"] += out.margins.sum().item()
-                    metrics["pairs"] += len(idx)
-                torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+                    mine = ranks.share(idx)
+                    # a process with no pair in a short batch scores one with weight 0: DDP/FSDP need every process's pass
+                    weight = 1.0 if mine else 0.0
+                    batch = [items[i] for i in mine or idx[:1]]
+                    last = micro == recipe.grad_accum - 1
+                    with ranks.no_sync(scorer) if not last else contextlib.nullcontext():
+                        with autocast(bf16_autocast):
+                            pc, pr, _, _ = scorer(batch, pad_id, device, recipe.prefix_sharing)
+                        rows = mine or idx[:1]
+                        out = loss_fn(pc, pr, ref["chosen"][rows].to(device), ref["rejected"][rows].to(device))
+                        if ranks.world == 1:
+                            loss = out.losses.mean() / recipe.grad_accum
+                        else:  # averaged over the processes by the wrapper: the batch mean
+                            loss = out.losses.sum() * (weight * ranks.world / len(idx) / recipe.grad_accum)
+                        loss.backward()
+                    if mine:
+                        metrics["loss"] += out.losses.detach().sum().item()
+                        metrics["acc"] += ((out.margins > 0).float() + 0.5 * (out.margins == 0).float()).sum().item()
+                        metrics["margin"] += out.margins.sum().item()
+                        metrics["pairs"] += len(mine)
+                if ranks.world > 1:  # before the step: a failed collective leaves the weights at the last whole step
+                    metrics = dict(zip(metrics, ranks.sum(list(metrics.values()))))
+                grad_norm = float(ranks.clip_grad_norm_(scorer, params, recipe.max_grad_norm))  # before clipping
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
-                n = metrics.pop("pairs")
-                reg_value = metrics.pop("reg", None)
+                n = int(metrics.pop("pairs"))
                 record = {k: v / n for k, v in metrics.items()} | {"step": state.step, "pairs": n, "time": time.perf_counter() - t0}
                 if reg_value is not None:
                     record["reg"] = reg_value
                 state.history.append(record)
-                log.write(record | {"lr": scheduler.get_last_lr()[0]})
+                log.write(record | {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm})
                 report.advance("train", 1, record)
+                if recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 and state.step < total:
+                    checkpoint()
         except KeyboardInterrupt:
-            save_checkpoint(ckpt, model, optimizer, scheduler, state, ref)
-            raise Interrupted(state.step, ckpt) from None
+            # a launcher passes the user's Ctrl-C on as a second signal, then SIGTERM: let the save and the exit finish
+            with signals_ignored(for_good=ranks.world > 1):
+                checkpoint()
+            raise Interrupted(state.step, None if ranks.fsdp else ckpt) from None
+        except Exception as exc:
+            if ranks.world == 1 or not stopped_by_peer(exc):
+                raise
+            with signals_ignored(for_good=True):
+                checkpoint()
+            raise Interrupted(state.step, None if ranks.fsdp else ckpt, why="another process of the run stopped") from None
+    state.full_state = ranks.full_state_dict(scorer)  # FSDP: the adapter's shards, gathered on the main process
     return state
+
+
+def _reference(model, scorer, items, used: list[int], recipe, device, pad_id, report, bf16_autocast: bool, ranks: Ranks) -> dict:
+    """Reference log-probs of the pairs the steps will see (``max_steps`` may stop before the end of the data), as
+    tensors over all ``items``: each process scores its share, gathered to every process in the original order."""
+    mine = ranks.share(used)
+    # every process must run the same number of forward passes (DDP syncs buffers and FSDP gathers shards in each):
+    # shares are padded to equal length and the padding's scores dropped
+    padded = mine + used[: (len(used) + ranks.world - 1) // ranks.world - len(mine)]
+    report.start("reference", len(padded))
+    sub = reference_logps(model, [items[i] for i in padded], pad_id, device, progress=lambda n: report.advance("reference", n, {}),
+                          bf16_autocast=bf16_autocast, bare=recipe.reference == "base", prefix_sharing=recipe.prefix_sharing,
+                          forward=scorer if ranks.world > 1 else None)
+    if ranks.world > 1:  # rank r scored used[r::world]
+        parts = ranks.gather({k: v[: len(mine)].cpu() for k, v in sub.items()})
+        sub = {k: torch.zeros(len(used), dtype=v.dtype) for k, v in sub.items()}
+        for rank, part in enumerate(parts):
+            for k in sub:
+                sub[k][rank :: ranks.world] = part[k]
+    return {k: torch.zeros(len(items), dtype=v.dtype).index_copy(0, torch.tensor(used, dtype=torch.long), v) for k, v in sub.items()}
 
 
 def _sft_warmup(model, items, recipe, device, pad_id, state: TrainState, report, bf16_autocast: bool = False) -> None:

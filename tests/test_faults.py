@@ -119,7 +119,7 @@ BAD_FIELDS = [
     ("olora_lambda", "-1", None), ("max_length", "0", None), ("max_prompt_length", "1000", None), ("sft_warmup_steps", "-1", None),
     ("lr_schedule", "step", None), ("reference", "none", None), ("router", "bert", None), ("slot_mode", "x", None),
     ("autocast", "fp16", None), ("score_precision", "fp8", None), ("trust_remote_code", "maybe", None), ("replay_all", "2", None),
-    ("target_modules", "", None),
+    ("target_modules", "", None), ("checkpoint_every", "-1", None), ("checkpoint_every", "1.5", None),
 ]
 
 

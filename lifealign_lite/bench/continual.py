@@ -31,6 +31,7 @@ from ..errors import BenchError
 from ..files import atomic_write
 from ..system import MATPLOTLIB_MISSING, pyplot
 from ..data import load_pairs, validate_domain_name, write_pairs
+from ..distributed import refuse_launcher
 from ..evaluate import METRICS, evaluate
 from ..memory.bank import Bank
 from ..recipe import load_recipe
@@ -143,7 +144,9 @@ def _save_json(path: Path, data: dict) -> None:
 
 def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, recipe_name: str | None = None,
                   overrides: dict | None = None, max_pairs: int = 0, max_test: int = 0, reporter=None, command: str = "") -> dict:
-    """Run (or resume) the bench; returns the results written to ``out/results.json``."""
+    """Run (or resume) the bench; returns the results written to ``out/results.json``. One process: every method's
+    align runs in it (under a launcher this refuses at once: ``distributed.refuse_launcher``)."""
+    refuse_launcher("bench continual")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base_recipe = load_recipe(recipe_name, overrides or {})
