@@ -238,4 +238,6 @@ def export_cmd(
         p, b = result["parity"]["export"], result["parity"]["base_only"]
         err.print(f"llama.cpp vs PEFT on {result['parity']['prompts']} prompts: top-1 agreement {p['top1_agreement']:.0%}, max |log-prob diff| "
                   f"{p['max_abs_logprob_diff']:.3f} (bare base GGUF vs transformers: {b['top1_agreement']:.0%}, {b['max_abs_logprob_diff']:.3f}; "
-                  f"the memory changes the top-1 token on {result['parity']['memory_changes_top1']:.0%})", highlight=False, soft_wrap=True)
+                  f"the memory changes the top-1 token on {result['parity']['memory_changes_top1']:.0%})"
+                  + (f"; where they disagree, llama.cpp's top-1 is at most {p['disagreement_gaps'][0]:.3f} nats below the PEFT model's"
+                     if p["disagreement_gaps"] else ""), highlight=False, soft_wrap=True)

@@ -167,63 +167,91 @@ def export_all(bank_dir: Path, out: Path, home: Path, recipe) -> dict:
     return {"format": "peft", "out": str(out), "names": names, "vllm": command}
 
 
-def gguf_parity(bank_dir: Path, name: str, gguf_file: Path, prompts: Path, n: int, home: Path, recipe,
-                base_gguf_path: Path | None = None, max_prompt_tokens: int = 256) -> dict:
-    """Next-token log-probabilities of the GGUF export in llama.cpp against the PEFT model (transformers) on the
-    prompts of ``n`` pairs of ``prompts``: top-1 agreement and the largest absolute log-prob difference over each
-    prompt's 10 most likely tokens (the PEFT model's). ``gguf_file`` is an adapter (applied to the base GGUF) or a
-    merged model, told apart by its ``general.type``. The same figures for the bare base (base GGUF against the
-    transformers base) separate what the GGUF's quantization costs from what the export costs, and the share of
-    prompts whose top-1 token the memory changes shows the comparison is not trivial.
-    """
-    import gguf
-    import numpy as np
-    import torch
-
+def parity_prompt_ids(tokenizer, prompts: Path, n: int, max_prompt_tokens: int = 256) -> list[list[int]]:
+    """The chat-templated prompt token ids of ``n`` pairs of ``prompts`` (a seeded sample), each cut to its last
+    ``max_prompt_tokens``: the prompts every parity figure is measured on."""
     from .data import load_pairs
 
+    pairs = load_pairs(prompts, max_pairs=n, seed=0)
+    return [tokenizer.apply_chat_template(p.prompt, add_generation_prompt=True, return_dict=True)["input_ids"][-max_prompt_tokens:] for p in pairs]
+
+
+def transformers_logprobs(model, ids: list[list[int]]) -> list:
+    """Next-token log-probabilities (float64 numpy) of a transformers model after each prompt."""
+    import torch
+
+    with quiet(), torch.no_grad():
+        return [torch.log_softmax(model(input_ids=torch.tensor([t])).logits[0, -1].double(), -1).numpy() for t in ids]
+
+
+def llama_cpp():
+    """llama-cpp-python's ``Llama``, or a clear error where it is not installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise BankError("the parity check needs llama-cpp-python: `python -m pip install 'lifealign-lite[gguf]'` "
                         "(it compiles llama.cpp; the GGUF file was written and checked structurally)") from None
+    return Llama
+
+
+def llama_logprobs(model_path: Path, lora: Path | None, ids: list[list[int]]) -> list:
+    """Next-token log-probabilities (float64 numpy) after each prompt of a GGUF model in llama.cpp, with a GGUF LoRA
+    adapter applied when ``lora`` is given."""
+    import numpy as np
+
+    Llama = llama_cpp()
+    with quiet():
+        llm = Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=max(map(len, ids)) + 8,
+                    n_threads=max(1, torch.get_num_threads()), logits_all=True, verbose=False)  # without logits_all, llama-cpp-python 0.3.36 leaves scores at zero
+    out = []
+    for toks in ids:
+        llm.reset()
+        llm.eval(toks)
+        logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        out.append(logits - np.logaddexp.reduce(logits))
+    del llm
+    return out
+
+
+def compare_logprobs(want: list, got: list) -> dict:
+    """Top-1 agreement of ``got`` with ``want``; the largest absolute log-prob difference over each prompt's 10 most
+    likely tokens (``want``'s); and for every disagreement, how far ``got``'s top-1 token lies below ``want``'s top-1
+    in ``want`` (nats, largest first): a flip between two near-equal tokens is rounding, a flip over a wide gap a fault."""
+    import numpy as np
+
+    top = [int(np.argmax(x) == np.argmax(y)) for x, y in zip(want, got)]
+    diffs = [float(np.abs(x[idx] - y[idx]).max()) for x, y in zip(want, got) for idx in [np.argsort(x)[-10:]]]
+    gaps = sorted((float(x.max() - x[np.argmax(y)]) for x, y in zip(want, got) if np.argmax(x) != np.argmax(y)), reverse=True)
+    return {"top1_agreement": sum(top) / len(top), "max_abs_logprob_diff": max(diffs), "mean_max_abs_logprob_diff": sum(diffs) / len(diffs),
+            "disagreement_gaps": gaps}
+
+
+def gguf_parity(bank_dir: Path, name: str, gguf_file: Path, prompts: Path, n: int, home: Path, recipe,
+                base_gguf_path: Path | None = None, max_prompt_tokens: int = 256) -> dict:
+    """Next-token log-probabilities of the GGUF export in llama.cpp against the PEFT model (transformers) on the
+    prompts of ``n`` pairs of ``prompts`` (:func:`compare_logprobs`). ``gguf_file`` is an adapter (applied to the
+    base GGUF) or a merged model, told apart by its ``general.type``. The same figures for the bare base (base GGUF
+    against the transformers base) separate what the GGUF's quantization costs from what the export costs, and the
+    share of prompts whose top-1 token the memory changes shows the comparison is not trivial.
+    """
+    import gguf
+    import numpy as np
     from peft import PeftModel
 
+    llama_cpp()  # before loading anything
     bank = Bank(bank_dir)
     src = entry_dir(bank, name)
     base_path = base_gguf(bank.manifest()["base"]["name"], base_gguf_path)
     kind = str(gguf.GGUFReader(gguf_file).fields["general.type"].contents())
-    pairs = load_pairs(prompts, max_pairs=n, seed=0)
     base = load_base(bank.manifest()["base"]["name"], home, "none", trust_remote_code=recipe.trust_remote_code)
     bank.check_base(base.info.identity())
-    ids = [base.tokenizer.apply_chat_template(p.prompt, add_generation_prompt=True, return_dict=True)["input_ids"][-max_prompt_tokens:] for p in pairs]
-
-    def llama_logprobs(model_path: Path, lora: Path | None) -> list[np.ndarray]:
-        with quiet():
-            llm = Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=max_prompt_tokens + 8,
-                        n_threads=max(1, torch.get_num_threads()), logits_all=True, verbose=False)  # without logits_all, llama-cpp-python 0.3.36 leaves scores at zero
-        out = []
-        for toks in ids:
-            llm.reset()
-            llm.eval(toks)
-            logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-            out.append(logits - np.logaddexp.reduce(logits))
-        del llm
-        return out
-
-    with quiet(), torch.no_grad():
+    ids = parity_prompt_ids(base.tokenizer, prompts, n, max_prompt_tokens)
+    with quiet():
         peft_model = PeftModel.from_pretrained(base.model, str(src)).eval()
-        want = [torch.log_softmax(peft_model(input_ids=torch.tensor([t])).logits[0, -1].double(), -1).numpy() for t in ids]
-        with peft_model.disable_adapter():
-            bare = [torch.log_softmax(peft_model(input_ids=torch.tensor([t])).logits[0, -1].double(), -1).numpy() for t in ids]
-    got = llama_logprobs(gguf_file, None) if kind == "model" else llama_logprobs(base_path, gguf_file)
-    got_bare = llama_logprobs(base_path, None)
-
-    def compare(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
-        top = [int(np.argmax(x) == np.argmax(y)) for x, y in zip(a, b)]
-        diffs = [float(np.abs(x[idx] - y[idx]).max()) for x, y in zip(a, b) for idx in [np.argsort(x)[-10:]]]
-        return {"top1_agreement": sum(top) / len(top), "max_abs_logprob_diff": max(diffs), "mean_max_abs_logprob_diff": sum(diffs) / len(diffs)}
-
+    want = transformers_logprobs(peft_model, ids)
+    with peft_model.disable_adapter():
+        bare = transformers_logprobs(peft_model, ids)
+    got = llama_logprobs(gguf_file, None, ids) if kind == "model" else llama_logprobs(base_path, gguf_file, ids)
     return {"entry": name, "gguf": str(gguf_file), "kind": kind, "base_gguf": str(base_path), "prompts": len(ids),
-            "export": compare(want, got), "base_only": compare(bare, got_bare),
+            "export": compare_logprobs(want, got), "base_only": compare_logprobs(bare, llama_logprobs(base_path, None, ids)),
             "memory_changes_top1": sum(int(np.argmax(x) != np.argmax(y)) for x, y in zip(want, bare)) / len(ids)}

@@ -180,6 +180,22 @@ def test_export_refusals_are_one_line(bank, tiny_model_dir, tiny_gguf, tmp_path)
     assert "has no tensor blk.1.attn_q.weight" in line
 
 
+def test_compare_logprobs_counts_flips_and_how_near_they_were():
+    from lifealign_lite.export import compare_logprobs
+
+    def logp(*p):
+        return np.log(np.array(p, dtype=np.float64))
+
+    want = [logp(0.5, 0.3, 0.2), logp(0.4, 0.35, 0.25), logp(0.1, 0.1, 0.8)]
+    got = [logp(0.5, 0.3, 0.2), logp(0.3, 0.45, 0.25), logp(0.1, 0.1, 0.8)]  # the second flips between its top two
+    report = compare_logprobs(want, got)
+    assert report["top1_agreement"] == pytest.approx(2 / 3)
+    assert report["disagreement_gaps"] == [pytest.approx(np.log(0.4 / 0.35))]
+    assert report["max_abs_logprob_diff"] == pytest.approx(np.log(0.4 / 0.3))  # the largest over each prompt's tokens
+    assert report["mean_max_abs_logprob_diff"] == pytest.approx(np.log(0.4 / 0.3) / 3)
+    assert compare_logprobs(want, want)["disagreement_gaps"] == []
+
+
 def test_parity_without_llama_cpp_says_so(bank, tiny_gguf, tmp_path, monkeypatch):
     import sys
 
