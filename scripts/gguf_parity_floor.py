@@ -14,6 +14,7 @@ other at every step).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import tempfile
 import time
@@ -34,7 +35,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--home", type=Path, default=Path.home() / ".lifealign-lite")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)  # llama_logprobs gives llama.cpp as many
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # llama_logprobs gives llama.cpp as many (lifealign_lite.llamacpp.threads)
     llama_cpp()
     model = load_base(DEFAULT_MODEL, args.home, "none")
     ids = parity_prompt_ids(model.tokenizer, args.pairs, args.n)
