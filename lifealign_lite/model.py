@@ -94,7 +94,7 @@ def resolve_quant(quant: str, device: str) -> str:
     """
     if quant != "auto":
         return quant
-    return "nf4" if torch.device(device).type == "cuda" else "none"
+    return "nf4" if str(device).split(":")[0] == "cuda" else "none"  # "cuda", "cuda:1": no torch import needed
 
 
 @lru_cache(maxsize=None)
