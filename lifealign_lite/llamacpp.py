@@ -126,8 +126,7 @@ def threads() -> int:
     llama-cpp-python's own default, half the logical CPUs (the physical cores where each has two threads).
 
     More threads than idle cores is the one setting to avoid: llama.cpp's threads spin at every barrier, and one
-    descheduled thread stalls the rest (measured on the 2-core machine at load 6 to 9: a 38-token prompt took 15.6 s
-    on 2 threads, 0.83 s on 1; docs/PERFORMANCE.md).
+    descheduled thread stalls the rest (``bench chat --threads 2`` on the busy 2-core machine: docs/PERFORMANCE.md).
     """
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
