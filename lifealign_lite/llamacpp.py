@@ -22,6 +22,9 @@ nearly tied.
 
 Nothing here imports torch or transformers: ``chat --domain NAME`` on a bank whose adapters are cached starts
 without them (``auto`` routing imports the embedder when the first prompt is routed).
+
+About 400 lines on purpose: the engine choice, the adapter cache, the GGUF tokenizer and the decode loop are one
+engine, and each piece is used only by the others.
 """
 
 from __future__ import annotations
