@@ -7,6 +7,7 @@ default model (conftest.py, built once per session) and a fresh home, so every a
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -213,3 +214,16 @@ def test_the_server_engine_answers_on_llama_cpp(session, two_domain_bank):
     events_again: list[tuple] = []
     engine.run(Job(prompt="Once upon a time", model="base", max_tokens=8, temperature=0.8, seed=3), events_again.append, threading.Event())
     assert events[-1][1].text == events_again[-1][1].text  # a seeded sample repeats
+
+
+def test_threads_follow_omp_num_threads_else_the_idle_cpus(monkeypatch):
+    from lifealign_lite.llamacpp import threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cpus = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads() == cpus  # idle: every CPU
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 5.0, 0.0, 0.0))
+    assert threads() == 1  # busier than the CPUs: one thread, never zero
