@@ -199,10 +199,10 @@ def llama_logprobs(model_path: Path, lora: Path | None, ids: list[list[int]]) ->
     adapter applied when ``lora`` is given."""
     import numpy as np
 
-    from .llamacpp import threads
+    from .system import llama_threads
 
     Llama = llama_cpp()
-    n = threads()
+    n = llama_threads()
     with quiet():
         llm = Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=max(map(len, ids)) + 8,
                     n_threads=n, n_threads_batch=n, logits_all=True, verbose=False)  # without logits_all, llama-cpp-python 0.3.36 leaves scores at zero

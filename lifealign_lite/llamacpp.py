@@ -49,6 +49,7 @@ from .errors import InputError
 from .memory.bank import Bank, BankState
 from .memory.router import CORE
 from .model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, ModelError, resolve_quant
+from .system import llama_threads as threads  # in system.py: export uses it too, and must not import this module
 
 TORCH, LLAMA_CPP = "torch", "llama.cpp"
 ENGINES = (AUTO, TORCH, LLAMA_CPP)
@@ -122,28 +123,6 @@ def open_chat(bank_dir: Path, home: Path, recipe, engine: str = AUTO, domain: st
     if engine_for(engine, bank_dir, recipe, unmerged=not merge) == LLAMA_CPP:
         return open_llama_session(bank_dir, home, recipe, domain, version, note)
     return open_session(bank_dir, home, recipe, domain=domain, merge=merge, version=version, note=note)
-
-
-def threads() -> int:
-    """llama.cpp's threads: ``OMP_NUM_THREADS`` when set (torch reads it too; ``bench --threads`` sets it), else one
-    per CPU that is idle now (the CPUs less the 1-minute load average, rounded; at least 1).
-
-    More threads than idle cores is the one setting to avoid: llama.cpp's threads spin at every barrier, and one
-    descheduled thread stalls the rest (measured on the 2-core machine at load 6 to 9: a 38-token prompt took 15.6 s
-    on 2 threads, 0.83 s on 1). On the same machine idle, 2 threads answered at 57.6 tokens/s and 1 thread at 31.5
-    (docs/PERFORMANCE.md): so all CPUs when idle, fewer when busy. Only the speed depends on it: ggml splits a matrix
-    product by output rows, each computed whole by one thread, so the answer does not.
-    """
-    try:
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    except (KeyError, ValueError):
-        pass
-    cpus = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # no load average on this system: llama-cpp-python's own default
-        return max(1, cpus // 2)
-    return max(1, min(cpus, round(cpus - busy)))
 
 
 def open_llama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, version: int | None = None,
