@@ -524,7 +524,7 @@ def test_align_has_a_flag_for_every_knob_marked_flag_with_its_help_and_metavar()
     assert options["--lr"] is options["--learning-rate"]
     # the command's own options are still there, in their places
     names = [p.name for p in _command("align").params]
-    assert names[:4] == ["data", "domain", "bank", "recipe"] and names[-4:] == ["sets", "resume", "wait", "as_json"]
+    assert names[:4] == ["data", "domain", "bank", "recipe"] and names[-5:] == ["sets", "resume", "wait", "as_json", "num_processes"]
 
 
 @pytest.mark.parametrize("command", ["chat", "serve", "eval"])
