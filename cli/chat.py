@@ -16,7 +16,7 @@ Ctrl-C stops an answer and returns to the prompt; arrow keys edit the line, up a
 
 def chat_loop(session, max_new_tokens: int) -> None:
     """The interactive loop: Ctrl-C stops an answer (never the session), readline edits lines and keeps history."""
-    from lifealign_lite.memory.bank import BankError
+    from lifealign_lite.memory.adapter import BankError
 
     history = _line_editing(home_dir() / "chat_history")
     out.print(f"[bold]lifealign-lite chat[/] ({session.engine})  domains: {', '.join(session.available())}  (/help for commands, /bye to leave)")

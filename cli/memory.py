@@ -1,4 +1,4 @@
-"""``lifealign-lite memory``: list, show, verify, remove, roll back and export bank entries."""
+"""``lifealign-lite memory``: list, show, verify, repair, remove, roll back and export bank entries."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 from .common import BankOpt, JsonOpt, err, existing_bank, fail as _fail, home_dir, out, sub_app
 
 if TYPE_CHECKING:
-    from lifealign_lite.memory.bank import Bank, VersionCheck
+    from lifealign_lite.memory.bank import Bank
 
 memory_app = sub_app("Inspect and manage the long-term adapter bank.")
 
@@ -24,7 +24,8 @@ def _bank(path: Optional[Path]) -> Bank:
 
 
 def _rows(bank: Bank) -> list[dict]:
-    from lifealign_lite.memory.bank import adapter_rank, folder_size
+    from lifealign_lite.memory.adapter import adapter_rank
+    from lifealign_lite.memory.bank import folder_size
 
     state = bank.load()
     rows = []
@@ -90,7 +91,7 @@ def gc_cmd(keep: int = typer.Option(..., "--keep", help="How many of the newest 
 def show_cmd(name: str = typer.Argument(..., help="A domain, or 'core'."), bank: Optional[Path] = BankOpt, as_json: bool = JsonOpt) -> None:
     """Everything recorded about one domain (lineage of every update: data, pairs, recipe, time, consolidation),
     or about the core (the tasks folded into it)."""
-    from lifealign_lite.memory.bank import BankError
+    from lifealign_lite.memory.adapter import BankError
     from lifealign_lite.memory.router import CORE
 
     b = _bank(bank)
@@ -143,35 +144,65 @@ def rollback_cmd(version: int, bank: Optional[Path] = BankOpt) -> None:
 def verify_cmd(
     bank: Optional[Path] = BankOpt,
     all_versions: bool = typer.Option(False, "--all", help="Check every version on disk, not only the current one."),
+    adopt: bool = typer.Option(False, "--adopt", help="Once, for a bank written before checksums existed: record checksums for every "
+                                                      "version that has none and whose files all parse (never done by default)."),
 ) -> None:
     """Check every file of the current version (or of every version) against its recorded SHA-256 and size.
 
-    Exit 0: all intact; 1: something is damaged (the table names each file and what is wrong); 2: no bank to check.
-    Versions written before checksums existed are checked for structure only and shown as unverified.
+    Exit 0: all intact; 1: something is damaged (the table names each file and what is wrong; a version without
+    checksums.json and a missing or unreadable manifest are damage too); 2: no bank to check.
     """
+    from lifealign_lite.memory.bank import Bank
 
-    b = _bank(bank)
-    b.require()
-    manifest = b.manifest()
-    if all_versions:
-        versions = sorted(({v["version"] for v in manifest["versions"]} - set(manifest.get("removed", [])))
-                          | {int(p.name) for p in (b.root / "versions").glob("[0-9]*") if p.name.isdigit()})
+    b = Bank(existing_bank(bank))
+    manifest_problem = b.manifest_problem()
+    if adopt:
+        with b.lock():
+            checks = b.adopt()
     else:
-        versions = [manifest["current"]] if manifest["current"] else []
-    checks: list[VersionCheck] = [b.verify(v) for v in versions]
-    table = Table("version", "file", "status", title=f"{b.root} (current version {manifest['current']})")
+        manifest = {} if manifest_problem else b.manifest()
+        listed = set() if manifest_problem else {v["version"] for v in manifest["versions"]} - set(manifest.get("removed", []))
+        if all_versions or manifest_problem:  # without a manifest, every version on disk is checked
+            versions = sorted(listed | set(b.versions_on_disk()))
+        else:
+            versions = [manifest["current"]] if manifest["current"] else []
+        checks = [b.verify(v) for v in versions]
+    current = None if manifest_problem else b.manifest()["current"]
+    table = Table("version", "file", "status", title=f"{b.root} (current version {'unknown: no manifest' if current is None else current})")
     table.columns[1].overflow = "fold"  # a file's whole path, never an ellipsis
     for c in checks:
-        current = " (current)" if c.version == manifest["current"] else ""
+        label = f"{c.version}{' (current)' if c.version == current else ''}"
         if c.intact:
-            table.add_row(f"{c.version}{current}", f"all {c.files} files", "ok" if c.verified else "unverified (no checksums; structure ok)")
+            table.add_row(label, f"all {c.files} files", "ok (checksums recorded now)" if c.adopted else "ok")
         for rel, what in c.problems:
-            table.add_row(f"{c.version}{current}", rel or "(version folder)", f"[red]damaged:[/] {what}")
+            table.add_row(label, rel or "(version folder)", f"[red]damaged:[/] {what}")
     out.print(table)
     damaged = [c.version for c in checks if not c.intact]
-    if damaged:
+    if manifest_problem:
+        err.print(manifest_problem, soft_wrap=True, highlight=False)
+    elif damaged:
         err.print(f"damaged: version {', '.join(map(str, damaged))}; `lifealign-lite memory rollback N` makes an intact version current", soft_wrap=True)
+    if damaged or manifest_problem:
         raise typer.Exit(1)
+
+
+@memory_app.command("repair")
+def repair_cmd(bank: Optional[Path] = BankOpt) -> None:
+    """Rebuild a missing or unreadable manifest from the versions on disk that verify (the newest becomes current;
+    a damaged manifest is kept aside as manifest.json.damaged-TIME). Does nothing to a bank whose manifest is fine."""
+    from lifealign_lite.memory.bank import Bank
+
+    b = Bank(existing_bank(bank))
+    with b.lock():
+        done = b.repair()
+    if not done["repaired"]:
+        err.print(f"{b.manifest_path}: intact; nothing to repair (current version {done['current']})", highlight=False, soft_wrap=True)
+        return
+    left_out = f"; left out as damaged: {', '.join(map(str, done['damaged']))} (`memory verify --all` lists why)" if done["damaged"] else ""
+    base = f"base model {done['base']['name']}" if done["base"] else "base model unknown (recorded again by the next align)"
+    aside = f"; the damaged manifest is kept as {done['kept_aside']}" if done["kept_aside"] else ""
+    err.print(f"manifest rebuilt: versions {', '.join(map(str, done['versions']))}, current {done['current']} (the newest that verifies: "
+              f"`memory rollback N` picks another), {base}{left_out}{aside}", highlight=False, soft_wrap=True)
 
 
 @memory_app.command("versions")

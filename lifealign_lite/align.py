@@ -22,11 +22,14 @@ from .checkpoint import settle
 from .data import DataError, Pair, load_pairs, pairs_hash, validate_domain_name
 from .distributed import Ranks
 from .errors import LifeAlignError
+from .files import atomic_write
 from .losses import preference_loss
-from .memory.bank import Bank, BankError, BankState, now, read_adapter, replace_adapter
+from .memory.adapter import BankError, read_adapter, replace_adapter
+from .memory.bank import Bank, now
 from .memory.consolidate import add_adapters, compress_adapter, consolidate_adapter, denoise
 from .memory.replay import replay_sample, update_replay
 from .memory.router import add_prompts, fit_router, make_embedder, prompt_text
+from .memory.state import BankState
 from .model import attach_adapters, check_device, load_base, save_adapter
 from .recipe import Recipe
 from .regularize import accumulate_fisher, combine, ewc_penalty, fisher_diagonal, olora_penalty, subspace_bases
@@ -100,8 +103,7 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
     router = fit_router(keys, key_texts, recipe.route_quantile)
     replay = update_replay(state.replay(), pairs, domain, recipe.replay_ratio, recipe.replay_size, recipe.seed)
 
-    pending = bank.begin(state, event=f"align {domain} ({trained} of {len(pairs)} pairs trained)")
-    try:
+    with bank.transaction(state, f"align {domain} ({trained} of {len(pairs)} pairs trained)", base_identity) as pending:
         meta = pending.state.meta = _check_bank_shape(state, recipe) | {"route_quantile": recipe.route_quantile}
         folder = pending.folder
         replace_adapter(folder / "core", new_core, meta["bank_rank"], meta["target_modules"], base_identity["name"])
@@ -119,12 +121,8 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
         # same space (a consolidated update is its denoised update minus a combination of earlier ones, by induction),
         # so SLMC's projection is the same, while a consolidated update's rank grows with every earlier task's
         pending.history, pending.replay, pending.fisher = history + [denoised], replay, fisher
-        new_state = bank.commit(pending, base_identity)
-    except BaseException:
-        bank.abort(pending)
-        raise
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    return new_state, summary
+    return pending.committed, summary
 
 
 def continual_penalty(model, state: BankState, recipe: Recipe, fisher: dict):
@@ -219,8 +217,8 @@ def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, reci
 
         if ranks.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "run.json").write_text(json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict(),
-                                                          "processes": ranks.world}, indent=2))
+            atomic_write(run_dir / "run.json", json.dumps({"domain": domain, "data": str(data_path), "data_hash": data_hash, "recipe": recipe.to_dict(),
+                                                           "processes": ranks.world}, indent=2))
         bf16 = base.info.bf16_autocast
         prior_fisher = state.fisher() if recipe.ewc_lambda > 0 else {}
         st = train_short_term(model, base.tokenizer, items, recipe, base.info.device, run_dir / "checkpoint", resume=resume, reporter=reporter,
@@ -292,5 +290,5 @@ def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, reci
         "finished": now(),
         "adapter": str(run_dir / "adapter"),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     return AlignResult(run_dir=run_dir, summary=summary, bank_version=new_state.version)

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from .errors import InputError
-from .memory.bank import Bank, BankError, BankState, read_adapter
+from .memory.adapter import BankError, read_adapter
+from .memory.bank import Bank
+from .memory.state import BankState
 from .memory.consolidate import LowRank
 from .memory.router import CORE, Route, prompt_text
 from .system import quiet

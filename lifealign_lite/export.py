@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 from .errors import InputError
-from .memory.bank import Bank, BankError, adapter_rank, read_adapter
+from .memory.adapter import BankError, adapter_rank, read_adapter
+from .memory.bank import Bank
 from .memory.router import CORE
 from .model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, embedded_gguf_path, load_base, resolve_model_path
 from .system import quiet

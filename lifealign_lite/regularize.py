@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import InputError
-from .memory.bank import PEFT_PREFIX
+from .memory.adapter import PEFT_PREFIX
 from .memory.consolidate import LowRank
 from .model import SHORT, autocast
 

@@ -22,7 +22,8 @@ import numpy as np
 from lifealign_lite.chat import open_session
 from lifealign_lite.data import load_pairs
 from lifealign_lite.evaluate import evaluate
-from lifealign_lite.memory.bank import Bank, read_adapter
+from lifealign_lite.memory.adapter import read_adapter
+from lifealign_lite.memory.bank import Bank
 from lifealign_lite.recipe import load_recipe
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,4 +1,4 @@
-"""Hand-written adapter I/O (memory/bank.py) vs PEFT's LoraConfig / load_peft_weights / get_pattern_key, on a
+"""Hand-written adapter I/O (memory/adapter.py) vs PEFT's LoraConfig / load_peft_weights / get_pattern_key, on a
 slot shaped like SmolLM2-135M's (30 layers, q_proj 576x576 and v_proj 192x576, mixed ranks <= 16 via rank_pattern).
 Run: python scripts/peft_adapter_io.py (docs/ARCHITECTURE.md, hand-written on purpose)"""
 import json, re, statistics, subprocess, sys, tempfile, time
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lifealign_lite.memory.bank import PEFT_PREFIX, _LORA_A, _LORA_B, read_adapter, write_adapter
+from lifealign_lite.memory.adapter import PEFT_PREFIX, _LORA_A, _LORA_B, read_adapter, write_adapter
 from lifealign_lite.memory.consolidate import LowRank
 
 torch.manual_seed(0)
@@ -27,7 +27,7 @@ def best(fn, n=30):
 def peft_write(folder: Path):
     from peft import LoraConfig
     from safetensors.torch import save_file
-    from lifealign_lite.memory.bank import STORAGE_DTYPE
+    from lifealign_lite.memory.adapter import STORAGE_DTYPE
     folder.mkdir(parents=True, exist_ok=True)
     ranks = {n: max(u.rank, 1) for n, u in update.items()}
     r = max(ranks.values())

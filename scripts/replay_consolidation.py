@@ -19,8 +19,9 @@ import torch
 
 from lifealign_lite.align import consolidate_task, make_embedder
 from lifealign_lite.data import load_pairs
-from lifealign_lite.memory import bank as bank_module
-from lifealign_lite.memory.bank import Bank, read_adapter
+from lifealign_lite.memory import adapter as adapter_module
+from lifealign_lite.memory.adapter import read_adapter
+from lifealign_lite.memory.bank import Bank
 from lifealign_lite.recipe import Recipe
 
 
@@ -28,7 +29,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def main(old_dir: str, new_dir: str, dtype: str = "fp16") -> None:
-    bank_module.STORAGE_DTYPE = DTYPES[dtype]  # the storage precision to measure (the bank's default: fp16)
+    adapter_module.STORAGE_DTYPE = DTYPES[dtype]  # the storage precision to measure (the bank's default: fp16)
     old, new = Bank(Path(old_dir)), Bank(Path(new_dir))
     if new.root.exists():
         sys.exit(f"{new.root}: exists; choose a new folder")

@@ -86,14 +86,15 @@ def build_tiny_base(tokenizer, seed: int = TINY_SEED):
 
 # -- helpers several test modules import (``from conftest import ...``) ----------------------------------------
 
-def invoke_cli(args, home: Path):
-    """``lifealign-lite ARGS`` in-process, with LIFEALIGN_HOME=home and a wide terminal; a clean exit (any code) is
-    fine, an uncaught exception is a bug in the command and fails the test."""
+def invoke_cli(args, home: Path | dict):
+    """``lifealign-lite ARGS`` in-process, with LIFEALIGN_HOME=home (or ``home`` a dict: that environment) and a wide
+    terminal; a clean exit (any code) is fine, an uncaught exception is a bug in the command and fails the test."""
     from typer.testing import CliRunner
 
     from lifealign_lite.cli.app import app
 
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"LIFEALIGN_HOME": str(home), "COLUMNS": "250"})
+    env = {"COLUMNS": "250", **home} if isinstance(home, dict) else {"LIFEALIGN_HOME": str(home), "COLUMNS": "250"}
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
     assert result.exception is None or isinstance(result.exception, SystemExit), f"{args}: {result.exception!r}"
     return result
 
@@ -143,11 +144,39 @@ def tiny_base_factory(tiny_tokenizer) -> Callable[..., object]:
     return lambda seed=TINY_SEED: build_tiny_base(tiny_tokenizer, seed)
 
 
+def require(module: str):
+    """Import a module the test set-up installs (``bash scripts/setup.sh``: the test extra, the embedded models);
+    a missing one fails with the way to install it, never a silent skip. Optional extras that CI does not install
+    (llama-cpp-python) are skipped with their reason instead, where they are used."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is not installed ({exc}); `bash scripts/setup.sh` installs everything the tests need", pytrace=False)
+
+
+def require_path(path: Path, what: str) -> Path:
+    """A file or folder the tests need (../shared's data, the console script): missing fails with what to do."""
+    if not Path(path).exists():
+        pytest.fail(f"{what} missing: {path}; " + ("../shared must point to the shared folder (DESIGN.md, data/)" if "shared" in str(path)
+                                                  else "`bash scripts/setup.sh` installs it"), pytrace=False)
+    return Path(path)
+
+
+def embedded_model_dir(home: Path) -> Path:
+    """The embedded default model (SmolLM2, converted once into ``home``); missing fails with the way to install it."""
+    from lifealign_lite.model import ModelError, default_model_dir
+
+    try:
+        return default_model_dir(home)
+    except ModelError as exc:
+        pytest.fail(f"embedded default model unavailable ({exc}); `bash scripts/setup.sh` installs it", pytrace=False)
+
+
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder missing: {SHARED_DATA}")
-    return SHARED_DATA
+    return require_path(SHARED_DATA, "shared data folder")
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +189,9 @@ def lifealign_home() -> Path:
 
 @pytest.fixture
 def single_thread():
-    """Run tiny-model tests on one thread: on a small shared CPU, thread hand-offs cost more than the math."""
+    """Run a test on one intra-op thread: on a small shared CPU, thread hand-offs cost more than the math (on this
+    shared 2-core CPU, two threads made a real-model run about 6x slower whenever other processes were busy, while one
+    thread costs little when it is idle)."""
     import torch
 
     before = torch.get_num_threads()
@@ -191,11 +222,35 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return folder
 
 
+def tiny_recipe(tiny_model_dir: Path, **overrides):
+    """The recipe of the tiny banks: 2 steps of 2 pairs on the tiny model, routed by its own hidden states."""
+    from lifealign_lite.recipe import load_recipe
+
+    return load_recipe("edge-cpu", {"model": str(tiny_model_dir), "router": "base", "max_steps": 2, "batch_size": 2, "max_pairs": 8, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tiny_bank(tmp_path_factory, tiny_model_dir) -> Path:
     """A bank with one domain (medical, 2 steps of 2 pairs) aligned on the tiny model, routed by its own hidden
     states (no embedding model to load): seconds, for CLI tests that need a bank but not a real model."""
-    from lifealign_lite.recipe import load_recipe
+    return align_examples(tmp_path_factory.mktemp("tiny-bank") / "bank", tmp_path_factory.mktemp("tiny-home"), tiny_recipe(tiny_model_dir), ("medical",))
 
-    recipe = load_recipe("edge-cpu", {"model": str(tiny_model_dir), "router": "base", "max_steps": 2, "batch_size": 2, "max_pairs": 8})
-    return align_examples(tmp_path_factory.mktemp("tiny-bank") / "bank", tmp_path_factory.mktemp("tiny-home"), recipe, ("medical",))
+
+@pytest.fixture
+def tiny_bank_copy(tiny_bank, tmp_path):
+    """A private copy of ``tiny_bank`` for a test that changes it."""
+    return copy_bank(tiny_bank, tmp_path / "bank")
+
+
+@pytest.fixture(scope="session")
+def tiny_two_domain_bank(tmp_path_factory, tiny_model_dir) -> Path:
+    """medical (version 1) then support (version 2) aligned on the tiny model (1 step of 2 pairs, short sequences):
+    the bank the fault tests damage. Tests change a copy (``tiny_two_domain_copy``)."""
+    recipe = tiny_recipe(tiny_model_dir, max_steps=1, max_pairs=4, max_length=64, max_prompt_length=32)
+    return align_examples(tmp_path_factory.mktemp("tiny-two") / "bank", tmp_path_factory.mktemp("tiny-home"), recipe, ("medical", "support"))
+
+
+@pytest.fixture
+def tiny_two_domain_copy(tiny_two_domain_bank, tmp_path):
+    """A private copy of ``tiny_two_domain_bank`` for a test that changes it."""
+    return copy_bank(tiny_two_domain_bank, tmp_path / "bank")

@@ -23,17 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from lifealign_lite.memory.replay import update_replay
 from lifealign_lite.data import Pair
-from lifealign_lite.memory.bank import (
-    Bank,
-    BankError,
-    BankState,
-    STORAGE_DTYPE,
-    adapter_rank,
-    folder_size,
-    read_adapter,
-    replace_adapter,
-    write_adapter,
-)
+from lifealign_lite.memory.adapter import STORAGE_DTYPE, BankError, adapter_rank, read_adapter, replace_adapter, write_adapter
+from lifealign_lite.memory.bank import Bank, folder_size
+from lifealign_lite.memory.state import BankState
 from lifealign_lite.memory.consolidate import LowRank
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None, derandomize=True)
@@ -68,8 +60,7 @@ def inode(path: Path) -> int:
 
 def align_like(bank: Bank, parent: BankState, domain: str, seed: int, *, touch_core: bool = True, keys: bool = True) -> BankState:
     """One consolidation as align does it: (re)write core and the domain's slot, key, history and replay."""
-    pending = bank.begin(parent, event=f"align {domain}")
-    try:
+    with bank.transaction(parent, f"align {domain}", BASE) as pending:
         if touch_core:
             replace_adapter(pending.folder / "core", update(seed), BANK_RANK, TARGETS, BASE["name"])
         replace_adapter(pending.folder / "slots" / domain, update(seed + 100), BANK_RANK, TARGETS, BASE["name"])
@@ -84,10 +75,7 @@ def align_like(bank: Bank, parent: BankState, domain: str, seed: int, *, touch_c
             pending.keys = k
         pending.history = parent.history() + [update(seed, ranks=(1, 1))]
         pending.replay = parent.replay() + [pair(seed * 10 + i, domain) for i in range(3)]
-        return bank.commit(pending, BASE)
-    except BaseException:
-        bank.abort(pending)
-        raise
+    return pending.committed
 
 
 @pytest.fixture
@@ -191,6 +179,17 @@ def test_read_adapter_missing_file_names_path(tmp_path):
 
 
 # -- versions ------------------------------------------------------------------------------------------------
+
+def test_transaction_aborts_on_an_error_and_leaves_the_parent_current(tmp_path):
+    bank = Bank(tmp_path / "bank")
+    s1 = align_like(bank, bank.load(), "medical", seed=1)
+    with pytest.raises(RuntimeError, match="stopped"):
+        with bank.transaction(s1, "a failing step", BASE) as pending:
+            replace_adapter(pending.folder / "slots" / "support", update(9), BANK_RANK, TARGETS, BASE["name"])
+            raise RuntimeError("stopped")
+    assert pending.committed is None and not list((bank.root / "versions").glob(".tmp-*"))
+    assert Bank(bank.root).load().version == 1 and bank.versions_on_disk() == [1] and bank.verify(1).intact
+
 
 def test_begin_commit_versions_share_unchanged_files_as_hard_links(tmp_path):
     bank = Bank(tmp_path / "bank")
@@ -536,7 +535,10 @@ def test_bank_with_one_history_file_loads_and_converts_on_its_next_version(tmp_p
     save_file(old_keys, str(v1 / "keys.safetensors"))  # all domains in one file, as before
     shutil.rmtree(v1 / "keys")
     (v1 / "checksums.json").unlink()  # as old banks were: no checksums either
+    with pytest.raises(BankError, match="checksums.json: missing"):
+        Bank(bank.root).load(1)  # nothing vouches for its files until they are adopted, once and explicitly
     old = Bank(bank.root)
+    assert [c.adopted for c in old.adopt()] == [True]
     got = old.load(1).history()
     assert len(got) == 2 and got[1][MODULES[0]].rank == 2
     torch.testing.assert_close(old.load(1).keys()["medical"], old_keys["medical"])

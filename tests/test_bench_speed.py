@@ -30,6 +30,8 @@ from lifealign_lite.bench.speed import (
     total_tokens,
 )
 
+from conftest import embedded_model_dir, require_path
+
 
 # -- token counting -------------------------------------------------------------------------------------
 
@@ -227,15 +229,8 @@ def test_bench_help_lists_the_commands(env):
 def test_bench_speed_smoke_on_the_default_model(lifealign_home, shared_data):
     """All three variants, 4 pairs, 2 steps, each in its own process; one JSON object on stdout."""
     from lifealign_lite.cli.app import app
-    from lifealign_lite.model import ModelError, default_model_dir
-
-    data = shared_data / "hh-helpful" / "train.jsonl"
-    if not data.is_file():
-        pytest.skip(f"shared data missing: {data}")
-    try:
-        default_model_dir(lifealign_home)  # the one-time GGUF conversion, outside the timed run
-    except ModelError as exc:
-        pytest.skip(f"embedded default model unavailable: {exc}")
+    data = require_path(shared_data / "hh-helpful" / "train.jsonl", "shared data file")
+    embedded_model_dir(lifealign_home)  # the one-time GGUF conversion, outside the timed run
     args = ["bench", "speed", "--data", str(data), "--pairs", "4", "--steps", "2", "--max-length", "128",
             "--threads", "1", "--matmul-size", "512", "--matmul-repeats", "2", "--timeout", "300", "--json"]
     bank_existed = (lifealign_home / "bank").exists()

@@ -19,8 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifealign_lite.memory.bank import Bank, BankError, read_adapter
+from lifealign_lite.memory.adapter import BankError, read_adapter
+from lifealign_lite.memory.bank import Bank
 from lifealign_lite.recipe import load_recipe
+
+from conftest import invoke_cli as invoke
+from conftest import require, require_path
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -44,14 +48,6 @@ def session(bank_dir, lifealign_home):
     return open_session(bank_dir, lifealign_home, load_recipe(None), domain="medical")
 
 
-def invoke(args: list[str], home: Path):
-    from typer.testing import CliRunner
-
-    from lifealign_lite.cli.app import app
-
-    return CliRunner().invoke(app, args, env={"LIFEALIGN_HOME": str(home)})
-
-
 # -- ChatSession ---------------------------------------------------------------------------------------------
 
 @pytest.mark.integration
@@ -65,8 +61,7 @@ def test_ask_with_medical_memory(session):
 
 @pytest.mark.integration
 def test_cli_chat_prints_only_the_answer(session, bank_dir, lifealign_home):
-    if not CLI.is_file():
-        pytest.skip(f"console script not found: {CLI}")
+    require_path(CLI, "the lifealign-lite console script")
     session.history = []
     session.set_domain("medical")
     expected = session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS, keep_history=False).text
@@ -210,9 +205,8 @@ def test_cli_align_refuses_bad_domain_names(name, tmp_path):
 # -- interactive chat in a terminal (tiny model: the answer never ends by itself) -----------------------------
 
 def _spawn_chat(tiny_bank, tiny_model_dir, tmp_path, *extra):
-    pexpect = pytest.importorskip("pexpect")
-    if not CLI.is_file():
-        pytest.skip(f"console script not found: {CLI}")
+    pexpect = require("pexpect")
+    require_path(CLI, "the lifealign-lite console script")
     env = dict(os.environ, LIFEALIGN_HOME=str(tmp_path / "home"), TERM="xterm", COLUMNS="120")
     args = ["chat", "--bank", str(tiny_bank), "--model", str(tiny_model_dir), "--domain", "medical", *extra]
     # a pytest started in the background (`cmd &` in a script) ignores SIGINT, and the child would inherit that

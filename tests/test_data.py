@@ -18,6 +18,8 @@ from lifealign_lite.data import (
     write_pairs,
 )
 
+from conftest import require_path
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 EXAMPLES = REPO / "examples"
@@ -141,8 +143,7 @@ def test_accepts_str_path(tmp_path):
 @pytest.mark.parametrize("folder", ["truthfulqa", "hh-helpful"])
 def test_real_shared_dev_files(folder):
     path = SHARED_DATA / folder / "dev.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
+    require_path(path, "shared data file")
     pairs = load_pairs(path)
     assert len(pairs) > 10
     for pair in pairs:

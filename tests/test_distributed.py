@@ -24,6 +24,8 @@ from lifealign_lite.cli.app import app
 from lifealign_lite.memory.bank import Bank
 from lifealign_lite.recipe import load_recipe
 
+from conftest import require_path
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CLI = Path(sys.executable).parent / "lifealign-lite"
@@ -62,8 +64,7 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def needs_cli():
-    if not CLI.is_file():
-        pytest.skip(f"console script not found: {CLI}")
+    require_path(CLI, "the lifealign-lite console script")
 
 
 def test_two_processes_train_what_one_process_trains(tiny_model_dir, home, tmp_path, single_thread):

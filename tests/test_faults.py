@@ -31,10 +31,12 @@ from typer import Exit
 from lifealign_lite.memory.replay import REPLAY_MAX_CHARS, update_replay
 from lifealign_lite.cli.app import build_recipe
 from lifealign_lite.data import Pair
-from lifealign_lite.memory.bank import CHECKSUMS, Bank, BankError
+from lifealign_lite.memory.adapter import BankError
+from lifealign_lite.memory.bank import Bank
+from lifealign_lite.memory.integrity import CHECKSUMS
 from lifealign_lite.recipe import RecipeError, load_recipe
 
-from conftest import align_examples, copy_bank, reaped
+from conftest import reaped, require_path
 from conftest import invoke_cli as invoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,39 +46,13 @@ GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 # Tiny runs: 1 step of 2 pairs, short sequences, the base model's own hidden states as routing embedder.
 TINY = ["--max-steps", "1", "--max-pairs", "4", "--batch-size", "2", "--set", "router=base", "--set", "max_length=64",
         "--set", "max_prompt_length=32"]
-TINY_OVERRIDES = {"max_steps": 1, "max_pairs": 4, "batch_size": 2, "router": "base", "max_length": 64, "max_prompt_length": 32}
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_tokenizer) -> Path:
-    """The conftest's tiny Llama saved as a model folder that `--model PATH` loads (safetensors)."""
-    from conftest import build_tiny_base
-
-    folder = tmp_path_factory.mktemp("tiny-model") / "tiny-llama"
-    base = build_tiny_base(tiny_tokenizer)
-    base.model.save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("home")
-
-
-@pytest.fixture(scope="module")
-def tiny_bank(tmp_path_factory, tiny_model, home) -> Path:
-    """medical (version 1) then support (version 2), aligned with the tiny model in-process."""
-    recipe = load_recipe(None, {**TINY_OVERRIDES, "model": str(tiny_model)})
-    return align_examples(tmp_path_factory.mktemp("tiny-bank") / "bank", home, recipe, ("medical", "support"))
-
-
-@pytest.fixture
-def bank(tiny_bank, tmp_path) -> Bank:
-    """A private copy of the two-version bank."""
-    return copy_bank(tiny_bank, tmp_path / "bank")
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -282,7 +258,8 @@ BANK_CASES = {"export-to-a-file": _export_to_file, "export-into-the-bank": _expo
 
 
 @pytest.mark.parametrize("case", list(BANK_CASES))
-def test_bad_input_with_a_bank_is_one_line_and_writes_nothing(case, bank, tmp_path):
+def test_bad_input_with_a_bank_is_one_line_and_writes_nothing(case, tiny_two_domain_copy, tmp_path):
+    bank = tiny_two_domain_copy
     args, needles = BANK_CASES[case](bank, tmp_path)
     before = digests(bank.root)
     result = invoke([*args, "--bank", bank.root], tmp_path / "home")
@@ -290,9 +267,10 @@ def test_bad_input_with_a_bank_is_one_line_and_writes_nothing(case, bank, tmp_pa
     assert digests(bank.root) == before
 
 
-def test_eval_lone_surrogate_names_file_and_line(bank, tmp_path, tiny_model):
+def test_eval_lone_surrogate_names_file_and_line(tiny_two_domain_copy, tmp_path, tiny_model_dir):
+    bank = tiny_two_domain_copy
     data = write_lines(tmp_path / "d.jsonl", [GOOD, '{"prompt": "\\udfff", "chosen": "a", "rejected": "b"}'])
-    result = invoke(["eval", data, "--domain", "medical", "--model", tiny_model, "--bank", bank.root], tmp_path / "home")
+    result = invoke(["eval", data, "--domain", "medical", "--model", tiny_model_dir, "--bank", bank.root], tmp_path / "home")
     assert_one_line_error(result, f"{data}:2:", "surrogate")
 
 
@@ -311,14 +289,16 @@ def test_replay_buffer_clips_huge_pairs():
 DAMAGED_FILES = ["manifest.json", "state.json", CHECKSUMS, "core/adapter_model.safetensors", "core/adapter_config.json",
                  "slots/support/adapter_model.safetensors", "slots/support/adapter_config.json", "keys/support.safetensors",
                  "key_texts.json", "router.safetensors", "history/0001.safetensors", "replay.jsonl"]
-LEGACY_EDITS = {  # damage that parses as JSON but is not a bank file: found by the structure checks of unverified versions
+LEGACY_EDITS = {  # damage that parses as JSON but is not a bank file: found by the structure checks `memory verify --adopt` runs
     "state.json {}": ("state.json", b"{}"),
     "pairs_seen null": ("state.json", None),
-    "manifest []": ("manifest.json", b"[]"),
 }
 
 
 def damage(path: Path, how: str) -> None:
+    if how == "delete":
+        path.unlink()
+        return
     data = path.read_bytes()
     if how == "truncate":
         path.write_bytes(data[: len(data) // 2])
@@ -355,31 +335,94 @@ def run_matrix(bank: Bank, tmp: Path, tiny_model: Path, rel: str, what: str) -> 
     return tried
 
 
-@pytest.mark.parametrize("how", ["truncate", "garble"])
-@pytest.mark.parametrize("rel", DAMAGED_FILES)
-def test_damaged_bank_file_stops_every_command_with_one_line(bank, tmp_path, tiny_model, rel, how):
+# (file, how): every file truncated and garbled, and the two files whose absence used to pass for intact: a deleted
+# manifest (align started the bank over) and a deleted checksums.json (the version was "unverified" and used)
+MATRIX = [(rel, how) for rel in DAMAGED_FILES for how in ("truncate", "garble")] + [("manifest.json", "delete"), (CHECKSUMS, "delete")]
+
+
+@pytest.mark.parametrize("rel,how", MATRIX)
+def test_damaged_bank_file_stops_every_command_with_one_line(tiny_two_domain_copy, tmp_path, tiny_model_dir, rel, how):
+    bank = tiny_two_domain_copy
     path = bank.root / rel if rel == "manifest.json" else bank.version_dir(2) / rel
     damage(path, how)
-    tried = run_matrix(bank, tmp_path, tiny_model, rel, how)
-    if rel not in ("manifest.json",):
+    tried = run_matrix(bank, tmp_path, tiny_model_dir, rel, how)
+    if rel == "manifest.json":
+        assert "memory repair" in invoke(["memory", "list", "--bank", bank.root], tmp_path / "home").stderr
+    else:
         line = bank.way_out(2)
         assert "rollback 1" in line, line  # support's slot and every file rewritten in v2 leave v1 intact
-        verify = invoke(["memory", "verify", "--all", "--bank", bank.root], tmp_path / "home")
-        assert verify.exit_code == 1 and rel in verify.stdout and "Traceback" not in verify.stdout + verify.stderr
+    verify = invoke(["memory", "verify", "--all", "--bank", bank.root], tmp_path / "home")
+    assert verify.exit_code == 1 and rel in verify.stdout + verify.stderr and "Traceback" not in verify.stdout + verify.stderr, verify.output
     print(f"faults: matrix {rel} {how}: {tried} commands, tracebacks 0")
+
+
+@pytest.mark.parametrize("damaged", ["deleted", "garbled", "not a manifest ([])"])
+def test_memory_repair_rebuilds_the_manifest_from_the_versions_that_verify(tiny_two_domain_copy, tmp_path, damaged):
+    bank = tiny_two_domain_copy
+    versions = json.loads(bank.manifest_path.read_text())["versions"]
+    if damaged == "deleted":
+        bank.manifest_path.unlink()
+    else:
+        bank.manifest_path.write_bytes(b"[]" if damaged.endswith("([])") else b"\x00garbled{")
+    old = bank.manifest_path.read_bytes() if bank.manifest_path.exists() else None
+    result = invoke(["memory", "repair", "--bank", bank.root], tmp_path / "home")
+    assert result.exit_code == 0 and "versions 1, 2, current 2" in result.stderr, result.output
+    manifest = Bank(bank.root).manifest()
+    assert manifest["current"] == 2 and [v["version"] for v in manifest["versions"]] == [1, 2, 2]
+    assert [v["event"] for v in manifest["versions"][:2]] == [v["event"] for v in versions]
+    assert manifest["base"]["fingerprint"] == json.loads((bank.version_dir(2) / "state.json").read_text())["base"]["fingerprint"]
+    kept = sorted(bank.root.glob("manifest.json.damaged-*"))
+    assert ([p.read_bytes() for p in kept] == [old]) if old is not None else not kept  # the damaged manifest is kept aside, not lost
+    assert invoke(["memory", "rollback", "1", "--bank", bank.root], tmp_path / "home").exit_code == 0
+    assert Bank(bank.root).load().version == 1
+    again = invoke(["memory", "repair", "--bank", bank.root], tmp_path / "home")
+    assert again.exit_code == 0 and "nothing to repair" in again.stderr
+
+
+def test_memory_repair_leaves_out_damaged_versions_and_takes_the_base_from_a_run(tiny_two_domain_copy, tmp_path):
+    """A version that does not verify is not listed (verify --all still shows it); a version written before
+    state.json recorded the base model gets it from the summary of the run it consolidated."""
+    bank = tiny_two_domain_copy
+    base = bank.manifest()["base"]
+    for v in (1, 2):
+        state = json.loads((bank.version_dir(v) / "state.json").read_text())
+        del state["base"]
+        (bank.version_dir(v) / "state.json").write_text(json.dumps(state))  # as older banks were; the checksum no longer matches
+    assert invoke(["memory", "verify", "--adopt", "--bank", bank.root], tmp_path / "home").exit_code == 1  # nothing to adopt: damaged
+    for v in (1, 2):
+        (bank.version_dir(v) / CHECKSUMS).unlink()
+    assert invoke(["memory", "verify", "--adopt", "--bank", bank.root], tmp_path / "home").exit_code == 0
+    damage(bank.version_dir(2) / "router.safetensors", "truncate")
+    bank.manifest_path.unlink()
+    result = invoke(["memory", "repair", "--bank", bank.root], tmp_path / "home")
+    assert result.exit_code == 0 and "versions 1, current 1" in result.stderr and "left out as damaged: 2" in result.stderr, result.output
+    assert Bank(bank.root).manifest()["base"] == base
+    assert sorted(Bank(bank.root).load().domains) == ["medical"]
+
+
+def test_memory_repair_refuses_when_no_version_verifies(tiny_two_domain_copy, tmp_path):
+    bank = tiny_two_domain_copy
+    for v in (1, 2):
+        (bank.version_dir(v) / CHECKSUMS).unlink()
+    bank.manifest_path.unlink()
+    before = digests(bank.root)
+    assert_one_line_error(invoke(["memory", "repair", "--bank", bank.root], tmp_path / "home"), "no version on disk verifies", "--adopt")
+    assert digests(bank.root) == before
 
 
 @pytest.mark.parametrize("case", ["truncate core", "truncate slot", "garble keys", "garble adapter_config", "truncate history",
                                   "garble replay", *LEGACY_EDITS])
-def test_damaged_bank_without_checksums_is_still_caught(bank, tmp_path, tiny_model, case):
-    """A bank written before checksums existed opens after a structure check; damage there is one line too."""
+def test_adopt_records_checksums_only_for_versions_whose_files_parse(tiny_two_domain_copy, tmp_path, tiny_model_dir, case):
+    """A bank written before checksums existed is damaged until `memory verify --adopt` records them, which it does
+    only for a version whose every file parses as what its name says; damage there keeps the version refused."""
+    bank = tiny_two_domain_copy
     for v in (1, 2):
         (bank.version_dir(v) / CHECKSUMS).unlink()
     files = {"core": "core/adapter_model.safetensors", "slot": "slots/support/adapter_model.safetensors", "keys": "keys/support.safetensors",
              "adapter_config": "slots/support/adapter_config.json", "history": "history/0001.safetensors", "replay": "replay.jsonl"}
     if case in LEGACY_EDITS:
         rel, content = LEGACY_EDITS[case]
-        path = bank.root / rel if rel == "manifest.json" else bank.version_dir(2) / rel
+        path = bank.version_dir(2) / rel
         if content is None:
             state = json.loads(path.read_text())
             state["domains"]["medical"]["pairs_seen"] = None
@@ -388,26 +431,37 @@ def test_damaged_bank_without_checksums_is_still_caught(bank, tmp_path, tiny_mod
     else:
         how, kind = case.split()
         rel = files[kind]
-        path = bank.version_dir(2) / rel
-        damage(path, how)
-    run_matrix(bank, tmp_path, tiny_model, rel, case)
+        damage(bank.version_dir(2) / rel, how)
+    result = invoke(["memory", "verify", "--adopt", "--bank", bank.root], tmp_path / "home")
+    assert result.exit_code == 1 and rel in result.stdout and "checksums recorded now" in result.stdout, result.output
+    assert (bank.version_dir(1) / CHECKSUMS).is_file() and not (bank.version_dir(2) / CHECKSUMS).exists()
+    run_matrix(bank, tmp_path, tiny_model_dir, CHECKSUMS, case)
 
 
-def test_intact_bank_verifies_and_old_banks_are_unverified(bank, tmp_path):
+def test_a_version_without_checksums_is_damaged_until_adopted(tiny_two_domain_copy, tmp_path):
+    """Changed on purpose (issue 26): a version whose checksums.json is gone used to open as "unverified"; now it is
+    damaged (nothing vouches for its files) until `memory verify --adopt` records them, explicitly."""
+    bank = tiny_two_domain_copy
     result = invoke(["memory", "verify", "--all", "--bank", bank.root], tmp_path / "home")
-    assert result.exit_code == 0 and result.stdout.count(" ok ") == 2 and "unverified" not in result.stdout, result.stdout
+    assert result.exit_code == 0 and result.stdout.count(" ok ") == 2, result.stdout
     sums = json.loads((bank.version_dir(2) / CHECKSUMS).read_text())["files"]
     v1 = json.loads((bank.version_dir(1) / CHECKSUMS).read_text())["files"]
     assert set(sums) == {str(p.relative_to(bank.version_dir(2))) for p in bank.version_dir(2).rglob("*") if p.is_file() and p.name != CHECKSUMS}
     assert sums["slots/medical/adapter_model.safetensors"] == v1["slots/medical/adapter_model.safetensors"]  # shared with v1
     (bank.version_dir(2) / CHECKSUMS).unlink()
     result = invoke(["memory", "verify", "--bank", bank.root], tmp_path / "home")
-    assert result.exit_code == 0 and "unverified" in result.stdout
-    assert bank.load().version == 2  # an old bank still opens
+    assert result.exit_code == 1 and "--adopt" in result.stdout, result.stdout
+    with pytest.raises(BankError, match=r"checksums.json: missing .*--adopt.* version 2 is damaged; .*rollback 1"):
+        Bank(bank.root).load()
+    result = invoke(["memory", "verify", "--adopt", "--bank", bank.root], tmp_path / "home")
+    assert result.exit_code == 0 and "checksums recorded now" in result.stdout, result.stdout
+    assert json.loads((bank.version_dir(2) / CHECKSUMS).read_text())["files"] == sums
+    assert Bank(bank.root).load().version == 2
 
 
-def test_new_file_in_a_version_is_covered(bank):
+def test_new_file_in_a_version_is_covered(tiny_two_domain_copy):
     """Whatever a version holds is recorded: a file kind the bank does not know yet too."""
+    bank = tiny_two_domain_copy
     state = bank.load()
     pending = bank.begin(state, event="new kind of file")
     (pending.folder / "future-weights.safetensors").write_bytes(b"0" * 64)
@@ -479,9 +533,9 @@ def kill_loop(bank: Bank, tiny_model: Path, home: Path, tmp: Path, kills: int, s
 
 
 def _kill_test(bank, tiny_model, home, tmp_path, kills):
-    if not CLI.is_file():
-        pytest.skip(f"console script not found: {CLI}")
-    seed = int(os.environ.get("FAULTS_SEED", time.time_ns() % 10_000))
+    require_path(CLI, "the lifealign-lite console script")
+    seed = int(os.environ.get("FAULTS_SEED") or time.time_ns() % 10_000)
+    print(f"faults: sigkill seed {seed} (replay this run with FAULTS_SEED={seed})")  # shown with a failure too
     counts = kill_loop(bank, tiny_model, home, tmp_path, kills, seed)
     print(f"faults: sigkill seed {seed}: {counts['runs']} runs, {counts['killed']} killed ({counts['in commit']} inside the version commit), "
           f"{counts['finished']} finished first, "
@@ -489,10 +543,10 @@ def _kill_test(bank, tiny_model, home, tmp_path, kills):
     assert counts["killed"] >= kills, counts
 
 
-def test_sigkill_align_at_random_moments(bank, tiny_model, home, tmp_path):
-    _kill_test(bank, tiny_model, home, tmp_path, kills=5)
+def test_sigkill_align_at_random_moments(tiny_two_domain_copy, tiny_model_dir, home, tmp_path):
+    _kill_test(tiny_two_domain_copy, tiny_model_dir, home, tmp_path, kills=5)
 
 
 @pytest.mark.slow
-def test_sigkill_align_at_random_moments_many(bank, tiny_model, home, tmp_path):
-    _kill_test(bank, tiny_model, home, tmp_path, kills=20)
+def test_sigkill_align_at_random_moments_many(tiny_two_domain_copy, tiny_model_dir, home, tmp_path):
+    _kill_test(tiny_two_domain_copy, tiny_model_dir, home, tmp_path, kills=20)

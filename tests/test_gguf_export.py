@@ -22,13 +22,13 @@ from lifealign_lite.gguf_export import (
     write_adapter_gguf,
     write_merged_gguf,
 )
-from lifealign_lite.memory.bank import Bank, read_adapter
+from lifealign_lite.memory.adapter import read_adapter
 from lifealign_lite.memory.consolidate import LowRank
 
-from conftest import copy_bank
 from conftest import invoke_cli as invoke
+from conftest import require
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 
 
 def write_base_gguf(model_dir: Path, out: Path, arch: str = "llama", drop: str | None = None) -> Path:
@@ -61,11 +61,6 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
     return write_base_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
-@pytest.fixture
-def bank(tiny_bank, tmp_path) -> Bank:
-    return copy_bank(tiny_bank, tmp_path / "bank")
-
-
 def one_line_error(result) -> str:
     assert result.exit_code != 0, result.output
     text = (result.stderr or result.output).strip()
@@ -77,7 +72,8 @@ def tensors_of(path: Path) -> dict[str, np.ndarray]:
     return {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
 
 
-def test_adapter_gguf_passes_structure_and_reproduces_each_update(bank, tiny_gguf, tiny_model_dir, tmp_path):
+def test_adapter_gguf_passes_structure_and_reproduces_each_update(tiny_bank_copy, tiny_gguf, tiny_model_dir, tmp_path):
+    bank = tiny_bank_copy
     out = tmp_path / "medical.gguf"
     result = invoke(["memory", "export", "medical", out, "--format", "gguf", "--base-gguf", tiny_gguf, "--bank", bank.root], tmp_path / "home")
     assert result.exit_code == 0, result.output
@@ -102,7 +98,8 @@ def test_adapter_gguf_passes_structure_and_reproduces_each_update(bank, tiny_ggu
 
 
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-def test_merged_gguf_holds_base_plus_update(bank, tiny_gguf, tmp_path, outtype):
+def test_merged_gguf_holds_base_plus_update(tiny_bank_copy, tiny_gguf, tmp_path, outtype):
+    bank = tiny_bank_copy
     out = tmp_path / f"merged-{outtype}.gguf"
     result = invoke(["memory", "export", "medical", out, "--format", "gguf-merged", "--outtype", outtype, "--base-gguf", tiny_gguf,
                      "--bank", bank.root], tmp_path / "home")
@@ -153,7 +150,8 @@ def test_unmappable_modules_are_refused(tiny_gguf, tmp_path, module, message):
     assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.glob(".a.gguf.*"))
 
 
-def test_export_refusals_are_one_line(bank, tiny_model_dir, tiny_gguf, tmp_path):
+def test_export_refusals_are_one_line(tiny_bank_copy, tiny_model_dir, tiny_gguf, tmp_path):
+    bank = tiny_bank_copy
     home = tmp_path / "home"
     gpt2 = write_base_gguf(tiny_model_dir, tmp_path / "gpt2.gguf", arch="gpt2")
     cases = [
@@ -196,7 +194,8 @@ def test_compare_logprobs_counts_flips_and_how_near_they_were():
     assert compare_logprobs(want, want)["disagreement_gaps"] == []
 
 
-def test_parity_without_llama_cpp_says_so(bank, tiny_gguf, tmp_path, monkeypatch):
+def test_parity_without_llama_cpp_says_so(tiny_bank_copy, tiny_gguf, tmp_path, monkeypatch):
+    bank = tiny_bank_copy
     import sys
 
     if "llama_cpp" not in sys.modules:

@@ -16,39 +16,27 @@ import torch
 from lifealign_lite.align import align
 from lifealign_lite.data import load_pairs, pairs_hash
 from lifealign_lite.losses import fpo_loss
-from lifealign_lite.model import DEFAULT_MODEL_NAME, ModelError, default_model_dir, load_base
+from lifealign_lite.model import DEFAULT_MODEL_NAME, default_model_dir, load_base
 from lifealign_lite.recipe import load_recipe
 from lifealign_lite.train import score_pairs, tokenize_pairs
 
-pytestmark = pytest.mark.integration
+from conftest import embedded_model_dir, require_path
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_thread")]  # one thread: see conftest
 
 N_PAIRS = 16
 SUMMARY_KEYS = {"data_hash", "pairs", "steps", "reward_acc_start", "reward_acc_end", "timings_s"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on this shared 2-core CPU, two threads made the run about 6x slower whenever other
-    processes were busy (threads wait on a descheduled peer), while one thread costs little when it is idle."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(lifealign_home) -> Path:
-    try:
-        return default_model_dir(lifealign_home)
-    except ModelError as exc:
-        pytest.skip(f"embedded default model unavailable: {exc}")
+    return embedded_model_dir(lifealign_home)
 
 
 @pytest.fixture(scope="module")
 def truthfulqa_16(tmp_path_factory) -> Path:
     src = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "truthfulqa" / "train.jsonl"
-    if not src.is_file():
-        pytest.skip(f"shared data missing: {src}")
+    require_path(src, "shared data file")
     lines = src.read_text(encoding="utf-8").splitlines()[:N_PAIRS]
     out = tmp_path_factory.mktemp("data") / "truthfulqa16.jsonl"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")

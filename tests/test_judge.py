@@ -17,6 +17,8 @@ import pytest
 from lifealign_lite.data import Pair
 from lifealign_lite.judge import Judge, JudgeError, judge_pairs, load_rubric, parse_score, rubric_dir
 
+from conftest import invoke_cli as invoke
+
 DOMAINS = ["default", "truthfulqa", "hh-harmless", "hh-helpful", "safe-rlhf", "medical", "support"]
 CANNED = "The answer is fine.\nScore: 8"
 MAX_REQUESTS = 20  # the fake server refuses (HTTP 429) anything beyond this: no test can loop on it
@@ -313,16 +315,6 @@ def cli_env(tmp_path, monkeypatch, tiny_base):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p.to_json()) + "\n" for p in three_pairs()), encoding="utf-8")
     return {"LIFEALIGN_HOME": str(tmp_path / "home"), "COLUMNS": "200", "JUDGE_TEST_KEY": "sk-cli"}, data
-
-
-def invoke(args, env):
-    from typer.testing import CliRunner
-
-    from lifealign_lite.cli.app import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
 
 
 def test_eval_with_judge_cli(cli_env, fake_judge, single_thread):

@@ -25,11 +25,13 @@ import torch
 
 from lifealign_lite.align import align, pick_domain
 from lifealign_lite.data import load_pairs, pairs_hash
-from lifealign_lite.memory.bank import Bank, BankError, BankState, read_adapter, replace_adapter
+from lifealign_lite.memory.adapter import BankError, read_adapter, replace_adapter
+from lifealign_lite.memory.bank import Bank
+from lifealign_lite.memory.state import BankState
 from lifealign_lite.memory.consolidate import LowRank
 from lifealign_lite.recipe import load_recipe
 
-from conftest import reaped
+from conftest import reaped, require_path
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -176,8 +178,7 @@ def test_bank_of_another_base_is_refused(bank2, lifealign_home, tmp_path):
 
 @pytest.mark.integration
 def test_sigkill_while_consolidating_leaves_a_whole_version(bank2, lifealign_home, tmp_path):
-    if not CLI.is_file():
-        pytest.skip(f"console script not found: {CLI}")
+    require_path(CLI, "the lifealign-lite console script")
     bank = private_copy(bank2, tmp_path / "bank", runs=False)
     old = {v: file_digests(bank.version_dir(v)) for v in (1, 2)}
     env = dict(os.environ, LIFEALIGN_HOME=str(lifealign_home))

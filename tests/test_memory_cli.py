@@ -22,11 +22,13 @@ def three_versions(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture
-def bank(three_versions, tmp_path) -> Bank:
+def three_version_copy(three_versions, tmp_path) -> Bank:
+    """A private copy of ``three_versions`` for a test that changes it."""
     return copy_bank(three_versions, tmp_path / "bank")
 
 
-def test_list_shows_rank_bytes_and_bank_against_its_loras(bank, tmp_path):
+def test_list_shows_rank_bytes_and_bank_against_its_loras(three_version_copy, tmp_path):
+    bank = three_version_copy
     result = invoke(["memory", "list", "--json", "--bank", bank.root], tmp_path / "home")
     assert result.exit_code == 0, result.output
     listing = json.loads(result.stdout)
@@ -48,7 +50,8 @@ def test_list_shows_rank_bytes_and_bank_against_its_loras(bank, tmp_path):
     assert "short-term LoRAs it was built from" in table.stderr
 
 
-def test_gc_keeps_rollback_to_kept_versions_and_refuses_removed_ones(bank, tmp_path):
+def test_gc_keeps_rollback_to_kept_versions_and_refuses_removed_ones(three_version_copy, tmp_path):
+    bank = three_version_copy
     home = tmp_path / "home"
     result = invoke(["memory", "gc", "--keep", "2", "--bank", bank.root], home)
     assert result.exit_code == 0, result.output

