@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Iterator
 from ..errors import LifeAlignError
 from ..files import atomic_write as _atomic_write, fsync_dir as _fsync_dir, fsync_tree as _fsync_tree
 from ..data import DataError, Pair, file_sha256, load_pairs, write_pairs
+from ..model import PEFT_PREFIX
 from .consolidate import LowRank
 from .router import Router, fit_router
 
@@ -78,7 +79,6 @@ _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 # (torch.float16: the module attribute is made on first use, so that reading a bank imports no torch; see __getattr__)
 HISTORY_DIR = "history"
 KEYS_DIR = "keys"
-PEFT_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules
 
 
 def __getattr__(name: str):
