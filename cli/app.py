@@ -95,8 +95,9 @@ def align(
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # a long saved path wraps instead of being cut
     for key, val in [
-        ("pairs trained / given", f"{s['pairs_trained']} / {s['pairs']}"),
-        ("replayed pairs trained / mixed in", f"{s['replayed_trained']} / {s['replayed_pairs']}"), ("steps", s["steps"]), ("reward acc start → end", f"{s['reward_acc_start']:.2f} → {s['reward_acc_end']:.2f}"),
+        ("distinct pairs trained / given", f"{s['pairs_trained']} / {s['pairs']}"),
+        ("distinct replayed pairs trained / mixed in", f"{s['replayed_trained']} / {s['replayed_pairs']}"),
+        ("pairs drawn (steps x batch, repeats and replay included)", s["trained_pairs"]), ("steps", s["steps"]), ("reward acc start → end", f"{s['reward_acc_start']:.2f} → {s['reward_acc_end']:.2f}"),
         ("loss start → end", f"{s['loss_start']:.4f} → {s['loss_end']:.4f}"), ("pairs/s", s["pairs_per_s"]),
         ("truncated (prompt / response)", f"{s['truncated_prompts']} / {s['truncated_responses']}"),
         ("wall time", f"{s['timings_s']['total']} s"), ("peak memory", f"{s['peak_rss_mb']:.0f} MB"), ("saved", str(result.run_dir)),
@@ -150,14 +151,15 @@ def route_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Say which memory chat would use for TEXT or a conversation, with each domain's probability."""
-    from lifealign_lite.memory.router import make_embedder
-    from lifealign_lite.memory.bank import Bank
-    from lifealign_lite.memory.router import prompt_text
-
     if (text is None) == (messages is None):
         fail("give a prompt TEXT or --messages FILE (one of them)")
     conversation = text if messages is None else read_messages(messages)
-    bank_ = Bank(existing_bank(bank))
+    bank_dir = existing_bank(bank)
+    status("route: loading the bank's router and its prompt embedder ...")  # before the slow imports
+    from lifealign_lite.memory.bank import Bank
+    from lifealign_lite.memory.router import make_embedder, prompt_text
+
+    bank_ = Bank(bank_dir)
     state = bank_.load()
     if not state.domains:
         fail(f"{bank_.root}: no domains aligned yet; run `lifealign-lite align DATA --domain NAME` first")
@@ -219,12 +221,9 @@ def eval_cmd(
 ) -> None:
     """Preference accuracy (implicit reward vs the base), length-normalized accuracy and mean reward margin;
     with --judge, also the mean LLM-judge score (1-10, one rubric per domain) of generated answers."""
-    from lifealign_lite.chat import open_session
     from lifealign_lite.data import load_pairs
     from lifealign_lite.distributed import refuse_launcher
-    from lifealign_lite.evaluate import evaluate
     from lifealign_lite.judge import Judge, judge_pairs
-    from lifealign_lite.progress import reporter_for
 
     refuse_launcher("eval")  # scoring a dev split takes seconds to minutes: one process
     rcp = build_recipe(recipe, sets, **flags)
@@ -238,8 +237,15 @@ def eval_cmd(
         judge = Judge(judge_url, model=judge_model, api_key=api_key)
         judge.check()
     pairs = load_pairs(data, max_pairs=max_pairs, seed=rcp.seed)
-    session = open_session(existing_bank(bank), home_dir(), rcp, domain=domain, note=status)
-    with reporter_for(err) as reporter:
+    bank_dir = existing_bank(bank)
+    status(f"eval: {len(pairs)} pair{'s' if len(pairs) != 1 else ''} of {data}; loading the model and the bank's memory ...")  # before the slow imports
+    from lifealign_lite.chat import open_session
+    from lifealign_lite.evaluate import evaluate
+    from lifealign_lite.progress import reporter_for
+
+    with reporter_for(err) as reporter:  # its heartbeat covers the model load too
+        session = open_session(bank_dir, home_dir(), rcp, domain=domain, note=status)
+        reporter.note(f"scoring {len(pairs)} pairs with the base model, then with memory '{domain}'")
         result = evaluate(session, pairs, rcp, domain, reporter=reporter).summary
         if judge is not None:
             judged = judge_pairs(session, pairs, judge, domain, max_new_tokens=judge_max_new_tokens, reporter=reporter)

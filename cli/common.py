@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from typer.core import TyperGroup
 
@@ -23,8 +23,27 @@ from lifealign_lite.errors import LifeAlignError
 
 # Plain (click-style) help: a flag shows no type placeholder, an option shows what it takes; -h works everywhere.
 HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
-err = Console(stderr=True)
-out = Console()
+PIPE_WIDTH = 1000  # a table written to a file or a pipe is as wide as its content, up to this
+
+
+class WideWhenPiped(Console):
+    """A console that, writing to a file or a pipe (and without COLUMNS set), is not cut at the terminal's 80 columns:
+    a table there is as wide as its content, so paths and times are shown whole (`memory show NAME | cat`)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self._width is None and not self.is_terminal and "COLUMNS" not in self._environ:
+            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size) -> None:
+        Console.size.fset(self, new_size)
+
+
+err = WideWhenPiped(stderr=True)
+out = WideWhenPiped()
 
 
 def home_dir() -> Path:
@@ -53,7 +72,7 @@ def status(message: str) -> None:
 
 def report_error(exc: LifeAlignError) -> None:
     """A user error on stderr: invalid data as one ``FILE:LINE: what; what to do`` per line (at most
-    data.MAX_SHOWN_PROBLEMS, then how many more), anything else as one ``error:`` line. In a data-parallel run
+    errors.MAX_SHOWN_PROBLEMS, then how many more), anything else as one ``error:`` line. In a data-parallel run
     only the main process prints it (the others stop with the same exit code, silently)."""
     from lifealign_lite.data import DataError
     from lifealign_lite.distributed import is_main_process
@@ -62,13 +81,22 @@ def report_error(exc: LifeAlignError) -> None:
         return
     if isinstance(exc, DataError):
         for line in str(exc).splitlines():
-            err.print(line, highlight=False, soft_wrap=True, markup=False)
+            if line.startswith("... and "):  # the count of problems not shown
+                err.print(line, highlight=False, soft_wrap=True, markup=False)
+            else:
+                error_line(line)
     else:
         error_line(str(exc))
 
 
+# click's usage error (a mistyped flag or command, a missing argument), reached through typer's public BadParameter
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 class App(TyperGroup):
-    """The command group that turns a user error into one line and exit code 2 (sub-apps run inside it)."""
+    """The command group that turns a user error into one line and exit code 2 (sub-apps run inside it): a
+    :class:`LifeAlignError`, and a usage mistake in a command's flags (``error: No such option: --lrr (Possible
+    options: --lr); see `lifealign-lite align --help``` instead of click's four-line usage block)."""
 
     def invoke(self, ctx):
         try:
@@ -76,6 +104,12 @@ class App(TyperGroup):
         except LifeAlignError as exc:
             report_error(exc)
             raise typer.Exit(2) from None
+        except _USAGE_ERROR as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group (`lifealign-lite memory`): its help, as asked
+                raise
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            error_line(f"{exc.format_message().rstrip('.')}; see `{where} --help`")
+            raise typer.Exit(exc.exit_code) from None
 
 
 def relaunch_args(ctx, drop: set[str] = frozenset()) -> list[str]:

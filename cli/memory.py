@@ -121,6 +121,7 @@ def rm_cmd(name: str, bank: Optional[Path] = BankOpt) -> None:
     """Remove a domain's slot, key and replay pairs (as a new version; `rollback` undoes it)."""
     b = _bank(bank)
     b.require()  # before the lock, which would create the folder
+    err.print(f"removing {name} and refitting the router over the other domains ...", highlight=False, soft_wrap=True)
     with b.lock():
         state = b.remove_domain(name, b.manifest()["base"])
     err.print(f"removed {name}'s slot, key and replay pairs; bank is now at version {state.version}. The core keeps what every task taught it "
@@ -249,12 +250,14 @@ def export_cmd(
         _fail("--check and --base-gguf go with --format gguf or gguf-merged")
     if check is not None and (not check.is_file() or check_n < 1):
         _fail(f"--check {check}: not a pairs file" if not check.is_file() else f"--check-n must be at least 1, got {check_n}")
+    root = _bank(bank).root
+    err.print(f"export: {'every entry' if all_entries else name} as {fmt} (loading the model) ...", highlight=False, soft_wrap=True)
     if all_entries:
-        result = export_all(_bank(bank).root, Path(name), home_dir(), load_recipe(None))
+        result = export_all(root, Path(name), home_dir(), load_recipe(None))
     else:
-        result = export_entry(_bank(bank).root, name, out_dir, fmt, home_dir(), load_recipe(None), base_gguf, outtype)
+        result = export_entry(root, name, out_dir, fmt, home_dir(), load_recipe(None), base_gguf, outtype)
         if check is not None:
-            result["parity"] = gguf_parity(_bank(bank).root, name, out_dir, check, check_n, home_dir(), load_recipe(None), base_gguf)
+            result["parity"] = gguf_parity(root, name, out_dir, check, check_n, home_dir(), load_recipe(None), base_gguf)
     if all_entries:
         err.print(f"exported {', '.join(result['names'])} as PEFT folders to {result['out']}; serve them with vLLM:", highlight=False, soft_wrap=True)
         print(result["vllm"])

@@ -1,8 +1,8 @@
 """Loading, validating and writing preference data.
 
-Sources: a JSON Lines file (checked line by line with the standard library), or through Hugging Face
-``datasets`` a dataset folder (``save_to_disk``), a parquet file, a JSON array file, or a hub dataset id when
-online; every row is checked the same way, problems reported as ``SOURCE: row N: ...``.
+Sources (read by :mod:`lifealign_lite.readers`): a JSON Lines file, or through Hugging Face ``datasets`` a dataset
+folder (``save_to_disk``), a parquet file, a JSON array file, or a hub dataset id when online; every row is checked
+the same way, problems reported as ``FILE:LINE: ...`` or ``SOURCE: row N: ...``.
 
 Two input formats are accepted, the ones TRL's preference trainers use:
 
@@ -22,8 +22,8 @@ becomes ``[{"role": "assistant", "content": "y"}]``.
 problems at once in a :class:`DataError`, each as ``FILE:LINE: what is wrong;
 what to do``.
 
-Over 400 lines on purpose: one format's reading, every check with its one-line message, and writing belong together
-(the checks are the format's definition).
+Over 400 lines on purpose: every check with its one-line message, and writing, belong together (the checks are the
+format's definition); reading the sources is :mod:`lifealign_lite.readers`.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-from .errors import InputError, LifeAlignError
+from .errors import DataError, InputError
 from .files import atomic_write
+from .readers import FORMAT_HINT as _FORMAT_HINT, is_blank as _is_blank, json_type as _json_type, read_objects
 
 __all__ = [
     "DataError",
@@ -53,39 +54,8 @@ __all__ = [
 FIELDS = ("prompt", "chosen", "rejected")
 ROLES = ("system", "user", "assistant")
 MAX_DOMAIN_LEN = 64
-MAX_SHOWN_PROBLEMS = 20
 
 _DOMAIN_RE = re.compile(r"[A-Za-z0-9._-]+")
-_FORMAT_HINT = (
-    'each line must be one JSON object like {"prompt": "...", "chosen": "...", '
-    '"rejected": "..."} (plain) or with lists of {"role", "content"} messages '
-    "(conversational)"
-)
-
-
-class DataError(LifeAlignError, ValueError):
-    """Invalid preference data.
-
-    ``.problems`` is a list of one-line strings, each ``'FILE:LINE: what is
-    wrong; what to do'`` (or ``'FILE: ...'`` for whole-file problems).
-    ``str(err)`` joins them with newlines, showing at most 20 and then
-    ``'... and N more problems'``.
-    """
-
-    def __init__(self, problems: Iterable[str]):
-        self.problems: list[str] = [str(p) for p in problems]
-        super().__init__(self._render())
-
-    def _render(self) -> str:
-        shown = self.problems[:MAX_SHOWN_PROBLEMS]
-        rest = len(self.problems) - len(shown)
-        lines = list(shown)
-        if rest > 0:
-            lines.append(f"... and {rest} more problem{'s' if rest != 1 else ''}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self._render()
 
 
 @dataclass(frozen=True)
@@ -170,31 +140,11 @@ def validate_domain_name(name: str) -> str:
 # helpers
 
 
-def _json_type(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "a list"
-    if isinstance(v, dict):
-        return "an object"
-    return type(v).__name__
-
-
 def _short_repr(v: Any, limit: int = 60) -> str:
     r = repr(v)
     if len(r) > limit:
         r = r[: limit - 3] + "..."
     return r
-
-
-def _is_blank(s: str) -> bool:
-    return s.strip() == ""
 
 
 # ---------------------------------------------------------------------------
@@ -405,7 +355,7 @@ def load_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int 
     p = Path(name)
     problems: list[str] = []
     records: list[tuple] = []
-    for where, obj in _objects(p, name, problems):
+    for where, obj in read_objects(p, name, problems):
         line_problems: list[str] = []
         parsed = _parse_record(obj, line_problems)
         if parsed is None:
@@ -426,125 +376,6 @@ def load_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int 
         keep = sorted(order[:max_pairs])
         pairs = [pairs[i] for i in keep]
     return pairs
-
-
-def _objects(p: Path, name: str, problems: list[str]) -> Iterable[tuple[str, dict]]:
-    """(where, record) of every pair in the source; problems that are not one record's go to ``problems``."""
-    if p.is_dir() and any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        return _dataset_rows(name, lambda: _load_from_disk(p))
-    if p.is_file() and (p.suffix == ".parquet" or (p.suffix == ".json" and _starts_with_array(p))):
-        return _dataset_rows(name, lambda: _load_file(p))
-    if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.endswith((".jsonl", ".json", ".parquet")):
-        return _dataset_rows(name, lambda: _load_hub(name))
-    return _jsonl_objects(p, name, problems)
-
-
-def _starts_with_array(p: Path) -> bool:
-    with open(p, "rb") as f:
-        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
-
-
-def _load_from_disk(p: Path):
-    from datasets import load_from_disk
-
-    return load_from_disk(str(p))
-
-
-def _load_file(p: Path):
-    from datasets import load_dataset
-
-    return load_dataset("parquet" if p.suffix == ".parquet" else "json", data_files=str(p), split="train")
-
-
-def _load_hub(name: str):
-    from datasets import load_dataset
-
-    from .model import hub_offline_reason
-
-    why = hub_offline_reason()
-    if why:
-        raise DataError([f"{name}: no such file, and as a hub dataset id it needs the hub, which cannot be reached ({why}); "
-                         "give a local .jsonl/.parquet/.json file or a dataset folder"])
-    return load_dataset(name, split="train")
-
-
-def _dataset_rows(name: str, load) -> list[tuple[str, dict]]:
-    """The rows of a Hugging Face dataset (one split: ``train``, else the only one), numbered from 1."""
-    try:
-        ds = load()
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any loader failure is the source's problem, said in one line
-        raise DataError([f"{name}: cannot read it as a dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"]) from None
-    if hasattr(ds, "keys"):  # a DatasetDict
-        splits = list(ds.keys())
-        if "train" not in splits and len(splits) != 1:
-            raise DataError([f"{name}: a dataset with splits {', '.join(splits)} and no 'train'; save the split to use on its own"])
-        ds = ds["train" if "train" in splits else splits[0]]
-    return [(f"{name}: row {i}", dict(row)) for i, row in enumerate(ds, start=1)]
-
-
-def _jsonl_objects(p: Path, name: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
-    """The JSON objects of a JSON Lines file, with ``FILE:LINE``; bad lines go to ``problems`` (in line order,
-    between the records' own problems, since this is read lazily)."""
-    if not p.exists():
-        raise DataError([f"{name}: no such file; check the path (relative paths are resolved "
-                         f"from {os.getcwd()})"])
-    if p.is_dir():
-        raise DataError([f"{name}: is a directory, not a file; give the path of a .jsonl file "
-                         "with one preference pair per line, or a Hugging Face dataset folder (save_to_disk)"])
-    if not p.is_file():  # a FIFO, socket or device would block or never end
-        raise DataError([f"{name}: not a regular file (a pipe, socket or device); save the pairs to a .jsonl file "
-                         "and pass its path"])
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise DataError([f"{name}: cannot read the file ({e.strerror or e}); check its permissions"]) from e
-
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for lineno, bline in enumerate(lines, start=1):
-        if bline.endswith(b"\r"):
-            bline = bline[:-1]
-        if lineno == 1 and bline.startswith(b"\xef\xbb\xbf"):
-            bline = bline[3:]  # UTF-8 byte order mark
-        where = f"{name}:{lineno}"
-        try:
-            text = bline.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(
-                f"{where}: not valid UTF-8 (byte 0x{bline[e.start]:02x} at byte {e.start + 1} of "
-                "the line); re-save the file as UTF-8"
-            )
-            continue
-        if _is_blank(text):
-            continue
-        try:
-            obj = json.loads(text)
-            if "\\u" in text:  # an escape may spell a lone surrogate, which no encoder (nor tokenizer) accepts
-                json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except json.JSONDecodeError as e:
-            if "\r" in text:
-                problems.append(f"{where}: invalid JSON, and the line holds carriage returns (CR-only line endings, as old Mac "
-                                "files have?); save the file with LF (or CRLF) line endings, one JSON object per line")
-            else:
-                problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {_FORMAT_HINT}")
-            continue
-        except RecursionError:
-            problems.append(f"{where}: invalid JSON (nested too deeply); {_FORMAT_HINT}")
-            continue
-        except UnicodeEncodeError as e:
-            problems.append(f"{where}: a \\u escape encodes a lone UTF-16 surrogate ({e.object[e.start]!a}), which is not text; "
-                            "write the character itself or its full surrogate pair")
-            continue
-        except ValueError as e:  # e.g. an integer over Python's 4300-digit conversion limit
-            problems.append(f"{where}: invalid JSON ({str(e).split(';')[0][:90]}); {_FORMAT_HINT}")
-            continue
-        if not isinstance(obj, dict):
-            problems.append(f"{where}: line is {_json_type(obj)}, not a JSON object; {_FORMAT_HINT}")
-            continue
-        yield where, obj
 
 
 # ---------------------------------------------------------------------------

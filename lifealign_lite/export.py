@@ -138,7 +138,8 @@ def export_peft(src: Path, out: Path, base_path: str) -> dict:
     """Copy the adapter folder, point its config at ``base_path`` and add the base's tokenizer."""
     from transformers import AutoTokenizer
 
-    shutil.copytree(src, out, dirs_exist_ok=True)
+    # copyfile, not copy2: the exported files get the user's usual mode (0644 under umask 022), not the bank's
+    shutil.copytree(src, out, dirs_exist_ok=True, copy_function=shutil.copyfile)
     config_path = out / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base_path

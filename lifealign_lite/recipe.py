@@ -204,8 +204,10 @@ def canonical_key(key: str) -> str:
 def _check_keys(keys: list[str], where: str) -> None:
     for key in keys:
         if key not in _FIELDS:
-            close = difflib.get_close_matches(key, list(_FIELDS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            names = {**{k: k for k in _FIELDS}, **ALIASES}  # another tool's name is a key too, so it is suggested too
+            close = difflib.get_close_matches(key, list(names), n=1)
+            hint = "" if not close else f" (did you mean {close[0]!r}?)" if names[close[0]] == close[0] else \
+                f" (did you mean {close[0]!r}, that is {names[close[0]]!r}?)"
             raise RecipeError(f"{where}: unknown recipe key {key!r}{hint}")
 
 

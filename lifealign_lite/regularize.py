@@ -19,9 +19,8 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import InputError
-from .memory.adapter import PEFT_PREFIX
 from .memory.consolidate import LowRank
-from .model import SHORT, autocast
+from .model import PEFT_PREFIX, SHORT, autocast
 
 
 def lora_layers(model, adapter: str = SHORT) -> dict[str, torch.nn.Module]:

@@ -68,3 +68,20 @@ def llama_threads() -> int:
     except OSError:  # no load average on this system: llama-cpp-python's own default
         return max(1, cpus // 2)
     return max(1, min(cpus, round(cpus - busy)))
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (``HF_HUB_OFFLINE``, or no connection within 3 s); None if it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        return None
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or type(exc).__name__}"

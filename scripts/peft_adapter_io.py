@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from lifealign_lite.memory.adapter import PEFT_PREFIX, _LORA_A, _LORA_B, read_adapter, write_adapter
+from lifealign_lite.memory.adapter import _LORA_A, _LORA_B, read_adapter, write_adapter
 from lifealign_lite.memory.consolidate import LowRank
+from lifealign_lite.model import PEFT_PREFIX
 
 torch.manual_seed(0)
 update = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lifealign_lite.bench.serve import LEVEL_KEYS, TOP_KEYS, parse_clients, plan_requests, quantile, summarize
-from lifealign_lite.bench.speed import BenchError
+from lifealign_lite.errors import BenchError
 
 REPO = Path(__file__).resolve().parents[1]
 

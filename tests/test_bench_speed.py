@@ -13,22 +13,11 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from lifealign_lite.bench import speed
-from lifealign_lite.bench.speed import (
-    SPEED_TOP_KEYS,
-    SPEED_VARIANT_KEYS,
-    SPEED_VARIANTS,
-    BenchError,
-    flops_per_token,
-    pair_tokens,
-    pairs_in_steps,
-    parse_variants,
-    rate,
-    ratio,
-    share_of_peak,
-    summarize_speed,
-    total_tokens,
-)
+from lifealign_lite.bench import child, harness, speed
+from lifealign_lite.bench.chat import bench_chat
+from lifealign_lite.bench.harness import SPEED_VARIANTS, pair_tokens, pairs_in_steps, parse_variants, rate, ratio, total_tokens
+from lifealign_lite.bench.speed import SPEED_TOP_KEYS, SPEED_VARIANT_KEYS, flops_per_token, share_of_peak, summarize_speed
+from lifealign_lite.errors import BenchError
 
 from conftest import embedded_model_dir, require_path
 
@@ -118,8 +107,8 @@ def test_parse_variants():
 
 
 def test_known_variant():
-    assert all(speed.known_variant(v) for v in ("lifealign", "trl-default", "quant-nf4", "chat-unmerged"))
-    assert not any(speed.known_variant(v) for v in ("quant-fp8", "chat-", "nope"))
+    assert all(harness.known_variant(v) for v in ("lifealign", "trl-default", "quant-nf4", "chat-unmerged"))
+    assert not any(harness.known_variant(v) for v in ("quant-fp8", "chat-", "nope"))
 
 
 # -- result shape ---------------------------------------------------------------------------------------
@@ -179,7 +168,7 @@ def test_summarize_speed_without_lifealign():
 # -- subprocess protocol and CLI errors (no model) --------------------------------------------------------
 
 def test_child_failure_is_reported_not_raised():
-    res = speed.run_child("no-such-variant", {"threads": 1}, timeout=120)
+    res = harness.run_child("no-such-variant", {"threads": 1}, timeout=120)
     assert res["ok"] is False
     assert "unknown variant" in res["error"]
     assert res["process_s"] > 0
@@ -187,7 +176,7 @@ def test_child_failure_is_reported_not_raised():
 
 def test_child_entry_point_writes_json(tmp_path):
     out = tmp_path / "r.json"
-    assert speed.main(["_one", "no-such-variant", "--options", "{}", "--out", str(out)]) == 1
+    assert child.main(["no-such-variant", "--options", "{}", "--out", str(out)]) == 1
     res = json.loads(out.read_text())
     assert res["ok"] is False and "traceback" in res and res["peak_rss_mb"] > 0
 
@@ -262,13 +251,35 @@ def test_bench_speed_smoke_on_the_default_model(lifealign_home, shared_data):
 def test_bench_chat_reports_the_issue_keys_on_the_tiny_model(tiny_bank, tiny_model_dir, tmp_path):
     """One run of `bench chat` on the tiny bank: the top-level figures come from the merged mode's child (the slowest
     memory, the interleaved plain-transformers anchor), the CLI's cold start and `--help`."""
-    result = speed.bench_chat(tmp_path / "home", bank=tiny_bank, model=str(tiny_model_dir), new_tokens=4, repeats=1, cold_repeats=1,
+    result = bench_chat(tmp_path / "home", bank=tiny_bank, model=str(tiny_model_dir), new_tokens=4, repeats=1, cold_repeats=1,
                               modes="merged", threads=1)
     merged = result["modes"]["merged"]
     assert merged["ok"], merged.get("traceback")
     assert set(merged["memories"]) == {"medical", "core"} and merged["slowest_memory"] in merged["memories"]
     assert result["tokens_per_s"] == min(m["tokens_per_s"] for m in merged["memories"].values()) > 0
     assert result["transformers_tokens_per_s"] > 0 and result["switch_ms"] >= 0 and result["first_token_s"] > 0
-    assert result["ratio_vs_transformers"] == speed.ratio(result["tokens_per_s"], result["transformers_tokens_per_s"])
+    assert result["ratio_vs_transformers"] == ratio(result["tokens_per_s"], result["transformers_tokens_per_s"])
     assert result["cold_start"]["runs"][0]["ok"], result["cold_start"]["runs"][0].get("error")
     assert result["cold_start_first_token_s"] > 0 and result["help_s"] > 0
+
+
+def test_a_long_child_says_it_is_still_running(monkeypatch):
+    """While a variant's process runs, the parent logs `still running` every CHILD_HEARTBEAT_S (a piped log is never
+    silent for a whole variant). The child here waits on its stdin, which the first heartbeat closes: no timing."""
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setattr(harness, "CHILD_HEARTBEAT_S", 0.05)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    lines = []
+
+    def log(text):
+        lines.append(text)
+        proc.stdin.close()  # the child ends after the first heartbeat
+
+    assert harness._wait_child(proc, "v", timeout=600, t0=time.perf_counter(), log=log) == 0
+    assert lines and lines[0].startswith("v: still running (")
+    stuck = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    assert harness._wait_child(stuck, "v", timeout=0.2, t0=time.perf_counter(), log=None) is None  # killed at its timeout
+    assert stuck.returncode is not None

@@ -359,13 +359,13 @@ def test_memory_show_versions_json_and_core(tiny_bank, tmp_path):
 
 
 def test_merged_export_prints_one_line_only(tiny_bank, tmp_path):
-    """No third-party warnings or progress bars: the export's own line is all of stderr."""
+    """No third-party warnings or progress bars: the export's status line and its own line are all of stderr."""
     out = tmp_path / "merged"
     proc = subprocess.run([str(CLI), "memory", "export", "medical", str(out), "--format", "merged", "--bank", str(tiny_bank)],
                           env=dict(os.environ, LIFEALIGN_HOME=str(tmp_path / "home"), COLUMNS="300"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("exported medical as merged"), proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]  # the status line at the start, then the export's own line
+    assert len(lines) == 2 and lines[0].startswith("export: medical as merged") and lines[1].startswith("exported medical as merged"), proc.stderr
 
 
 def test_rollback_log_names_where_it_came_from_and_version_0_is_refused(tiny_bank, tmp_path):

@@ -122,7 +122,7 @@ def test_a_user_error_in_a_command_is_one_line_and_exit_2(tmp_path):
 def test_every_user_error_type_is_a_lifealign_error():
     from lifealign_lite.align import AlignError
     from lifealign_lite.bench.continual import BenchError as ContinualBenchError
-    from lifealign_lite.bench.speed import BenchError
+    from lifealign_lite.errors import BenchError
     from lifealign_lite.data import DataError
     from lifealign_lite.errors import InputError, LifeAlignError
     from lifealign_lite.gguf_export import GGUFExportError
@@ -134,39 +134,6 @@ def test_every_user_error_type_is_a_lifealign_error():
     assert BenchError is ContinualBenchError
     for cls in (AlignError, BenchError, DataError, GGUFExportError, InputError, JudgeError, BankError, ModelError, RecipeError):
         assert issubclass(cls, LifeAlignError), cls
-
-
-def _imports(path: Path, module: str) -> set[str]:
-    """The package modules ``module`` (at ``path``) imports, anywhere in the file (function bodies included)."""
-    import ast
-
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            base = module.split(".")[: len(module.split(".")) - node.level] if node.level else []
-            if node.level and path.name == "__init__.py":
-                base = module.split(".")[: len(module.split(".")) - node.level + 1]
-            target = ".".join(base + ([node.module] if node.module else []))
-            found |= {target} | {f"{target}.{a.name}" for a in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-    return found
-
-
-def test_no_import_circle():
-    """No module of the package (cli/ included) imports, directly or through others, a module that imports it."""
-    modules = {}
-    for package, root in (("lifealign_lite", REPO / "lifealign_lite"), ("lifealign_lite.cli", REPO / "cli")):
-        for path in root.rglob("*.py"):
-            parts = [p for p in path.relative_to(root).with_suffix("").parts if p != "__init__"]
-            modules[".".join([package, *parts])] = path
-    graph = {m: _imports(p, m) & set(modules) - {m} for m, p in modules.items()}
-
-    def reaches(start, goal, seen):
-        return any(n == goal or (n not in seen and not seen.add(n) and reaches(n, goal, seen)) for n in graph[start])
-
-    circles = sorted(m for m in graph if reaches(m, m, set()))
-    assert not circles, circles
 
 
 def test_recipes_lists_presets(env):
@@ -264,7 +231,7 @@ def test_console_script_reports_bad_data_on_stderr_only(tmp_path):
     bank = tmp_path / "bank"
     env = {**os.environ, "LIFEALIGN_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
     proc = subprocess.run([*console_script(), "align", str(data), "--bank", str(bank)], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)  # generous: a loaded 2-core machine took over 120 s
     assert proc.returncode == 2, proc.stderr
     assert f"{data}:2:" in proc.stderr
     assert f"{data}:2:" not in proc.stdout
@@ -615,5 +582,6 @@ def test_first_use_conversion_says_so_in_one_line_without_bars(tmp_path, capfd):
     folder = default_model_dir(tmp_path, note=notes.append)
     assert (folder / "model.safetensors").is_file()
     assert len(notes) == 1 and notes[0].startswith("first use: converting the embedded SmolLM2-135M-Instruct")
-    assert "GGUF tensors" not in capfd.readouterr().err
+    printed = capfd.readouterr().err
+    assert "GGUF tensors" not in printed and "Writing model shards" not in printed  # no bar, once or three times
     assert default_model_dir(tmp_path, note=notes.append) == folder and len(notes) == 1  # cached: no note

@@ -68,6 +68,8 @@ def assert_one_line_error(result, *needles: str) -> str:
     assert result.exit_code == 2, f"exit {result.exit_code}: {text[-600:]}"
     assert "Traceback" not in text, text[-1500:]
     lines = result.stderr.strip().splitlines()
+    if len(lines) > 1 and lines[0].endswith(" ...") and not lines[0].startswith("error:"):
+        lines = lines[1:]  # a slow command's status line said what it was starting; then the error, in one line
     assert len(lines) == 1, f"expected one line, got {len(lines)}: {result.stderr[:800]}"
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in: {lines[0]}"
@@ -217,14 +219,14 @@ def test_bad_input_without_a_bank_is_one_line_and_creates_nothing(case, tmp_path
 
 
 def test_a_thousand_bad_lines_print_the_capped_count(tmp_path):
-    from lifealign_lite.data import MAX_SHOWN_PROBLEMS
+    from lifealign_lite.errors import MAX_SHOWN_PROBLEMS
 
     data = write_lines(tmp_path / "d.jsonl", [{"prompt": "q", "chosen": "a"}] * 1000)
     result = invoke(["align", data, "--bank", tmp_path / "bank"], tmp_path / "home")
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == MAX_SHOWN_PROBLEMS + 1 and lines[-1] == f"... and {1000 - MAX_SHOWN_PROBLEMS} more problems"
-    assert lines[0].startswith(f"{data}:1:") and not (tmp_path / "bank").exists()
+    assert lines[0].startswith(f"error: {data}:1:") and not (tmp_path / "bank").exists()
 
 
 def _export_to_file(bank, tmp):

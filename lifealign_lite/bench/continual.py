@@ -214,8 +214,10 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
                 trained_file.parent.mkdir(exist_ok=True)
                 write_pairs(trained_file, trains[task.name])
                 domain = task.name
+            if reporter:  # the cell's own lines (training steps, a heartbeat) so a log is never silent for a whole cell
+                reporter.note(f"bench: {method}, task {i + 1}/{T} ({task.name})")
             if _bank_tasks(bank) <= (i if mode == "stream" else 0):
-                align(trained_file, recipe, home, bank, domain=domain)
+                align(trained_file, recipe, home, bank, domain=domain, reporter=reporter)
             # the bank as it stood after task i (each task adds one version): a resumed run may have trained further
             sess = None if mode == "separate" else open_session(bank, home, recipe, domain=memory, version=1 if mode == "joint" else i + 1)
             for j, test in enumerate(tasks):

@@ -1,5 +1,5 @@
 """The benchmarks' harness: each measured variant runs in a fresh Python process (``python -m
-lifealign_lite.bench.harness _one VARIANT --options JSON --out FILE``), so ``ru_maxrss`` (peak resident memory)
+lifealign_lite.bench.child VARIANT --options JSON --out FILE``, :mod:`lifealign_lite.bench.child`), so ``ru_maxrss`` (peak resident memory)
 belongs to that variant alone and no warm cache or allocator state leaks from one variant into the next. The child
 writes one JSON object to ``--out``; the parent (:func:`run_child`) collects it.
 
@@ -11,8 +11,6 @@ unit-tested on their own. The benchmarks themselves: ``speed.py`` (vs TRL), ``qu
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import math
 import os
@@ -22,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -44,6 +41,7 @@ QUANT_MODES = ("none", "nf4", "int8")
 CHAT_MODES = ("merged", "unmerged", "nf4", "llama.cpp")
 
 
+CHILD_HEARTBEAT_S = 20.0  # a variant running longer says so this often (a piped log stays under 30 s between lines)
 GEN_PROMPT = "Explain in a few sentences why the sky is blue."
 
 
@@ -135,20 +133,16 @@ def machine_info() -> dict:
 
 
 def run_child(variant: str, options: dict, timeout: float, log: Callable[[str], None] | None = None, verbose: bool = False) -> dict:
-    """Run ``_one VARIANT`` in a fresh interpreter and return its JSON (or an ``ok: false`` record on failure)."""
+    """Run ``VARIANT`` in a fresh interpreter (:mod:`lifealign_lite.bench.child`) and return its JSON (or an ``ok: false`` record on failure)."""
     with tempfile.TemporaryDirectory(prefix="lifealign-bench-") as tmp:
         out = Path(tmp) / "result.json"
         logfile = Path(tmp) / "child.log"
-        cmd = [sys.executable, "-m", "lifealign_lite.bench.harness", "_one", variant, "--out", str(out), "--options", json.dumps(options)]
+        cmd = [sys.executable, "-m", "lifealign_lite.bench.child", variant, "--out", str(out), "--options", json.dumps(options)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         t0 = time.perf_counter()
         with open(logfile, "w") as fh:
             sink = (sys.__stderr__ or fh) if verbose else fh  # verbose: the child's output on the real stderr, never stdout
-            try:
-                proc = subprocess.run(cmd, stdout=sink, stderr=sink, env=env, timeout=timeout)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = _wait_child(subprocess.Popen(cmd, stdout=sink, stderr=sink, env=env), variant, timeout, t0, log)
         elapsed = round(time.perf_counter() - t0, 2)
         tail = logfile.read_text(errors="replace")[-3000:] if logfile.exists() else ""
         if out.is_file():
@@ -162,6 +156,22 @@ def run_child(variant: str, options: dict, timeout: float, log: Callable[[str], 
         if log:
             log(f"{variant}: {'ok' if result.get('ok') else 'FAILED: ' + str(result.get('error'))} ({elapsed:.1f} s)")
         return result
+
+
+def _wait_child(proc: subprocess.Popen, variant: str, timeout: float, t0: float, log: Callable[[str], None] | None) -> int | None:
+    """The child's exit code (None when it ran past ``timeout`` and was killed), with a ``still running`` line for
+    ``log`` every ``CHILD_HEARTBEAT_S`` seconds, so a log is never silent for a whole variant."""
+    while True:
+        left = timeout - (time.perf_counter() - t0)
+        try:
+            return proc.wait(timeout=max(0.0, min(CHILD_HEARTBEAT_S, left)))
+        except subprocess.TimeoutExpired:
+            if time.perf_counter() - t0 >= timeout:
+                proc.kill()
+                proc.wait()
+                return None
+            if log:
+                log(f"{variant}: still running ({time.perf_counter() - t0:.0f} s)")
 
 
 def child_setup(options: dict, variant: str) -> None:
@@ -320,47 +330,6 @@ def data_path(data: Path | None, pairs: int) -> Path:
 
 
 def known_variant(variant: str) -> bool:
-    """Whether ``_one`` can run ``variant`` (a speed variant, quant-MODE or chat-MODE)."""
+    """Whether the child can run ``variant`` (a speed variant, quant-MODE or chat-MODE)."""
     return (variant in SPEED_VARIANTS or (variant.startswith("quant-") and variant[6:] in QUANT_MODES)
             or (variant.startswith("chat-") and variant[5:] in CHAT_MODES))
-
-
-def run_one(variant: str, options: dict) -> dict:
-    """Measure ``variant`` in this process with the function of the benchmark module that owns it (imported by name,
-    here in the child, so the harness imports no benchmark module and none imports another)."""
-    if not known_variant(variant):
-        raise BenchError(f"unknown variant {variant!r}")
-    child_setup(options, variant)
-    kind, _, mode = variant.partition("-")
-    if variant in SPEED_VARIANTS:
-        res = importlib.import_module("lifealign_lite.bench.speed").one_variant(options, variant)
-    else:
-        res = importlib.import_module(f"lifealign_lite.bench.{kind}").one_mode(options, mode)
-    import torch
-
-    res.update(peak_rss_mb=peak_rss_mb(), gpu_peak_mb=gpu_peak_mb(), torch_threads=torch.get_num_threads())
-    return res
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lifealign_lite.bench.harness", description="Run one benchmark variant (used by `lifealign-lite bench`).")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    one = sub.add_parser("_one", help="run one variant in this process and write its JSON")
-    one.add_argument("variant")
-    one.add_argument("--options", required=True, help="JSON object of options")
-    one.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args(argv)
-    options = json.loads(args.options)
-    t0 = time.perf_counter()
-    try:
-        result = run_one(args.variant, options)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which keeps going with the other variants
-        result = {"ok": False, "variant": args.variant, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                  "traceback": traceback.format_exc()[-4000:], "peak_rss_mb": peak_rss_mb()}
-    result["child_s"] = round(time.perf_counter() - t0, 2)
-    args.out.write_text(json.dumps(result))
-    return 0 if result.get("ok") else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

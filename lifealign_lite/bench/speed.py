@@ -12,8 +12,8 @@ max length and learning rate, end to end from a loaded model to a trained adapte
 * ``lifealign``: this project's own training (:func:`lifealign_lite.train.train_short_term`, FPO loss),
   with a recipe from :func:`lifealign_lite.recipe.load_recipe` and no bank written.
 
-The pure helpers (FLOP estimate, result assembly) hold no torch import and are unit-tested on their own. Names that
-moved to ``harness.py`` (and ``bench_quant``/``bench_chat``) stay importable from here.
+The pure helpers (FLOP estimate, result assembly) hold no torch import and are unit-tested on their own; the helpers
+every benchmark shares are in ``harness.py``.
 """
 
 from __future__ import annotations
@@ -24,13 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import BenchError  # noqa: F401 - importable from here since before the split
-from .chat import bench_chat  # noqa: F401 - importable from here since before the split
-from .harness import (  # noqa: F401 - the shared names, importable from here since before the split
-    CHAT_MODES, DEFAULT_DATA, QUANT_MODES, REPO, SPEED_VARIANTS, PhaseClock, bench_recipe, check_options, count_params, data_path,
-    known_variant, load_variant, machine_info, main, mb, pair_tokens, pairs_in_steps, parse_variants, rate, ratio, round_or_none,
-    run_child, total_tokens)
-from .quant import bench_quant  # noqa: F401
+from .harness import (PhaseClock, SPEED_VARIANTS, check_options, data_path, load_variant, machine_info, pairs_in_steps, parse_variants, rate,
+                      ratio, round_or_none, run_child, total_tokens)
 
 # JSON shape of `bench speed` (tests check these)
 SPEED_LABELS = {

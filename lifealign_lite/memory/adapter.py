@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LifeAlignError
+from ..model import PEFT_PREFIX
 from .consolidate import LowRank
 
 if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
     import torch
 
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
-PEFT_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules
 # fp16 over bf16: its 10-bit mantissa keeps the factors 8 times more precisely, and balanced LoRA factors lie far
 # inside fp16's range (measured on the four-domain bank: docs/PERFORMANCE.md)
 # (torch.float16: the module attribute is made on first use, so that reading a bank imports no torch; see __getattr__)
