@@ -110,6 +110,8 @@ def adopt_version(folder: Path, version: int) -> VersionCheck:
     (a version that has them is only verified). ``adopted`` says whether this call wrote them."""
     if (folder / CHECKSUMS).exists() or not folder.is_dir():
         return verify_version(folder, version)
+    for stale in folder.glob(f".{CHECKSUMS}.*.tmp"):  # an adoption killed before its rename
+        stale.unlink()
     check = VersionCheck(version=version, folder=folder)
     files = version_files(folder)
     check.files = len(files)
