@@ -74,13 +74,21 @@ def align(
         load_pairs(data)  # bad data is one line here, not one per process
         raise typer.Exit(launch(relaunch_args(ctx, drop={"num_processes"}), num_processes))
 
+    from lifealign_lite.data import load_pairs
+    from lifealign_lite.model import check_model_folder
+
+    pairs = load_pairs(data, max_pairs=rcp.max_pairs or None, seed=rcp.seed)  # bad data, a wrong --model folder: refused
+    check_model_folder(rcp.model)  # before the status line and the slow imports, in one line
+    if is_main_process():
+        status(f"align: {len(pairs)} pair{'s' if len(pairs) != 1 else ''} of {data}; loading torch and the model ...")
     from lifealign_lite.align import align as run_align
     from lifealign_lite.progress import reporter_for
     from lifealign_lite.train import Interrupted
 
     try:
         with reporter_for(err) if is_main_process() else contextlib.nullcontext() as reporter:
-            result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait)
+            result = run_align(data, rcp, home_dir(), bank or default_bank(), domain=domain, resume=resume, reporter=reporter, wait_s=wait,
+                               pairs=pairs)
     except Interrupted as exc:
         if is_main_process():
             err.print(f"[yellow]interrupted:[/] {exc}; " + ("continue with the same command plus --resume" if exc.checkpoint else "run the same command again"))

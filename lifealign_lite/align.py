@@ -147,16 +147,19 @@ def align(
     resume: bool = False,
     reporter=None,
     wait_s: float = 0.0,
+    pairs: list[Pair] | None = None,
 ) -> AlignResult | None:
     """Align the model to the pairs in ``data_path`` and consolidate the result into the bank at ``bank_dir``.
 
     Under a launcher (``distributed.py``) every process calls this: the main process takes the lock and returns the
     result; the others train their share of each batch and return None (they read the bank version the main
-    process opened and write nothing)."""
+    process opened and write nothing). ``pairs``: the file's pairs as ``load_pairs`` read them with this recipe's
+    ``max_pairs`` and ``seed``, when the caller already did (the CLI, to refuse bad data before its slow imports)."""
     t_start = time.perf_counter()
     check_device(recipe)
     data_path = Path(data_path)
-    pairs = load_pairs(data_path, max_pairs=recipe.max_pairs or None, seed=recipe.seed)
+    if pairs is None:
+        pairs = load_pairs(data_path, max_pairs=recipe.max_pairs or None, seed=recipe.seed)
     domain = pick_domain(pairs, domain, data_path)
     data_hash = pairs_hash(pairs)
     bank = Bank(bank_dir)

@@ -224,14 +224,23 @@ def resolve_model_path(spec: str, home: Path, note: Callable[[str], None] | None
     path; anything else is a hub id, which must be in the Hugging Face cache or reachable (:func:`check_hub_id`)."""
     if spec in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "", None):
         return str(default_model_dir(home, note))
+    path = check_model_folder(spec)
+    return str(path.absolute()) if path else check_hub_id(spec)
+
+
+def check_model_folder(spec: str) -> Path | None:
+    """``spec`` as a local model folder (checked: it holds a config.json), or None for the default model or a hub id;
+    a path that names no folder is a :class:`ModelError`. Cheap (no torch, no network): the CLI checks it first."""
+    if spec in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "", None):
+        return None
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
-        return str(path.absolute())
+        return path
     if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:  # a hub id is NAME or ORG/NAME
         raise ModelError(f"{spec}: the folder does not exist; pass --model with a local model folder or a hub id such as ORG/NAME")
-    return check_hub_id(spec)
+    return None
 
 
 def check_hub_id(spec: str) -> str:

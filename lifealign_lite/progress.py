@@ -98,6 +98,9 @@ class LineReporter:
 
     def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.monotonic, heartbeat_s: float = HEARTBEAT_S):
         self.console = console or Console(stderr=True)
+        # the stream as it is now: a library that swaps sys.stderr for a while (the model conversion hides
+        # transformers' bars that way) must not swallow the heartbeat
+        self._file = self.console.file
         self.clock = clock
         self.heartbeat_s = heartbeat_s
         self.phases: dict[str, _Phase] = {}
@@ -132,7 +135,8 @@ class LineReporter:
 
     def _print(self, text: str) -> None:
         with self._lock:
-            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            self._file.write(text + "\n")
+            self._file.flush()
             self._printed = self.clock()
 
     def note(self, message: str) -> None:

@@ -235,3 +235,19 @@ def test_exported_peft_files_have_the_usual_mode(tiny_bank, tmp_path):
     assert result.exit_code == 0, result.stderr
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
     assert "adapter_model.safetensors" in modes and set(modes.values()) == {0o644}, {k: oct(v) for k, v in modes.items()}
+
+
+def test_the_heartbeat_is_not_swallowed_by_a_redirected_stderr():
+    """The first-use conversion hides transformers' bars by redirecting sys.stderr; the log's lines (heartbeat
+    included) still reach the stream the reporter was made for (the demo once sat 110 s without a line there)."""
+    import contextlib
+
+    from lifealign_lite.progress import LineReporter
+
+    real = StringIO()
+    with contextlib.redirect_stderr(real):
+        rep = LineReporter(Console(stderr=True), clock=lambda: 1000.0)
+    with contextlib.redirect_stderr(StringIO()):
+        rep._printed = 0.0
+        assert rep.beat(1000.0)
+    assert "(still working:" in real.getvalue()
