@@ -51,6 +51,7 @@ METHODS: dict[str, tuple[dict, str, str]] = {
     "lifealign": ({"loss": "fpo", "replay_mix": 0.2}, "core", "stream"),
     "lifealign-bank": ({"loss": "fpo", "replay_mix": 0.2}, "auto", "stream"),
     "sep": ({"loss": "dpo", **_SEQ}, "told", "separate"),  # one adapter per task from the base, told the domain
+    "sep-fpo": ({"loss": "fpo", **_SEQ}, "told", "separate"),  # sep with the recipe's loss: separates the loss from the memory
     "ewc": ({"loss": "dpo", **_SEQ, "ewc_lambda": EWC_LAMBDA}, "core", "stream"),  # online EWC on the adapter's update
     "olora": ({"loss": "dpo", **_SEQ, "olora_lambda": OLORA_LAMBDA}, "core", "stream"),  # orthogonal LoRA subspaces
     "mtl": ({"loss": "dpo", **_SEQ}, "core", "joint"),  # all tasks at once: the upper bound (final row only)
@@ -75,7 +76,7 @@ PRESETS = {
     # measured 94-min run of all nine on a 2-core CPU (docs/RESULTS.md): `--methods all` for every baseline
     # a stream this CPU can learn and forget within the hour (docs/RESULTS.md): see SIGNAL_ORDER
     "signal": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in SIGNAL_ORDER],
-               "methods": "seq-dpo,lifealign,lifealign-bank,sep,mtl", "max_pairs": 64, "max_test": 40,
+               "methods": "seq-dpo,lifealign,lifealign-bank,sep,mtl", "max_pairs": 64, "max_test": 100,
                "overrides": SIGNAL_OVERRIDES},
     "paper4": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in _PAPER_ORDER],
                "methods": "seq-dpo,replay,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
@@ -108,6 +109,16 @@ def with_test_dir(tasks: list[Task], test_dir: Path) -> list[Task]:
             raise BenchError(f"{path}: no test file for task {t.name!r}; --tests DIR needs DIR/NAME/test.jsonl for every task")
         out.append(Task(t.name, t.train, path))
     return out
+
+
+ORDERS = ("given", "reversed")
+
+
+def ordered(tasks: list[Task], order: str) -> list[Task]:
+    """The tasks in their given order or reversed (the paper reports several task orders)."""
+    if order not in ORDERS:
+        raise BenchError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    return list(reversed(tasks)) if order == "reversed" else list(tasks)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -143,7 +154,7 @@ def _save_json(path: Path, data: dict) -> None:
 
 
 def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, recipe_name: str | None = None,
-                  overrides: dict | None = None, max_pairs: int = 0, max_test: int = 0, reporter=None, command: str = "") -> dict:
+                  overrides: dict | None = None, max_pairs: int = 0, max_test: int = 0, reporter=None, command: str = "", order: str = "given") -> dict:
     """Run (or resume) the bench; returns the results written to ``out/results.json``. One process: every method's
     align runs in it (under a launcher this refuses at once: ``distributed.refuse_launcher``)."""
     refuse_launcher("bench continual")
@@ -187,7 +198,9 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
     for method in methods:
         overrides_m, memory, mode = METHODS[method]
         recipe = load_recipe(recipe_name, {**(overrides or {}), **overrides_m,
-                                           **({"bank_rank": base_recipe.lora_r * T} if overrides_m.get("tau") == 1.0 else {})})
+                                           **({"bank_rank": base_recipe.lora_r * T} if overrides_m.get("tau") == 1.0 else {}),
+                                           # a bank scored on its core only: no slot of its is ever read, so none is trained
+                                           **({"slot_from": "update"} if memory == "core" and method not in SHARED_TRAINING.values() else {})})
         scores = state["scores"].setdefault(method, {})
         pair_scores = state["pairs"].setdefault(method, {})
         oracle = state["scores"].setdefault(ORACLE, {}) if method == "lifealign-bank" else None
@@ -238,7 +251,7 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
 
     results = summarize(state, [t.name for t in tasks], methods)
     results["_meta"]["score_precision"] = base_recipe.score_precision
-    results["_meta"] |= {"command": command, "wall_s_this_start": round(time.perf_counter() - started, 1)}
+    results["_meta"] |= {"command": command, "order": order, "wall_s_this_start": round(time.perf_counter() - started, 1)}
     _save_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results, methods))
     if not plot(results, reported_methods(methods), out):
