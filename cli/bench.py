@@ -209,6 +209,8 @@ def continual_cmd(
     max_test: Optional[int] = typer.Option(None, "--max-test", help="Test pairs per task."),
     tests_dir: Optional[Path] = typer.Option(None, "--tests", help="Score each task on DIR/NAME/test.jsonl instead of its own test file (training unchanged)."),
     order: str = typer.Option("given", "--order", help="Task order: given (as listed or the preset's) or reversed."),
+    merge: Optional[list[Path]] = typer.Option(None, "--merge", help="Train nothing: combine these --out folders (same tasks and "
+                                               "settings, other methods) into --out's results.json (repeat the option)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Preset name or YAML path every method trains with."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any recipe field: --set key=value."),
 ) -> None:
@@ -216,9 +218,15 @@ def continual_cmd(
     import shlex
     import sys
 
-    from lifealign_lite.bench.continual import ORDERS, PRESETS, BenchError, ordered, parse_methods, parse_task, run_continual, with_test_dir
+    from lifealign_lite.bench.continual import ORDERS, PRESETS, BenchError, merge_runs, ordered, parse_methods, parse_task, run_continual, with_test_dir
     from lifealign_lite.progress import reporter_for
     from lifealign_lite.recipe import parse_set_options
+
+    command = " ".join(shlex.quote(a) for a in ["lifealign-lite", *sys.argv[1:]])
+    if merge:
+        merge_runs(merge, out_dir, command=command)
+        out.print((out_dir / "results.md").read_text())
+        return
 
     if preset and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -237,7 +245,7 @@ def continual_cmd(
             task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
             recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),
             max_test=max_test if max_test is not None else spec.get("max_test", 0), reporter=reporter, order=order,
-            command=" ".join(shlex.quote(a) for a in ["lifealign-lite", *sys.argv[1:]]))
+            command=command)
     out.print((out_dir / "results.md").read_text())
     err.print(f"results: {out_dir / 'results.json'}, plots: {out_dir}/*.png")
 

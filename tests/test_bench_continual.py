@@ -219,3 +219,33 @@ def test_make_test_split_holds_out_what_the_signal_preset_does_not_train_on(tmp_
         assert (tmp_path / "a" / t.name / "test.jsonl").read_bytes() == (tmp_path / "b" / t.name / "test.jsonl").read_bytes()
     inside = subprocess.run([sys.executable, str(script), str(script.parent / "x")], capture_output=True, text=True)
     assert inside.returncode != 0 and inside.stderr.startswith("error: ") and not (script.parent / "x").exists()
+
+
+def test_merge_runs_combines_methods_run_side_by_side(tmp_path):
+    """Two --out folders of one setting, other methods: one results.json with both, each row as its own run gave
+    it; folders of another setting, or one method in two folders, are refused."""
+    import json
+
+    from lifealign_lite.bench.continual import merge_runs, summarize
+
+    base = {"a": [0.5, 0.5], "b": [0.5, 0.5]}
+    noisy = {"0,0": [0.0, 1.0], "0,1": [0.5, 0.5], "1,0": [1.0, 0.0], "1,1": [0.0, 1.0]}
+    config = {"tasks": [["a", "a.jsonl", "a-test.jsonl"], ["b", "b.jsonl", "b-test.jsonl"]], "max_pairs": 4, "max_test": 2,
+              "recipe": {"score_precision": "fp32"}}
+    states = {"one": _pair_state({"seq-dpo": noisy}, base), "two": _pair_state({"sep": {k: [1.0, 1.0] for k in noisy}}, base)}
+    for name, st in states.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(json.dumps(st | {"config": config, "seconds": {f"{name},0": 1.0}}))
+    res = merge_runs([tmp_path / "one", tmp_path / "two"], tmp_path / "both")
+    alone = summarize(states["one"], ["a", "b"], ["seq-dpo"])
+    assert res["_meta"]["methods"] == ["seq-dpo", "sep"] and res["seq-dpo"]["matrices"] == alone["seq-dpo"]["matrices"]
+    assert res["sep"]["pref_acc"]["Last"] == 1.0 and res["seq-dpo"]["intervals"]["pref_acc"]["Last"][0] < 1.0
+    assert json.loads((tmp_path / "both" / "results.json").read_text())["_meta"]["seconds"] == {"one,0": 1.0, "two,0": 1.0}
+    with pytest.raises(BenchError, match="also in an earlier folder"):
+        merge_runs([tmp_path / "one", tmp_path / "one"], tmp_path / "twice")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "state.json").write_text(json.dumps(states["two"] | {"config": {**config, "max_test": 3}}))
+    with pytest.raises(BenchError, match="another bench"):
+        merge_runs([tmp_path / "one", tmp_path / "other"], tmp_path / "bad")
+    with pytest.raises(BenchError, match="no state.json"):
+        merge_runs([tmp_path / "one", tmp_path / "missing"], tmp_path / "bad")

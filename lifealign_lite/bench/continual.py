@@ -170,6 +170,7 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
     if state.get("config", config) != config:
         raise BenchError(f"{out} holds a bench with other tasks or settings; use another --out")
     state.setdefault("config", config)
+    state["order"] = order  # recorded (the tasks' order is in config): merge_runs refuses to combine two orders
     state.setdefault("scores", {})  # method -> "i,j" -> metrics
     state.setdefault("pairs", {})  # method -> "i,j" -> metric -> one score per test pair (the bootstrap's input)
     state.setdefault("seconds", {})
@@ -249,14 +250,44 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
             state["seconds"][f"{method},{i}"] = round(time.perf_counter() - t0, 1)
             step_done()
 
-    results = summarize(state, [t.name for t in tasks], methods)
-    results["_meta"]["score_precision"] = base_recipe.score_precision
-    results["_meta"] |= {"command": command, "order": order, "wall_s_this_start": round(time.perf_counter() - started, 1)}
+    return _write_results(state, methods, out, reporter, command=command, wall_s_this_start=round(time.perf_counter() - started, 1))
+
+
+def _write_results(state: dict, methods: list[str], out: Path, reporter=None, **meta) -> dict:
+    """results.json, results.md and the plots of a bench state."""
+    results = summarize(state, [t[0] for t in state["config"]["tasks"]], methods)
+    results["_meta"] |= {"score_precision": state["config"]["recipe"]["score_precision"], "order": state.get("order", "given"), **meta}
     _save_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results, methods))
     if not plot(results, reported_methods(methods), out):
         (getattr(reporter, "note", None) or (lambda message: None))(MATPLOTLIB_MISSING)
     return results
+
+
+def merge_runs(sources: list[Path], out: Path, reporter=None, command: str = "") -> dict:
+    """One results.json from several ``--out`` folders of the same tasks and settings (methods run side by side,
+    each in its own folder): their scores are combined into ``out`` (state.json too, so ``out`` resumes as a bench).
+    Refused: folders of other tasks or settings, a method finished in two of them."""
+    states = []
+    for src in map(Path, sources):
+        if not (src / "state.json").is_file():
+            raise BenchError(f"{src}: no state.json; --merge takes --out folders of bench continual")
+        states.append((src, json.loads((src / "state.json").read_text())))
+    first = states[0][1]
+    merged = {k: first.get(k) for k in ("config", "base", "base_pairs", "order")} | {"scores": {}, "pairs": {}, "seconds": {}}
+    for src, st in states:
+        if (st.get("config"), st.get("order", "given"), st.get("base")) != (first.get("config"), first.get("order", "given"), first.get("base")):
+            raise BenchError(f"{src}: another bench (tasks, order, settings or base scores) than {states[0][0]}; combine runs of one setting")
+        for method, cells in st.get("scores", {}).items():
+            if cells and method in merged["scores"]:
+                raise BenchError(f"{src}: {method} is also in an earlier folder; each method may come from one folder")
+            if cells:
+                merged["scores"][method], merged["pairs"][method] = cells, st.get("pairs", {}).get(method, {})
+        merged["seconds"] |= st.get("seconds", {})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _save_json(Path(out) / "state.json", merged)
+    return _write_results(merged, [m for m in merged["scores"] if m in METHODS], Path(out), reporter, command=command,
+                          merged_from=[str(s) for s, _ in states])
 
 
 def _bank_tasks(bank: Path) -> int:
