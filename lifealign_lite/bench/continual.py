@@ -233,6 +233,12 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
             # the bank as it stood after task i (each task adds one version): a resumed run may have trained further
             sess = None if mode == "separate" else open_session(bank, home, recipe, domain=memory, version=1 if mode == "joint" else i + 1)
             for j, test in enumerate(tasks):
+                # an adapter frozen since row j (task j's own separate adapter; its slot, once a later task is another
+                # domain) scores on j what it scored in row j: the scores are deterministic, so that cell is copied
+                frozen = j < i and test.name not in [t.name for t in tasks[j + 1 : i + 1]]
+                if mode == "separate" and frozen:
+                    scores[f"{i},{j}"], pair_scores[f"{i},{j}"] = scores[f"{j},{j}"], pair_scores[f"{j},{j}"]
+                    continue
                 if mode == "separate" and j > i:  # no adapter for a task not seen yet: the base model answers
                     scores[f"{i},{j}"] = {k: state["base"][test.name][k] for k in METRICS}
                     pair_scores[f"{i},{j}"] = state["base_pairs"][test.name]
@@ -242,7 +248,9 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
                 ev = evaluate(sess, tests[test.name], recipe, test.name if mode == "separate" else memory, base_scores=base_cache[test.name])
                 scores[f"{i},{j}"] = {k: ev.summary[k] for k in (*METRICS, "ties")}
                 pair_scores[f"{i},{j}"] = ev.per_pair
-                if oracle is not None:  # each test pair answered by its true domain's slot (the core for a domain not seen yet)
+                if oracle is not None and frozen:
+                    oracle[f"{i},{j}"], oracle_pairs[f"{i},{j}"] = oracle[f"{j},{j}"], oracle_pairs[f"{j},{j}"]
+                elif oracle is not None:  # each test pair answered by its true domain's slot (the core for a domain not seen yet)
                     told = test.name if j <= i else "core"
                     ev = evaluate(sess, tests[test.name], recipe, told, base_scores=base_cache[test.name])
                     oracle[f"{i},{j}"] = {k: ev.summary[k] for k in (*METRICS, "ties")}
