@@ -203,11 +203,14 @@ def continual_cmd(
     tasks: list[str] = typer.Argument(None, help="Tasks in order, each NAME=TRAIN.jsonl:TEST.jsonl (or use --preset)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="signal (safe-rlhf, truthfulqa, hc3: a stream this CPU learns, about an hour), smoke (CI, minutes) or paper4 (the four shared domains in the paper's order)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated, or all: " + ", ".join(
-        ["seq-dpo", "seq-fpo", "replay", "replay-fpo", "replay-slmc", "ewc", "olora", "sep", "mtl", "lifealign", "lifealign-bank"])),
+        ["seq-dpo", "seq-fpo", "replay", "replay-fpo", "replay-slmc", "ewc", "olora", "sep", "sep-fpo", "mtl", "lifealign", "lifealign-bank"])),
     out_dir: Path = typer.Option(Path("bench-continual"), "--out", help="Output folder (results.json, results.md, PNG plots); rerun to resume."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Training pairs per task (seeded sample)."),
     max_test: Optional[int] = typer.Option(None, "--max-test", help="Test pairs per task."),
     tests_dir: Optional[Path] = typer.Option(None, "--tests", help="Score each task on DIR/NAME/test.jsonl instead of its own test file (training unchanged)."),
+    order: str = typer.Option("given", "--order", help="Task order: given (as listed or the preset's) or reversed."),
+    merge: Optional[list[Path]] = typer.Option(None, "--merge", help="Train nothing: combine these --out folders (same tasks and "
+                                               "settings, other methods) into --out's results.json (repeat the option)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Preset name or YAML path every method trains with."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override any recipe field: --set key=value."),
 ) -> None:
@@ -215,9 +218,15 @@ def continual_cmd(
     import shlex
     import sys
 
-    from lifealign_lite.bench.continual import PRESETS, BenchError, parse_methods, parse_task, run_continual, with_test_dir
+    from lifealign_lite.bench.continual import ORDERS, PRESETS, BenchError, merge_runs, ordered, parse_methods, parse_task, run_continual, with_test_dir
     from lifealign_lite.progress import reporter_for
     from lifealign_lite.recipe import parse_set_options
+
+    command = " ".join(shlex.quote(a) for a in ["lifealign-lite", *sys.argv[1:]])
+    if merge:
+        merge_runs(merge, out_dir, command=command)
+        out.print((out_dir / "results.md").read_text())
+        return
 
     if preset and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -225,6 +234,9 @@ def continual_cmd(
     task_list = [parse_task(t) for t in (tasks or spec.get("tasks", []))]
     if not task_list:
         raise BenchError("give tasks as NAME=TRAIN.jsonl:TEST.jsonl, or --preset " + "|".join(PRESETS))
+    if order not in ORDERS:
+        fail(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
+    task_list = ordered(task_list, order)
     if tests_dir is not None:
         task_list = with_test_dir(task_list, tests_dir)
     overrides = {**spec.get("overrides", {}), **parse_set_options(sets or [])}
@@ -232,8 +244,8 @@ def continual_cmd(
         run_continual(
             task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
             recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),
-            max_test=max_test if max_test is not None else spec.get("max_test", 0), reporter=reporter,
-            command=" ".join(shlex.quote(a) for a in ["lifealign-lite", *sys.argv[1:]]))
+            max_test=max_test if max_test is not None else spec.get("max_test", 0), reporter=reporter, order=order,
+            command=command)
     out.print((out_dir / "results.md").read_text())
     err.print(f"results: {out_dir / 'results.json'}, plots: {out_dir}/*.png")
 

@@ -78,24 +78,37 @@ def _check_bank_shape(state: BankState, recipe: Recipe) -> dict:
     return state.meta or meta
 
 
+def build_slot(recipe: Recipe, new_core: dict, memory: dict, denoised: dict, slot_update: dict | None, known: bool) -> dict:
+    """The domain's slot (``recipe.slot_from``; docs/RESULTS.md): ``base``: the LoRA trained from the bare base against the
+    bare base on the domain's pairs alone (``slot_update``); ``update``: the denoised update alone; ``memory`` (and a domain
+    the bank already holds, whose update was trained from its own slot): memory + denoised update. Sums are cut to the
+    rank cap only: tau acts once, on the update (as the paper)."""
+    if recipe.slot_mode == "core":
+        return new_core
+    if slot_update is not None and not known:
+        return compress_adapter(slot_update, recipe.bank_rank)
+    if recipe.slot_from == "update" and not known:
+        return compress_adapter(denoised, recipe.bank_rank)
+    return compress_adapter(add_adapters(memory, denoised), recipe.bank_rank)
+
+
 def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, domain: str, pairs: list[Pair], recipe: Recipe,
-                     base_identity: dict, embedder, lineage: dict, fisher: dict | None = None) -> tuple[BankState, dict]:
+                     base_identity: dict, embedder, lineage: dict, fisher: dict | None = None,
+                     slot_update: dict | None = None) -> tuple[BankState, dict]:
     """SLMC: fold the short-term ``update`` into a new bank version (core, slot, key, replay, history).
 
-    ``lineage["trained_pairs"]`` (when given) is how many of ``pairs`` the steps used; the domain counts both."""
+    ``lineage["trained_pairs"]`` (when given) is how many of ``pairs`` the steps used; the domain counts both.
+    ``slot_update``: the slot's own LoRA (``slot_from: base``), see :func:`build_slot`."""
     trained = lineage.get("trained_pairs", len(pairs))
     t0 = time.perf_counter()
     history = state.history()
     consolidated, stats = consolidate_adapter(update, history, recipe.tau, recipe.projection_gamma)
     core = read_adapter(state.core_dir())[0] if state.core_dir() else {}
-    # core and slots keep the rank that holds a tau share of their energy (as SLMC denoises an update), at most
-    # bank_rank: stored at that rank, a slot costs about what one short-term LoRA does (docs/PERFORMANCE.md, bank size)
-    new_core = compress_adapter(add_adapters(core, consolidated), recipe.bank_rank, recipe.tau)
+    # tau acts once (denoise, in consolidate_adapter); the core's sum is only cut to the rank cap, bank_rank (a second
+    # tau cut dropped any update under ~10 % of the core's energy and eroded the core at each task: issue 23)
+    new_core = compress_adapter(add_adapters(core, consolidated), recipe.bank_rank)
     denoised = {name: denoise(u, recipe.tau)[0] for name, u in update.items()}
-    if recipe.slot_mode == "core":
-        slot = new_core
-    else:  # specialist: what this task trained (its memory plus its own denoised update), compressed
-        slot = compress_adapter(add_adapters(memory, denoised), recipe.bank_rank, recipe.tau)
+    slot = build_slot(recipe, new_core, memory, denoised, slot_update, domain in state.domains)
 
     keys, key_texts = state.keys(), state.key_texts()
     texts = [prompt_text(p) for p in pairs]
@@ -113,7 +126,7 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
         info["pairs_trained"] = info.get("pairs_trained", 0) + trained
         info["rank"] = max((u.rank for u in slot.values()), default=0)
         info["updated"] = now()
-        summary = {k: v for k, v in stats.items() if k != "per_module"}
+        summary = {k: v for k, v in stats.items() if k != "per_module"} | {"slot_from": recipe.slot_from if recipe.slot_mode == "specialist" else "core"}
         info["lineage"].append(lineage | {"consolidation": summary})
         pending.state.tasks.append(domain)
         pending.keys, pending.key_texts, pending.router = keys, key_texts, router
@@ -123,6 +136,19 @@ def consolidate_task(bank: Bank, state: BankState, update: dict, memory: dict, d
         pending.history, pending.replay, pending.fisher = history + [denoised], replay, fisher
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return pending.committed, summary
+
+
+def _train_slot(base, model, items: list, recipe: Recipe, run_dir: Path, resume: bool, reporter, bf16: bool, ranks: Ranks) -> None:
+    """``slot_from: base``: a fresh LoRA on the bare base, trained against the bare base on the domain's own pairs (no
+    replay), exactly as the bank's first task would be, saved to ``run_dir/slot``. The core's adapters are taken off
+    ``model`` first (unloaded, nothing merged), so ``base`` is the bare base again."""
+    model.unload()
+    torch.manual_seed(recipe.seed)  # the same initialization as a direct run
+    slot = attach_adapters(base, recipe)
+    train_short_term(slot, base.tokenizer, items, recipe, base.info.device, run_dir / "slot-checkpoint", resume=resume, reporter=reporter,
+                     bf16_autocast=bf16, log_path=run_dir / "slot_train_log.jsonl" if ranks.is_main else None, ranks=ranks)
+    if ranks.is_main:
+        save_adapter(slot, run_dir / "slot")
 
 
 def continual_penalty(model, state: BankState, recipe: Recipe, fisher: dict):
@@ -227,7 +253,10 @@ def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, reci
         st = train_short_term(model, base.tokenizer, items, recipe, base.info.device, run_dir / "checkpoint", resume=resume, reporter=reporter,
                               bf16_autocast=bf16, regularizer=continual_penalty(model, state, recipe, prior_fisher),
                               log_path=run_dir / "train_log.jsonl" if ranks.is_main else None, ranks=ranks)
+        slot_run = recipe.slot_mode == "specialist" and recipe.slot_from == "base" and memory_dir is not None and domain not in state.domains
         if not ranks.is_main:
+            if slot_run:
+                _train_slot(base, model, items[: len(pairs)], recipe, run_dir, resume, None, bf16, ranks)
             return None  # the main process saves, consolidates and reports
         if st.history and plot_history(st.history, run_dir / "training.png") is None:
             note(f"training.png: {MATPLOTLIB_MISSING}")
@@ -241,6 +270,11 @@ def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, reci
                                           base.info.device, bf16, progress=(lambda n: reporter.advance("fisher", n, {})) if reporter else None)
             fisher = accumulate_fisher(prior_fisher, task_fisher)
         save_adapter(model, run_dir / "adapter", full_state=st.full_state)
+        t_slot = time.perf_counter()
+        if slot_run:  # the core's path stays as it was; the slot is trained beside it (build_slot)
+            note("training the domain's slot from the bare base on its own pairs (slot_from: base)")
+            _train_slot(base, model, items[: len(pairs)], recipe, run_dir, resume, reporter, bf16, ranks)
+        t_slot = time.perf_counter() - t_slot
 
         recipe_hash = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
         own_trained = sum(i < len(pairs) for i in st.trained)
@@ -250,8 +284,12 @@ def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, reci
         memory = read_adapter(memory_dir)[0] if memory_dir else {}
         del model  # training memory is no longer needed for consolidation
         note(f"consolidating into the bank (SLMC: denoise, project against {len(state.tasks)} earlier task(s), update key and replay)")
-        new_state, cstats = consolidate_task(bank, state, read_adapter(run_dir / "adapter")[0], memory, domain, pairs, recipe,
-                                             base.info.identity(), make_embedder(recipe.router, base), lineage, fisher)
+        update = read_adapter(run_dir / "adapter")[0]
+        slot_update = read_adapter(run_dir / "slot")[0] if slot_run else None
+        if recipe.slot_from == "base" and memory_dir is None:  # trained from the bare base against it, on its own pairs: that LoRA
+            slot_update = update
+        new_state, cstats = consolidate_task(bank, state, update, memory, domain, pairs, recipe, base.info.identity(),
+                                             make_embedder(recipe.router, base), lineage, fisher, slot_update)
 
     train_time = st.history[-1]["time"] if st.history else 0.0
     trained_pairs = sum(h["pairs"] for h in st.history)
@@ -284,6 +322,7 @@ def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, reci
             "tokenize": round(t_tokenized - t_loaded, 2),
             "reference_and_train": round(t_trained - t_tokenized, 2),
             "train_loop": round(train_time, 2),
+            "slot_train": round(t_slot, 2),  # slot_from base, a new domain after the first task: the slot's own run
             "consolidate": cstats["seconds"],
             "total": round(time.perf_counter() - t_start, 2),
         },

@@ -111,7 +111,10 @@ class Recipe:
     route_quantile: float = knob(0.05, "memory", "Share of a domain's own held-out prompts whose similarity sets its novelty threshold.")
     route_threshold: float = knob(-1.0, "memory", "Below 0: each domain's calibrated threshold; 0..1: one fixed similarity below which the core answers.")
     router: str = knob("minilm", "memory", "Routing embedder: minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states).", choices=("minilm", "base"))
-    slot_mode: str = knob("specialist", "memory", "specialist: slot = memory + the domain's denoised update; core: slot = the new core.", choices=("specialist", "core"))
+    slot_mode: str = knob("specialist", "memory", "specialist: slot = what slot_from says; core: slot = the new core.", choices=("specialist", "core"))
+    slot_from: str = knob("base", "memory", "What a new domain's slot holds: base = a LoRA trained from the bare base against the bare base "
+                          "on the domain's pairs alone; update = the domain's denoised update alone; memory = the memory it was trained "
+                          "from (core) + that update.", choices=("base", "update", "memory"))
     # continual-learning baselines (bench continual's ewc and olora; off in LifeAlign's own recipes)
     ewc_lambda: float = knob(0.0, "baselines", "Online EWC: penalty on the short update weighted by earlier tasks' Fisher (kept in the bank).")
     olora_lambda: float = knob(0.0, "baselines", "O-LoRA: penalty on the short adapter's A inside earlier tasks' input subspaces.")

@@ -1,5 +1,7 @@
 """The continual-alignment protocol's metrics and argument parsing (no model)."""
 
+from pathlib import Path
+
 import pytest
 
 from lifealign_lite.bench.continual import METHODS, BenchError, parse_methods, parse_task, transfer_metrics
@@ -171,3 +173,79 @@ def test_signal_preset_is_a_real_stream_scored_on_held_out_pairs():
         assert (t.train.name, t.test.name) == ("train.jsonl", "dev.jsonl")
     assert {"seq-dpo", "sep", "mtl", "lifealign", "lifealign-bank"} <= set(parse_methods(spec["methods"]))
     assert spec["max_pairs"] > 0 and spec["max_test"] > 0
+
+
+def test_sep_fpo_is_sep_with_the_recipes_loss_and_listed_by_all():
+    """Like for like: sep-fpo differs from sep by the loss only, and --methods all runs it."""
+    sep, sep_fpo = METHODS["sep"], METHODS["sep-fpo"]
+    assert sep_fpo[1:] == sep[1:] == ("told", "separate")
+    assert sep_fpo[0] == {**sep[0], "loss": "fpo"} and sep[0]["loss"] == "dpo"
+    assert "sep-fpo" in parse_methods("all")
+
+
+def test_order_reverses_the_stream_and_refuses_other_names():
+    from lifealign_lite.bench.continual import PRESETS, ordered
+
+    tasks = [parse_task(t) for t in PRESETS["signal"]["tasks"]]
+    assert [t.name for t in ordered(tasks, "reversed")] == ["hc3", "truthfulqa", "safe-rlhf"]
+    assert ordered(tasks, "given") == tasks
+    with pytest.raises(BenchError, match="order"):
+        ordered(tasks, "shuffled")
+
+
+def test_signal_preset_scores_100_test_pairs_per_task():
+    from lifealign_lite.bench.continual import PRESETS
+
+    assert PRESETS["signal"]["max_test"] == 100
+
+
+def test_make_test_split_holds_out_what_the_signal_preset_does_not_train_on(tmp_path, shared_data):
+    """scripts/make_test_split.py: 100 pairs per task from the train split, none sharing a prompt with the preset's
+    training sample, the same on every run; refused inside the repository."""
+    import subprocess
+    import sys
+
+    from lifealign_lite.bench.continual import PRESETS
+    from lifealign_lite.data import load_pairs
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_test_split.py"
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True).returncode == 0
+    spec = PRESETS["signal"]
+    for t in (parse_task(s) for s in spec["tasks"]):
+        test = load_pairs(tmp_path / "a" / t.name / "test.jsonl")
+        trained = {repr(p.prompt) for p in load_pairs(t.train, max_pairs=spec["max_pairs"], seed=0)}
+        assert len(test) == 100 and not {repr(p.prompt) for p in test} & trained
+        assert (tmp_path / "a" / t.name / "test.jsonl").read_bytes() == (tmp_path / "b" / t.name / "test.jsonl").read_bytes()
+    inside = subprocess.run([sys.executable, str(script), str(script.parent / "x")], capture_output=True, text=True)
+    assert inside.returncode != 0 and inside.stderr.startswith("error: ") and not (script.parent / "x").exists()
+
+
+def test_merge_runs_combines_methods_run_side_by_side(tmp_path):
+    """Two --out folders of one setting, other methods: one results.json with both, each row as its own run gave
+    it; folders of another setting, or one method in two folders, are refused."""
+    import json
+
+    from lifealign_lite.bench.continual import merge_runs, summarize
+
+    base = {"a": [0.5, 0.5], "b": [0.5, 0.5]}
+    noisy = {"0,0": [0.0, 1.0], "0,1": [0.5, 0.5], "1,0": [1.0, 0.0], "1,1": [0.0, 1.0]}
+    config = {"tasks": [["a", "a.jsonl", "a-test.jsonl"], ["b", "b.jsonl", "b-test.jsonl"]], "max_pairs": 4, "max_test": 2,
+              "recipe": {"score_precision": "fp32"}}
+    states = {"one": _pair_state({"seq-dpo": noisy}, base), "two": _pair_state({"sep": {k: [1.0, 1.0] for k in noisy}}, base)}
+    for name, st in states.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(json.dumps(st | {"config": config, "seconds": {f"{name},0": 1.0}}))
+    res = merge_runs([tmp_path / "one", tmp_path / "two"], tmp_path / "both")
+    alone = summarize(states["one"], ["a", "b"], ["seq-dpo"])
+    assert res["_meta"]["methods"] == ["seq-dpo", "sep"] and res["seq-dpo"]["matrices"] == alone["seq-dpo"]["matrices"]
+    assert res["sep"]["pref_acc"]["Last"] == 1.0 and res["seq-dpo"]["intervals"]["pref_acc"]["Last"][0] < 1.0
+    assert json.loads((tmp_path / "both" / "results.json").read_text())["_meta"]["seconds"] == {"one,0": 1.0, "two,0": 1.0}
+    with pytest.raises(BenchError, match="also in an earlier folder"):
+        merge_runs([tmp_path / "one", tmp_path / "one"], tmp_path / "twice")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "state.json").write_text(json.dumps(states["two"] | {"config": {**config, "max_test": 3}}))
+    with pytest.raises(BenchError, match="another bench"):
+        merge_runs([tmp_path / "one", tmp_path / "other"], tmp_path / "bad")
+    with pytest.raises(BenchError, match="no state.json"):
+        merge_runs([tmp_path / "one", tmp_path / "missing"], tmp_path / "bad")

@@ -327,3 +327,57 @@ def test_cli_align_on_locked_bank_fails_with_one_line_error(tmp_path):
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.exception!r}"
     assert "being written" in result.stderr and "Traceback" not in result.stderr
     assert "--wait" not in result.stderr or "--wait" in CliRunner().invoke(app, ["align", "--help"]).stdout
+
+
+# -- what a slot holds, and tau applied once (issue 23), on the tiny model ------------------------------------
+
+def _dense(adapter: dict) -> dict:
+    return {name: u.dense() for name, u in adapter.items()}
+
+
+def _tiny_stream(tiny_model_dir: Path, home: Path, root: Path, domains, **overrides) -> Bank:
+    from conftest import align_examples
+
+    recipe = load_recipe("edge-cpu", {"model": str(tiny_model_dir), "router": "base", **OVERRIDES, **overrides})
+    return Bank(align_examples(root, home, recipe, domains))
+
+
+def test_slot_from_base_equals_a_directly_trained_adapter(tiny_model_dir, tmp_path, single_thread):
+    """slot_from base: support's slot, aligned after medical (its core trained from medical's core), is the LoRA
+    that aligning support alone into an empty bank trains (same seed, same pairs); its core still carries medical."""
+    home = tmp_path / "home"
+    stream = _tiny_stream(tiny_model_dir, home, tmp_path / "stream", DOMAINS)
+    alone = _tiny_stream(tiny_model_dir, home, tmp_path / "alone", ("support",))
+    s, a = stream.load(), alone.load()
+    assert s.domains["support"]["lineage"][-1]["trained_from"] == "core v1"
+    slot, direct = _dense(read_adapter(s.slot_dir("support"))[0]), _dense(read_adapter(a.slot_dir("support"))[0])
+    run = read_adapter(alone.root / "runs" / a.domains["support"]["lineage"][-1]["run"] / "adapter")[0]
+    assert set(slot) == set(direct) == set(run)
+    for name in slot:
+        assert torch.allclose(slot[name], direct[name], atol=1e-6), name
+        assert torch.allclose(direct[name], run[name].dense(), atol=1e-6), name  # the trained LoRA itself, not denoised
+    assert any(not torch.allclose(slot[n], _dense(read_adapter(s.core_dir())[0])[n], atol=1e-4) for n in slot)
+    # slot_from memory: the old slot, core at the time + the denoised update, differs from the direct adapter
+    old = _tiny_stream(tiny_model_dir, home, tmp_path / "memory", DOMAINS, slot_from="memory").load()
+    old_slot = _dense(read_adapter(old.slot_dir("support"))[0])
+    assert any(not torch.allclose(old_slot[n], direct[n], atol=1e-4) for n in slot)
+
+
+def test_tau_acts_once_the_core_is_the_sum_of_consolidated_updates(tiny_model_dir, tmp_path, single_thread):
+    """tau denoises each update (SLMC); the core's sum is cut to the rank cap only, never again at tau: with a rank
+    budget that holds both tasks, core v2 = core v1 + task 2's consolidated update exactly (the old second cut at
+    tau = 0.9 dropped a tenth of the energy at every task)."""
+    from lifealign_lite.memory.consolidate import consolidate_adapter, denoise
+
+    recipe_tau = 0.5  # a cut a second application would make plain
+    bank = _tiny_stream(tiny_model_dir, tmp_path / "home", tmp_path / "bank", DOMAINS, tau=recipe_tau, bank_rank=16, lora_r=4)
+    v1, v2 = bank.load(1), bank.load(2)
+    updates = [read_adapter(bank.root / "runs" / v2.domains[d]["lineage"][-1]["run"] / "adapter")[0] for d in DOMAINS]
+    first = {n: denoise(u, recipe_tau)[0] for n, u in updates[0].items()}
+    core1 = _dense(read_adapter(v1.core_dir())[0])
+    for name, u in first.items():
+        assert torch.allclose(core1[name], u.dense(), atol=1e-6), name  # denoised once, not twice
+    second, _ = consolidate_adapter(updates[1], v1.history(), recipe_tau, load_recipe("edge-cpu").projection_gamma)
+    core2 = _dense(read_adapter(v2.core_dir())[0])
+    for name, u in second.items():
+        assert torch.allclose(core2[name], core1[name] + u.dense(), atol=1e-5), name

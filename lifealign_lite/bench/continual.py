@@ -51,6 +51,7 @@ METHODS: dict[str, tuple[dict, str, str]] = {
     "lifealign": ({"loss": "fpo", "replay_mix": 0.2}, "core", "stream"),
     "lifealign-bank": ({"loss": "fpo", "replay_mix": 0.2}, "auto", "stream"),
     "sep": ({"loss": "dpo", **_SEQ}, "told", "separate"),  # one adapter per task from the base, told the domain
+    "sep-fpo": ({"loss": "fpo", **_SEQ}, "told", "separate"),  # sep with the recipe's loss: separates the loss from the memory
     "ewc": ({"loss": "dpo", **_SEQ, "ewc_lambda": EWC_LAMBDA}, "core", "stream"),  # online EWC on the adapter's update
     "olora": ({"loss": "dpo", **_SEQ, "olora_lambda": OLORA_LAMBDA}, "core", "stream"),  # orthogonal LoRA subspaces
     "mtl": ({"loss": "dpo", **_SEQ}, "core", "joint"),  # all tasks at once: the upper bound (final row only)
@@ -75,7 +76,7 @@ PRESETS = {
     # measured 94-min run of all nine on a 2-core CPU (docs/RESULTS.md): `--methods all` for every baseline
     # a stream this CPU can learn and forget within the hour (docs/RESULTS.md): see SIGNAL_ORDER
     "signal": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in SIGNAL_ORDER],
-               "methods": "seq-dpo,lifealign,lifealign-bank,sep,mtl", "max_pairs": 64, "max_test": 40,
+               "methods": "seq-dpo,lifealign,lifealign-bank,sep,mtl", "max_pairs": 64, "max_test": 100,
                "overrides": SIGNAL_OVERRIDES},
     "paper4": {"tasks": [f"{n}={_DATA}/{n}/train.jsonl:{_DATA}/{n}/dev.jsonl" for n in _PAPER_ORDER],
                "methods": "seq-dpo,replay,mtl,lifealign,lifealign-bank", "max_pairs": 64, "max_test": 40,
@@ -108,6 +109,16 @@ def with_test_dir(tasks: list[Task], test_dir: Path) -> list[Task]:
             raise BenchError(f"{path}: no test file for task {t.name!r}; --tests DIR needs DIR/NAME/test.jsonl for every task")
         out.append(Task(t.name, t.train, path))
     return out
+
+
+ORDERS = ("given", "reversed")
+
+
+def ordered(tasks: list[Task], order: str) -> list[Task]:
+    """The tasks in their given order or reversed (the paper reports several task orders)."""
+    if order not in ORDERS:
+        raise BenchError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    return list(reversed(tasks)) if order == "reversed" else list(tasks)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -143,7 +154,7 @@ def _save_json(path: Path, data: dict) -> None:
 
 
 def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, recipe_name: str | None = None,
-                  overrides: dict | None = None, max_pairs: int = 0, max_test: int = 0, reporter=None, command: str = "") -> dict:
+                  overrides: dict | None = None, max_pairs: int = 0, max_test: int = 0, reporter=None, command: str = "", order: str = "given") -> dict:
     """Run (or resume) the bench; returns the results written to ``out/results.json``. One process: every method's
     align runs in it (under a launcher this refuses at once: ``distributed.refuse_launcher``)."""
     refuse_launcher("bench continual")
@@ -159,6 +170,7 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
     if state.get("config", config) != config:
         raise BenchError(f"{out} holds a bench with other tasks or settings; use another --out")
     state.setdefault("config", config)
+    state["order"] = order  # recorded (the tasks' order is in config): merge_runs refuses to combine two orders
     state.setdefault("scores", {})  # method -> "i,j" -> metrics
     state.setdefault("pairs", {})  # method -> "i,j" -> metric -> one score per test pair (the bootstrap's input)
     state.setdefault("seconds", {})
@@ -187,7 +199,9 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
     for method in methods:
         overrides_m, memory, mode = METHODS[method]
         recipe = load_recipe(recipe_name, {**(overrides or {}), **overrides_m,
-                                           **({"bank_rank": base_recipe.lora_r * T} if overrides_m.get("tau") == 1.0 else {})})
+                                           **({"bank_rank": base_recipe.lora_r * T} if overrides_m.get("tau") == 1.0 else {}),
+                                           # a bank scored on its core only: no slot of its is ever read, so none is trained
+                                           **({"slot_from": "update"} if memory == "core" and method not in SHARED_TRAINING.values() else {})})
         scores = state["scores"].setdefault(method, {})
         pair_scores = state["pairs"].setdefault(method, {})
         oracle = state["scores"].setdefault(ORACLE, {}) if method == "lifealign-bank" else None
@@ -221,6 +235,12 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
             # the bank as it stood after task i (each task adds one version): a resumed run may have trained further
             sess = None if mode == "separate" else open_session(bank, home, recipe, domain=memory, version=1 if mode == "joint" else i + 1)
             for j, test in enumerate(tasks):
+                # an adapter frozen since row j (task j's own separate adapter; its slot, once a later task is another
+                # domain) scores on j what it scored in row j: the scores are deterministic, so that cell is copied
+                frozen = j < i and test.name not in [t.name for t in tasks[j + 1 : i + 1]]
+                if mode == "separate" and frozen:
+                    scores[f"{i},{j}"], pair_scores[f"{i},{j}"] = scores[f"{j},{j}"], pair_scores[f"{j},{j}"]
+                    continue
                 if mode == "separate" and j > i:  # no adapter for a task not seen yet: the base model answers
                     scores[f"{i},{j}"] = {k: state["base"][test.name][k] for k in METRICS}
                     pair_scores[f"{i},{j}"] = state["base_pairs"][test.name]
@@ -230,7 +250,9 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
                 ev = evaluate(sess, tests[test.name], recipe, test.name if mode == "separate" else memory, base_scores=base_cache[test.name])
                 scores[f"{i},{j}"] = {k: ev.summary[k] for k in (*METRICS, "ties")}
                 pair_scores[f"{i},{j}"] = ev.per_pair
-                if oracle is not None:  # each test pair answered by its true domain's slot (the core for a domain not seen yet)
+                if oracle is not None and frozen:
+                    oracle[f"{i},{j}"], oracle_pairs[f"{i},{j}"] = oracle[f"{j},{j}"], oracle_pairs[f"{j},{j}"]
+                elif oracle is not None:  # each test pair answered by its true domain's slot (the core for a domain not seen yet)
                     told = test.name if j <= i else "core"
                     ev = evaluate(sess, tests[test.name], recipe, told, base_scores=base_cache[test.name])
                     oracle[f"{i},{j}"] = {k: ev.summary[k] for k in (*METRICS, "ties")}
@@ -238,14 +260,44 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
             state["seconds"][f"{method},{i}"] = round(time.perf_counter() - t0, 1)
             step_done()
 
-    results = summarize(state, [t.name for t in tasks], methods)
-    results["_meta"]["score_precision"] = base_recipe.score_precision
-    results["_meta"] |= {"command": command, "wall_s_this_start": round(time.perf_counter() - started, 1)}
+    return _write_results(state, methods, out, reporter, command=command, wall_s_this_start=round(time.perf_counter() - started, 1))
+
+
+def _write_results(state: dict, methods: list[str], out: Path, reporter=None, **meta) -> dict:
+    """results.json, results.md and the plots of a bench state."""
+    results = summarize(state, [t[0] for t in state["config"]["tasks"]], methods)
+    results["_meta"] |= {"score_precision": state["config"]["recipe"]["score_precision"], "order": state.get("order", "given"), **meta}
     _save_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results, methods))
     if not plot(results, reported_methods(methods), out):
         (getattr(reporter, "note", None) or (lambda message: None))(MATPLOTLIB_MISSING)
     return results
+
+
+def merge_runs(sources: list[Path], out: Path, reporter=None, command: str = "") -> dict:
+    """One results.json from several ``--out`` folders of the same tasks and settings (methods run side by side,
+    each in its own folder): their scores are combined into ``out`` (state.json too, so ``out`` resumes as a bench).
+    Refused: folders of other tasks or settings, a method finished in two of them."""
+    states = []
+    for src in map(Path, sources):
+        if not (src / "state.json").is_file():
+            raise BenchError(f"{src}: no state.json; --merge takes --out folders of bench continual")
+        states.append((src, json.loads((src / "state.json").read_text())))
+    first = states[0][1]
+    merged = {k: first.get(k) for k in ("config", "base", "base_pairs", "order")} | {"scores": {}, "pairs": {}, "seconds": {}}
+    for src, st in states:
+        if (st.get("config"), st.get("order", "given"), st.get("base")) != (first.get("config"), first.get("order", "given"), first.get("base")):
+            raise BenchError(f"{src}: another bench (tasks, order, settings or base scores) than {states[0][0]}; combine runs of one setting")
+        for method, cells in st.get("scores", {}).items():
+            if cells and method in merged["scores"]:
+                raise BenchError(f"{src}: {method} is also in an earlier folder; each method may come from one folder")
+            if cells:
+                merged["scores"][method], merged["pairs"][method] = cells, st.get("pairs", {}).get(method, {})
+        merged["seconds"] |= st.get("seconds", {})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _save_json(Path(out) / "state.json", merged)
+    return _write_results(merged, [m for m in merged["scores"] if m in METHODS], Path(out), reporter, command=command,
+                          merged_from=[str(s) for s, _ in states])
 
 
 def _bank_tasks(bank: Path) -> int:
