@@ -146,7 +146,8 @@ def verify_cmd(
     bank: Optional[Path] = BankOpt,
     all_versions: bool = typer.Option(False, "--all", help="Check every version on disk, not only the current one."),
     adopt: bool = typer.Option(False, "--adopt", help="Once, for a bank written before checksums existed: record checksums for every "
-                                                      "version that has none and whose files all parse (never done by default)."),
+                                                      "version that has none and whose files all parse. It trusts those files as they "
+                                                      "are, so it is not for a checksums.json lost later (never done by default)."),
 ) -> None:
     """Check every file of the current version (or of every version) against its recorded SHA-256 and size.
 

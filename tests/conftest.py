@@ -179,6 +179,12 @@ def shared_data() -> Path:
     return require_path(SHARED_DATA, "shared data folder")
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """An empty LIFEALIGN_HOME, one per test module (the tiny model needs no download or conversion)."""
+    return tmp_path_factory.mktemp("home")
+
+
 @pytest.fixture(scope="session")
 def lifealign_home() -> Path:
     """A persistent home for the real default model, so its GGUF conversion happens once per machine."""

@@ -79,8 +79,8 @@ def align_like(bank: Bank, parent: BankState, domain: str, seed: int, *, touch_c
 
 
 @pytest.fixture
-def bank2(tmp_path) -> Bank:
-    """A bank at version 2: medical (v1), then support (v2)."""
+def synthetic_bank(tmp_path) -> Bank:
+    """A bank at version 2 built from random updates, no model: medical (v1), then support (v2)."""
     bank = Bank(tmp_path / "bank")
     s1 = align_like(bank, bank.load(), "medical", seed=1)
     align_like(bank, s1, "support", seed=2)
@@ -226,59 +226,59 @@ def test_rewritten_adapter_gets_new_inode_and_parent_stays_intact(tmp_path):
     assert s2.domains["medical"]["pairs_seen"] == 8 and len(s2.domains["medical"]["lineage"]) == 2
 
 
-def test_manifest_current_pointer_and_version_log(bank2):
-    manifest = bank2.manifest()
+def test_manifest_current_pointer_and_version_log(synthetic_bank):
+    manifest = synthetic_bank.manifest()
     assert manifest["current"] == 2
     assert manifest["base"] == BASE
     assert [(v["version"], v["parent"]) for v in manifest["versions"]] == [(1, 0), (2, 1)]
-    assert bank2.load().version == 2
+    assert synthetic_bank.load().version == 2
     # No temporary folder is left behind after successful commits.
-    assert sorted(p.name for p in (bank2.root / "versions").iterdir()) == ["000001", "000002"]
+    assert sorted(p.name for p in (synthetic_bank.root / "versions").iterdir()) == ["000001", "000002"]
 
 
-def test_rollback_to_earlier_version_then_commit_on_top(bank2):
-    state = bank2.rollback(1)
+def test_rollback_to_earlier_version_then_commit_on_top(synthetic_bank):
+    state = synthetic_bank.rollback(1)
     assert state.version == 1 and sorted(state.domains) == ["medical"]
-    assert bank2.manifest()["current"] == 1 and bank2.load().version == 1
+    assert synthetic_bank.manifest()["current"] == 1 and synthetic_bank.load().version == 1
     # Later versions stay on disk; a new commit gets a fresh number and records its true parent.
-    assert bank2.version_dir(2).is_dir()
-    s3 = align_like(bank2, bank2.load(), "legal", seed=3)
+    assert synthetic_bank.version_dir(2).is_dir()
+    s3 = align_like(synthetic_bank, synthetic_bank.load(), "legal", seed=3)
     assert s3.version == 3 and sorted(s3.domains) == ["legal", "medical"]
-    assert bank2.manifest()["versions"][-1]["parent"] == 1
-    assert bank2.rollback(2).version == 2  # rolling forward works too
+    assert synthetic_bank.manifest()["versions"][-1]["parent"] == 1
+    assert synthetic_bank.rollback(2).version == 2  # rolling forward works too
 
 
-def test_rollback_to_missing_version_is_refused(bank2):
+def test_rollback_to_missing_version_is_refused(synthetic_bank):
     with pytest.raises(BankError, match=r"no version 7 .*versions: 1, 2"):
-        bank2.rollback(7)
-    assert bank2.manifest()["current"] == 2
+        synthetic_bank.rollback(7)
+    assert synthetic_bank.manifest()["current"] == 2
 
 
-def test_rollback_to_zero_gives_empty_bank(bank2):
-    assert bank2.rollback(0).domains == {}
-    assert bank2.load().version == 0
+def test_rollback_to_zero_gives_empty_bank(synthetic_bank):
+    assert synthetic_bank.rollback(0).domains == {}
+    assert synthetic_bank.load().version == 0
 
 
-def test_corrupted_state_json_names_file_and_other_versions_still_load(bank2):
-    path = bank2.version_dir(2) / "state.json"
+def test_corrupted_state_json_names_file_and_other_versions_still_load(synthetic_bank):
+    path = synthetic_bank.version_dir(2) / "state.json"
     path.write_text('{"domains": {"medical": ')
     with pytest.raises(BankError) as info:
-        bank2.load()
+        synthetic_bank.load()
     assert str(path) in str(info.value) and "rollback 1" in str(info.value)
-    old = bank2.load(1)
+    old = synthetic_bank.load(1)
     assert sorted(old.domains) == ["medical"] and read_adapter(old.slot_dir("medical"))[0]
-    bank2.rollback(1)
-    assert bank2.load().version == 1
+    synthetic_bank.rollback(1)
+    assert synthetic_bank.load().version == 1
 
 
-def test_missing_state_json_is_reported(bank2):
-    (bank2.version_dir(2) / "state.json").unlink()
+def test_missing_state_json_is_reported(synthetic_bank):
+    (synthetic_bank.version_dir(2) / "state.json").unlink()
     with pytest.raises(BankError, match="state.json: missing"):
-        bank2.load(2)
+        synthetic_bank.load(2)
 
 
-def test_corrupted_adapter_weights_name_the_path(bank2):
-    state = bank2.load()
+def test_corrupted_adapter_weights_name_the_path(synthetic_bank):
+    state = synthetic_bank.load()
     slot = state.slot_dir("support")  # written in v2 only, so not shared with v1
     weights = slot / "adapter_model.safetensors"
     data = weights.read_bytes()
@@ -289,8 +289,8 @@ def test_corrupted_adapter_weights_name_the_path(bank2):
     assert read_adapter(state.slot_dir("medical"))[0]  # the other slot is fine
 
 
-def test_corrupted_keys_and_replay_raise_bank_error(bank2):
-    state = bank2.load()
+def test_corrupted_keys_and_replay_raise_bank_error(synthetic_bank):
+    state = synthetic_bank.load()
     (state.folder / "keys" / "support.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(BankError, match="keys/support.safetensors: corrupted"):
         state.keys()
@@ -299,24 +299,24 @@ def test_corrupted_keys_and_replay_raise_bank_error(bank2):
         state.replay()
 
 
-def test_corrupted_manifest_raises_bank_error(bank2):
-    bank2.manifest_path.write_text("{")
+def test_corrupted_manifest_raises_bank_error(synthetic_bank):
+    synthetic_bank.manifest_path.write_text("{")
     with pytest.raises(BankError, match="corrupted manifest"):
-        bank2.load()
+        synthetic_bank.load()
 
 
-def test_check_base_refuses_other_fingerprint(bank2):
-    bank2.check_base(BASE)  # same base: fine
+def test_check_base_refuses_other_fingerprint(synthetic_bank):
+    synthetic_bank.check_base(BASE)  # same base: fine
     with pytest.raises(BankError) as info:
-        bank2.check_base({"name": "other-model", "fingerprint": "fp-other"})
+        synthetic_bank.check_base({"name": "other-model", "fingerprint": "fp-other"})
     msg = str(info.value)
     assert "tiny-llama" in msg and "fp-tiny" in msg and "other-model" in msg and "--model tiny-llama" in msg
-    Bank(bank2.root.parent / "fresh").check_base({"name": "x", "fingerprint": "y"})  # an empty bank accepts any base
+    Bank(synthetic_bank.root.parent / "fresh").check_base({"name": "x", "fingerprint": "y"})  # an empty bank accepts any base
 
 
-def test_remove_domain_makes_new_version_without_it(bank2):
-    before = bank2.load()
-    state = bank2.remove_domain("medical", BASE)
+def test_remove_domain_makes_new_version_without_it(synthetic_bank):
+    before = synthetic_bank.load()
+    state = synthetic_bank.remove_domain("medical", BASE)
     assert state.version == 3 and sorted(state.domains) == ["support"]
     assert not (state.folder / "slots" / "medical").exists()
     assert set(state.keys()) == {"support"}
@@ -324,18 +324,18 @@ def test_remove_domain_makes_new_version_without_it(bank2):
     assert state.core_dir() is not None and read_adapter(state.core_dir())[0]
     # The previous version is untouched and can be restored.
     assert (before.folder / "slots" / "medical" / "adapter_model.safetensors").is_file()
-    assert "medical" in bank2.rollback(2).domains
+    assert "medical" in synthetic_bank.rollback(2).domains
 
 
-def test_remove_unknown_domain_is_refused_without_new_version(bank2):
+def test_remove_unknown_domain_is_refused_without_new_version(synthetic_bank):
     with pytest.raises(BankError, match="known domains: medical, support"):
-        bank2.remove_domain("legal", BASE)
-    assert bank2.manifest()["current"] == 2
-    assert sorted(p.name for p in (bank2.root / "versions").iterdir()) == ["000001", "000002"]
+        synthetic_bank.remove_domain("legal", BASE)
+    assert synthetic_bank.manifest()["current"] == 2
+    assert sorted(p.name for p in (synthetic_bank.root / "versions").iterdir()) == ["000001", "000002"]
 
 
-def test_slot_dir_of_unknown_domain_lists_known_ones(bank2):
-    state = bank2.load()
+def test_slot_dir_of_unknown_domain_lists_known_ones(synthetic_bank):
+    state = synthetic_bank.load()
     assert state.slot_dir("medical") == state.folder / "slots" / "medical"
     with pytest.raises(BankError, match=r"unknown domain 'legal'; known domains: medical, support"):
         state.slot_dir("legal")
@@ -465,17 +465,17 @@ def test_folder_size_of_versions_is_less_than_sum_of_versions(tmp_path):
     assert total > max(v1, v2)
 
 
-def test_router_is_refit_without_a_removed_domain_and_restored_by_rollback(bank2):
-    before = bank2.load()
+def test_router_is_refit_without_a_removed_domain_and_restored_by_rollback(synthetic_bank):
+    before = synthetic_bank.load()
     router = before.router()
     assert router.domains == ["medical", "support"]
     support_key = before.keys()["support"]
-    state = bank2.remove_domain("medical", BASE)
+    state = synthetic_bank.remove_domain("medical", BASE)
     assert (state.folder / "router.safetensors").is_file()  # refit and stored with the new version
     after = state.router()
     assert after.domains == ["support"] and set(state.key_texts()) <= {"support"}
     assert after.route(support_key[0], "", threshold=-1.0).domain == "support"
-    restored = bank2.rollback(before.version)
+    restored = synthetic_bank.rollback(before.version)
     assert restored.router().domains == ["medical", "support"]
     assert torch.equal(restored.keys()["medical"], before.keys()["medical"])
 

@@ -37,15 +37,10 @@ TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def bank_dir(two_domain_bank) -> Path:
-    return two_domain_bank
-
-
-@pytest.fixture(scope="module")
-def session(bank_dir, lifealign_home):
+def session(two_domain_bank, lifealign_home):
     from lifealign_lite.chat import open_session
 
-    return open_session(bank_dir, lifealign_home, load_recipe(None), domain="medical")
+    return open_session(two_domain_bank, lifealign_home, load_recipe(None), domain="medical")
 
 
 # -- ChatSession ---------------------------------------------------------------------------------------------
@@ -60,7 +55,7 @@ def test_ask_with_medical_memory(session):
 
 
 @pytest.mark.integration
-def test_cli_chat_prints_only_the_answer(session, bank_dir, lifealign_home):
+def test_cli_chat_prints_only_the_answer(session, two_domain_bank, lifealign_home):
     require_path(CLI, "the lifealign-lite console script")
     session.history = []
     session.set_domain("medical")
@@ -69,7 +64,7 @@ def test_cli_chat_prints_only_the_answer(session, bank_dir, lifealign_home):
     # installed the default engine is llama.cpp, whose Q4_1 x int8 arithmetic splits near-tied greedy choices
     # (tests/test_llamacpp.py compares the two engines by top-1 agreement instead)
     proc = subprocess.run(
-        [str(CLI), "chat", "--prompt", MEDICAL_PROMPT, "--domain", "medical", "--bank", str(bank_dir), "--max-new-tokens", str(TOKENS),
+        [str(CLI), "chat", "--prompt", MEDICAL_PROMPT, "--domain", "medical", "--bank", str(two_domain_bank), "--max-new-tokens", str(TOKENS),
          "--engine", "torch"],
         env=dict(os.environ, LIFEALIGN_HOME=str(lifealign_home)), capture_output=True, text=True, timeout=300,
     )
@@ -103,15 +98,15 @@ def test_auto_routing_sends_support_prompt_to_support(session):
 # -- CLI -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_cli_chat_unknown_domain_fails_with_known_domains(bank_dir, lifealign_home):
-    result = invoke(["chat", "--prompt", "hi", "--domain", "unknown", "--bank", str(bank_dir)], lifealign_home)
+def test_cli_chat_unknown_domain_fails_with_known_domains(two_domain_bank, lifealign_home):
+    result = invoke(["chat", "--prompt", "hi", "--domain", "unknown", "--bank", str(two_domain_bank)], lifealign_home)
     assert result.exit_code != 0 and result.stdout == ""
     assert "unknown domain 'unknown'" in result.stderr and "medical, support" in result.stderr
 
 
 @pytest.mark.integration
-def test_cli_memory_list_json(bank_dir, lifealign_home):
-    result = invoke(["memory", "list", "--json", "--bank", str(bank_dir)], lifealign_home)
+def test_cli_memory_list_json(two_domain_bank, lifealign_home):
+    result = invoke(["memory", "list", "--json", "--bank", str(two_domain_bank)], lifealign_home)
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["version"] == 2 and data["bank_bytes"] > 0
@@ -123,8 +118,8 @@ def test_cli_memory_list_json(bank_dir, lifealign_home):
 
 
 @pytest.mark.integration
-def test_cli_route_json(bank_dir, lifealign_home):
-    result = invoke(["route", SUPPORT_PROMPT, "--json", "--bank", str(bank_dir)], lifealign_home)
+def test_cli_route_json(two_domain_bank, lifealign_home):
+    result = invoke(["route", SUPPORT_PROMPT, "--json", "--bank", str(two_domain_bank)], lifealign_home)
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert isinstance(data["scores"], dict) and set(data["scores"]) == {"medical", "support"}
@@ -141,35 +136,35 @@ def _base_tensor(home: Path, name: str) -> torch.Tensor:
 
 
 @pytest.mark.integration
-def test_cli_export_merged_loads_in_transformers(bank_dir, lifealign_home, tmp_path):
+def test_cli_export_merged_loads_in_transformers(two_domain_bank, lifealign_home, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    result = invoke(["memory", "export", "medical", str(out), "--format", "merged", "--bank", str(bank_dir)], lifealign_home)
+    result = invoke(["memory", "export", "medical", str(out), "--format", "merged", "--bank", str(two_domain_bank)], lifealign_home)
     assert result.exit_code == 0, result.stderr
     assert "checked" in result.stderr
     model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     assert AutoTokenizer.from_pretrained(out).chat_template
     module = "model.layers.0.self_attn.q_proj"
-    delta = read_adapter(Bank(bank_dir).load().slot_dir("medical"))[0][module].dense()
+    delta = read_adapter(Bank(two_domain_bank).load().slot_dir("medical"))[0][module].dense()
     merged = model.get_submodule(module).weight.detach()
     torch.testing.assert_close(merged, _base_tensor(lifealign_home, f"{module}.weight") + delta, rtol=1e-5, atol=1e-6)
     # A second export into the now non-empty folder is refused.
-    again = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(bank_dir)], lifealign_home)
+    again = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(two_domain_bank)], lifealign_home)
     assert again.exit_code == 2 and "not empty" in again.stderr
 
 
 @pytest.mark.integration
-def test_cli_export_peft_loads_in_peft(bank_dir, lifealign_home, tmp_path):
+def test_cli_export_peft_loads_in_peft(two_domain_bank, lifealign_home, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from lifealign_lite.model import default_model_dir
 
     out = tmp_path / "peft"
-    result = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(bank_dir)], lifealign_home)
+    result = invoke(["memory", "export", "medical", str(out), "--format", "peft", "--bank", str(two_domain_bank)], lifealign_home)
     assert result.exit_code == 0, result.stderr
-    slot = Bank(bank_dir).load().slot_dir("medical")
+    slot = Bank(two_domain_bank).load().slot_dir("medical")
     assert (out / "adapter_model.safetensors").read_bytes() == (slot / "adapter_model.safetensors").read_bytes()
     # the base it names is the converted embedded model in the model cache, and the tokenizer travels with it
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(default_model_dir(lifealign_home))

@@ -57,11 +57,6 @@ def log_lines(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("home")
-
-
 @pytest.fixture(autouse=True)
 def needs_cli():
     require_path(CLI, "the lifealign-lite console script")

@@ -50,11 +50,6 @@ TINY = ["--max-steps", "1", "--max-pairs", "4", "--batch-size", "2", "--set", "r
 
 # -- fixtures ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("home")
-
-
 def digests(root: Path) -> dict[str, str]:
     """Content of every file under ``root`` except the lock (which every writer rewrites)."""
     if not root.exists():
