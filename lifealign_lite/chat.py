@@ -182,18 +182,21 @@ class ChatSession:
         return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0, interrupted)
 
     def generate(self, prompt: str | list[dict], memory: str, on_token: Callable[[str], None], max_new_tokens: int = 256,
-                 stop: threading.Event | None = None, temperature: float = 0.0, top_p: float = 1.0) -> tuple[str, int]:
+                 stop: threading.Event | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> tuple[str, int]:
         """Answer ``prompt`` with ``memory`` (a domain, core or base), without touching the history: the server's entry point.
 
         A conversation (list of messages) goes through the chat template, a text is continued as it is. Greedy
         decoding (with chat's repetition penalty) unless ``temperature`` > 0. Pieces of text go to ``on_token``;
-        setting ``stop`` ends generation at the next token. Returns the text and the number of new tokens.
+        setting ``stop`` ends generation at the next token; ``seed`` seeds the sampling. Returns the text and the number of new tokens.
         """
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if seed is not None:
+            self.seed(seed)
         self.activate(memory)
         if isinstance(prompt, str):
             enc = self.tokenizer(prompt, return_tensors="pt")

@@ -68,3 +68,14 @@ def llama_threads() -> int:
     except OSError:  # no load average on this system: llama-cpp-python's own default
         return max(1, cpus // 2)
     return max(1, min(cpus, round(cpus - busy)))
+
+
+def seconds_since_process_start() -> float | None:
+    """Seconds since this process started (the kernel's start time, so the interpreter's own start-up counts), or
+    None where /proc is not there."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
