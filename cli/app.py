@@ -159,9 +159,8 @@ def route_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Say which memory chat would use for TEXT or a conversation, with each domain's probability."""
-    from lifealign_lite.memory.router import make_embedder
+    from lifealign_lite.chat import routing_session
     from lifealign_lite.memory.bank import Bank
-    from lifealign_lite.memory.router import prompt_text
 
     if (text is None) == (messages is None):
         fail("give a prompt TEXT or --messages FILE (one of them)")
@@ -170,16 +169,7 @@ def route_cmd(
     state = bank_.load()
     if not state.domains:
         fail(f"{bank_.root}: no domains aligned yet; run `lifealign-lite align DATA --domain NAME` first")
-    rcp = load_recipe(None)
-    kind = state.meta.get("router", rcp.router)
-    if kind == "base":
-        from lifealign_lite.model import load_base
-
-        embedder = make_embedder(kind, load_base(rcp.model, home_dir(), "none"))
-    else:
-        embedder = make_embedder(kind)
-    routed = prompt_text(conversation)
-    result = state.router().route(embedder([routed])[0], routed)
+    result = routing_session(bank_.root, home_dir(), load_recipe(None), state).route(conversation)  # as chat --domain auto and serve route
     if as_json:
         print(json.dumps({"domain": result.domain, "threshold": result.threshold, "similarity": result.similarity, "scores": result.scores}))
         return

@@ -293,15 +293,32 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
     bank.check_base(base.info.identity())
     base.model.eval()
     session = ChatSession(model=base.model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
-                          embedder_factory=lambda: _embedder(state.meta.get("router", recipe.router), base), merge=merge,
+                          embedder_factory=lambda: routing_embedder(state.meta.get("router", recipe.router), recipe.model, home, base), merge=merge,
                           direct=merge and base.info.quant == "none")
     session.load_adapters(state)
     session.set_domain(domain)
     return session
 
 
-def _embedder(name: str, base):
-    """The routing embedder, imported and loaded on the first routed prompt only."""
+def routing_embedder(kind: str, model: str, home: Path, base=None):
+    """The one place that builds a bank's routing embedder (chat on either engine, serve and ``route`` call it, on the
+    first routed prompt only): MiniLM, or the base model's own hidden states (``base`` when the caller holds the
+    transformers model already, else ``model`` loaded in fp32)."""
     from .memory.router import make_embedder
 
-    return make_embedder(name, base)
+    if kind == "base" and base is None:
+        from .model import load_base
+
+        base = load_base(model, home, "none")
+    return make_embedder(kind, base)
+
+
+def routing_session(bank_dir: Path, home: Path, recipe, state: BankState | None = None) -> ChatSession:
+    """A session that only routes (no model): what ``route`` reports, with the embedder (the bank's ``router``, on
+    the bank's base model) and the threshold (the recipe's ``route_threshold``) that ``chat --domain auto`` and
+    serve's ``model: auto`` use."""
+    bank = Bank(bank_dir)
+    state = state or bank.load()
+    kind, model = state.meta.get("router", recipe.router), (bank.manifest().get("base") or {}).get("name") or recipe.model
+    return ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=recipe.route_threshold,
+                       embedder_factory=lambda: routing_embedder(kind, model, home))

@@ -123,14 +123,6 @@ def open_chat(bank_dir: Path, home: Path, recipe, engine: str = AUTO, domain: st
     return open_session(bank_dir, home, recipe, domain=domain, merge=merge, version=version, note=note)
 
 
-def routing_embedder(kind: str, recipe, home: Path):
-    """The bank's routing embedder (torch): MiniLM, or the base model's own states from the transformers model."""
-    from .chat import _embedder
-    from .model import load_base
-
-    return _embedder(kind, load_base(recipe.model, home, "none") if kind == "base" else None)
-
-
 def cached_adapter(folder: Path, base_path: Path, home: Path, name: str, note: Callable[[str], None] | None = None) -> Path:
     """The llama.cpp adapter file of the bank entry ``folder``, exported on first use and kept under ``home``.
 
@@ -152,3 +144,24 @@ def cached_adapter(folder: Path, base_path: Path, home: Path, name: str, note: C
     return out
 
 
+
+
+class TemplateTokenizer:
+    """The calls chat and the server make of a transformers tokenizer (``tokenizer(text)["input_ids"]`` and
+    ``apply_chat_template``), answered from a binding's ``render`` (the GGUF's chat template) and ``encode``."""
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        raise NotImplementedError
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def __call__(self, text: str, add_special_tokens: bool = True, **_) -> dict:
+        return {"input_ids": self.encode(text, add_special_tokens)}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True, return_dict: bool = False, **_):
+        text = self.render(messages, add_generation_prompt)
+        if not tokenize:
+            return text
+        ids = self.encode(text)
+        return {"input_ids": ids} if return_dict else ids

@@ -29,9 +29,9 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from .chat import AUTO, ChatSession, ChatTurn
+from .chat import AUTO, ChatSession, ChatTurn, routing_embedder
 from .errors import InputError
-from .llamacpp import LLAMA_CPP, cached_adapter, routing_embedder
+from .llamacpp import LLAMA_CPP, TemplateTokenizer, cached_adapter
 from .memory.bank import Bank, BankState
 from .memory.router import CORE
 from .model import ModelError
@@ -48,9 +48,10 @@ def open_llama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, v
     state = bank.load(version)
     # a wrong domain is reported before anything loads
     LlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
-    session = open_llama_base((bank.manifest().get("base") or {}).get("name") or recipe.model, home, n_threads)
+    model_name = (bank.manifest().get("base") or {}).get("name") or recipe.model
+    session = open_llama_base(model_name, home, n_threads)
     kind = state.meta.get("router", recipe.router)
-    session.threshold, session.embedder_factory = recipe.route_threshold, lambda: routing_embedder(kind, recipe, home)
+    session.threshold, session.embedder_factory = recipe.route_threshold, lambda: routing_embedder(kind, model_name, home)
     session.load_adapters(state, note)
     session.set_domain(domain)
     return session
@@ -71,7 +72,7 @@ def open_llama_base(model: str, home: Path, n_threads: int | None = None) -> Lla
                         home=Path(home), base_gguf=path)
 
 
-class GGUFTokenizer:
+class GGUFTokenizer(TemplateTokenizer):
     """The GGUF's own vocabulary and chat template, answering the calls chat and the server make of a transformers
     tokenizer (``tokenizer(text)["input_ids"]`` and ``apply_chat_template``)."""
 
@@ -94,15 +95,6 @@ class GGUFTokenizer:
         """Token ids of ``text``; special tokens written in it (``<|im_start|>``) are parsed, as transformers does."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens and self.add_bos, special=True)
 
-    def __call__(self, text: str, add_special_tokens: bool = True, **_) -> dict:
-        return {"input_ids": self.encode(text, add_special_tokens)}
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True, return_dict: bool = False, **_):
-        text = self.render(messages, add_generation_prompt)
-        if not tokenize:
-            return text
-        ids = self.encode(text)
-        return {"input_ids": ids} if return_dict else ids
 
 
 @dataclass

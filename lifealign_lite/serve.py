@@ -135,18 +135,19 @@ class Engine:
         return Answer(memory=memory, route=route, version=s.state.version)
 
     def _generate(self, job: Job, answer: Answer, emit: Callable[[tuple], None], cancel: threading.Event) -> None:
-        """Generate here (with the lock held, unless the session is concurrent)."""
+        """Generate here (with the lock held, unless the session is concurrent). ``cancel`` is the client's (set when it
+        went away); the session gets an event of its own, set at a stop string or once the client is gone."""
         s = self.session
-        scanner = StopScanner(job.stop)
+        scanner, halt = StopScanner(job.stop), threading.Event()
 
         def on_token(piece: str) -> None:
             text = scanner.feed(piece)
             if text:
                 emit(("text", text))
-            if scanner.stopped:
-                cancel.set()
+            if scanner.stopped or cancel.is_set():
+                halt.set()
 
-        _, answer.tokens = s.generate(job.prompt, answer.memory, on_token, max_new_tokens=job.max_tokens, stop=cancel,
+        _, answer.tokens = s.generate(job.prompt, answer.memory, on_token, max_new_tokens=job.max_tokens, stop=halt,
                                       temperature=job.temperature, top_p=job.top_p, seed=job.seed)
         rest = scanner.flush()
         if rest:

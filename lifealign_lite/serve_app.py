@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from .serve import Answer, Engine, start
 from .serve_api import RequestError, parse_job
+from .xllama import restore_signals
 
 MAX_BODY_BYTES = 1_000_000
 DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this many times the limit, so the client sees the 413
@@ -51,6 +52,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_cap: int =
     @app.middleware("http")
     async def _auth_and_log(request: Request, call_next):
         t0 = time.perf_counter()
+        restore_signals()  # after a hot reload started a llama.cpp server in a worker thread: Ctrl-C and SIGTERM stop uvicorn again
         if api_key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
             response = error(RequestError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key"))
         else:

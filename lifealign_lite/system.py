@@ -7,6 +7,7 @@ import os
 import resource
 import sys
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 

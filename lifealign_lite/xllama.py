@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import queue
+import secrets
+import signal
 import socket
 import threading
 import time
@@ -35,6 +37,7 @@ from typing import Callable, ClassVar, Iterator
 
 from .chat import AUTO, BASE, ChatSession, ChatTurn
 from .errors import InputError
+from .llamacpp import TemplateTokenizer
 from .memory.bank import Bank, BankState
 from .memory.router import CORE
 from .model import ModelError
@@ -52,6 +55,19 @@ def importable() -> bool:
     except (ImportError, OSError):
         return False
     return True
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PENDING: dict[int, object] = {}  # handlers to put back from the main thread (a server started by a hot reload in a worker)
+
+
+def restore_signals() -> None:
+    """Put back the SIGINT and SIGTERM handlers llama.cpp's server replaced (Ctrl-C must reach Python, SIGTERM
+    uvicorn). Only the main thread may set them: elsewhere they wait for its next call (serve calls it per request)."""
+    if _PENDING and threading.current_thread() is threading.main_thread():
+        for sig, handler in list(_PENDING.items()):
+            signal.signal(sig, handler)
+        _PENDING.clear()
 
 
 def _free_port() -> int:
@@ -75,16 +91,21 @@ class LlamaServer:
         p.lora_adapters = [xlc.CommonAdapterLoraInfo(str(path), 0.0) for path in adapters.values()]
         p.lora_init_without_apply = True
         p.cache_ram_mib = 0  # its entries do not record the adapter their KV was computed with
-        p.hostnames, p.port = ["127.0.0.1"], _free_port()  # the /tokenize and /apply-template routes, loopback only
+        p.hostnames, p.port = ["127.0.0.1"], _free_port()  # its HTTP routes (/tokenize, /apply-template): loopback only,
+        self.key = secrets.token_hex(16)
+        p.api_keys = [self.key]  # and with a key of this process, so other users of the machine cannot reach the model
         p.verbosity = -1
         p.use_jinja = True
         self.url, self.ids, self.slots = f"http://127.0.0.1:{p.port}", {name: i for i, name in enumerate(adapters)}, slots
-        self.server = xlc.Server(p)
+        handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+        self.server = xlc.Server(p)  # llama.cpp's server installs its own SIGINT and SIGTERM handlers: Python's go back
+        _PENDING.update((sig, h) for sig, h in handlers.items() if h is not None)
+        restore_signals()
         self.context = self._post("/props", None)["default_generation_settings"]["n_ctx"]
 
     def _post(self, path: str, body: dict | None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return json.loads(response.read())
@@ -101,10 +122,10 @@ class LlamaServer:
         """The request's adapter list: the memory's adapter at scale 1, every other one at 0 (base: all at 0)."""
         return [{"id": i, "scale": float(name == memory)} for name, i in self.ids.items()]
 
-    def complete(self, prompt: str | list[int], memory: str, max_tokens: int, on_piece: Callable[[str], None], stop: threading.Event,
+    def complete(self, prompt: str | list[int], memory: str, max_tokens: int, on_piece: Callable[[str], None], stop: Callable[[], bool],
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, plain: bool = False) -> dict:
         """Stream a completion of ``prompt`` with ``memory``'s adapter; pieces of text go to ``on_piece`` (in the
-        calling thread); ``stop`` set ends it at the next token. ``plain``: no penalty, exactly ``max_tokens``
+        calling thread); ``stop()`` true ends it at the next token. ``plain``: no penalty, exactly ``max_tokens``
         (the benchmark's anchor). Returns llama.cpp's usage (``prompt_tokens``, ``completion_tokens``)."""
         body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": temperature, "top_p": top_p,
                 "top_k": TOP_K if temperature > 0 else 0, "min_p": 0.0, "repeat_penalty": 1.0 if plain else REPETITION_PENALTY,
@@ -112,7 +133,7 @@ class LlamaServer:
                 "samplers": ["penalties", "temperature", "top_k", "top_p"], "stream_options": {"include_usage": True}}
         if seed is not None:
             body["seed"] = seed % 2**32
-        usage, failure = {}, []
+        usage, failure, pieces = {}, [], [0]
 
         def on_chunk(chunk) -> bool:
             if not isinstance(chunk, dict) or "error" in chunk or "code" in chunk:
@@ -120,9 +141,10 @@ class LlamaServer:
                 return True
             for choice in chunk.get("choices") or []:
                 if choice.get("text"):
+                    pieces[0] += 1
                     on_piece(choice["text"])
             usage.update(chunk.get("usage") or {})
-            return stop.is_set()
+            return stop()
 
         self.server.handle_completions(body, on_chunk)
         if failure:
@@ -130,28 +152,20 @@ class LlamaServer:
             if failure[0].get("code") == 400 or "context" in str(message):
                 raise InputError(f"llama.cpp refused the request: {message}")
             raise ModelError(f"llama.cpp failed: {message}")
-        return usage
+        return usage or {"completion_tokens": pieces[0]}  # stopped early: no usage chunk came; one piece per token
 
 
-class ServerTokenizer:
-    """The GGUF's own vocabulary and chat template (through the server), answering the calls chat and the server
-    make of a transformers tokenizer (``tokenizer(text)["input_ids"]`` and ``apply_chat_template``)."""
+class ServerTokenizer(TemplateTokenizer):
+    """The GGUF's own vocabulary and chat template, through the session's server."""
 
     def __init__(self, session: XLlamaSession):
         self.session = session
 
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.session.server.render(messages, add_generation_prompt)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.session.server.tokenize(text, add_special_tokens)
-
-    def __call__(self, text: str, add_special_tokens: bool = True, **_) -> dict:
-        return {"input_ids": self.encode(text, add_special_tokens)}
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True, return_dict: bool = False, **_):
-        text = self.session.server.render(messages, add_generation_prompt)
-        if not tokenize:
-            return text
-        ids = self.encode(text)
-        return {"input_ids": ids} if return_dict else ids
 
 
 @dataclass
@@ -196,12 +210,15 @@ class XLlamaSession(ChatSession):
         Ctrl-C reaches the caller); leaving the loop early stops the generation at the next token."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        server, stop, pieces = self.server, stop or threading.Event(), queue.Queue()
+        server, left, pieces = self.server, threading.Event(), queue.Queue()
+
+        def stopped() -> bool:
+            return left.is_set() or (stop is not None and stop.is_set())
 
         def work():
             try:
-                pieces.put(("done", server.complete(prompt, memory, max_new_tokens, lambda p: pieces.put(("text", p)), stop, temperature, top_p,
-                                                    seed, plain)))
+                pieces.put(("done", server.complete(prompt, memory, max_new_tokens, lambda p: pieces.put(("text", p)), stopped, temperature,
+                                                    top_p, seed, plain)))
             except BaseException as exc:  # noqa: BLE001 - raised again in the caller
                 pieces.put(("error", exc))
 
@@ -219,7 +236,8 @@ class XLlamaSession(ChatSession):
                         usage.update(value)
                     return
         finally:
-            stop.set()
+            left.set()
+            thread.join()  # within a token: no completion outlives its caller (a thread inside llama.cpp at exit aborts the process)
 
     def ask(self, text: str, on_token: Callable[[str], None] | None = None, max_new_tokens: int = 256, keep_history: bool = True) -> ChatTurn:
         """As :meth:`ChatSession.ask`: Ctrl-C stops the answer at the next token and returns what was said."""
@@ -258,18 +276,17 @@ def open_xllama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, 
                         note: Callable[[str], None] | None = None, slots: int = 1, threads: int | None = None) -> XLlamaSession:
     """The base GGUF in llama.cpp's server with every adapter of a bank version (default: the current one).
     ``slots`` > 1 (serve): that many parallel sequences of :data:`SLOT_CONTEXT` tokens; 1 (chat): the model's context."""
+    from .chat import routing_embedder
     from .export import base_gguf
-    from .llamacpp import routing_embedder
     from .system import llama_threads
 
     bank = Bank(bank_dir)
     state = bank.load(version)
     # a wrong domain is reported before anything loads
     XLlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
-    kind = state.meta.get("router", recipe.router)
+    kind, model = state.meta.get("router", recipe.router), (bank.manifest().get("base") or {}).get("name") or recipe.model
     session = XLlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=recipe.route_threshold,
-                            embedder_factory=lambda: routing_embedder(kind, recipe, home), home=Path(home),
-                            base_gguf=base_gguf((bank.manifest().get("base") or {}).get("name") or recipe.model), slots=slots,
+                            embedder_factory=lambda: routing_embedder(kind, model, home), home=Path(home), base_gguf=base_gguf(model), slots=slots,
                             context=SLOT_CONTEXT if slots > 1 else 0, threads=threads or llama_threads())
     session.tokenizer = ServerTokenizer(session)
     session.load_adapters(state, note)

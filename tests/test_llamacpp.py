@@ -260,7 +260,7 @@ def test_a_closed_stream_stops_its_generation_at_the_next_token(session, two_dom
 
     engine.run(Job(prompt=[{"role": "user", "content": PROMPTS[3]}], model="support", max_tokens=200), emit, cancel)
     done = events[-1][1]
-    assert events[-1][0] == "done" and done.tokens <= 3, done.tokens
+    assert events[-1][0] == "done" and 2 <= done.tokens <= 3, done.tokens
     assert any("stopped after" in line and "client went away" in line for line in logged)
 
 
