@@ -62,7 +62,7 @@ class ChatSession:
     updates: dict[str, dict[str, LowRank]] = field(default_factory=dict)
     _originals: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> its base weight
     direct: bool = False  # adapters merged as fp32 updates (``updates``) instead of through PEFT
-    engine: ClassVar[str] = "torch"  # what answers, for status lines (llamacpp.LlamaSession: llama.cpp)
+    engine: ClassVar[str] = "torch"  # what answers, for status lines (xllama.XLlamaSession, llamacpp_py.LlamaSession: llama.cpp)
     embedder_shares_model: ClassVar[bool] = True  # the "base" routing embedder reads this session's model (adapter off)
 
     def available(self) -> list[str]:
