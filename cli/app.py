@@ -134,18 +134,27 @@ def chat(
 
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    from lifealign_lite.system import seconds_since_process_start
+
     rcp = build_recipe(recipe, sets, **flags)
     bank_dir = existing_bank(bank)
-    if prompt is None:
-        status(f"loading the model and the memory of {bank_dir} ...")
+    status(f"loading the model and the memory of {bank_dir} ...")  # within 1 s of the start: the load takes seconds
     try:
         session = open_chat(bank_dir, home_dir(), rcp, engine=engine, domain=domain, merge=not unmerged, note=status)
     except KeyboardInterrupt:  # Ctrl-C while loading: leave without a traceback
         raise typer.Exit(130)
     if prompt is not None:
-        turn = session.ask(prompt, on_token=lambda t: print(t, end="", flush=True), max_new_tokens=max_new_tokens)
+        since_start: list[float | None] = []
+
+        def show(piece: str) -> None:
+            if not since_start:
+                since_start.append(seconds_since_process_start())
+            print(piece, end="", flush=True)
+
+        turn = session.ask(prompt, on_token=show, max_new_tokens=max_new_tokens)
         print()
-        err.print(f"[dim]memory: {turn.memory}  engine: {session.engine}  first token {turn.first_token_s:.2f} s  "
+        waited = f"first token {since_start[0]:.2f} s after the command started, " if since_start and since_start[0] is not None else "first token "
+        err.print(f"[dim]memory: {turn.memory}  engine: {session.engine}  {waited}{turn.first_token_s:.2f} s after loading  "
                   f"{turn.tokens / max(turn.seconds, 1e-9):.1f} tokens/s[/]")
         raise typer.Exit(130 if turn.interrupted else 0)
     chat_loop(session, max_new_tokens)
@@ -164,23 +173,14 @@ def route_cmd(
     conversation = text if messages is None else read_messages(messages)
     bank_dir = existing_bank(bank)
     status("route: loading the bank's router and its prompt embedder ...")  # before the slow imports
+    from lifealign_lite.chat import routing_session
     from lifealign_lite.memory.bank import Bank
-    from lifealign_lite.memory.router import make_embedder, prompt_text
 
     bank_ = Bank(bank_dir)
     state = bank_.load()
     if not state.domains:
         fail(f"{bank_.root}: no domains aligned yet; run `lifealign-lite align DATA --domain NAME` first")
-    rcp = load_recipe(None)
-    kind = state.meta.get("router", rcp.router)
-    if kind == "base":
-        from lifealign_lite.model import load_base
-
-        embedder = make_embedder(kind, load_base(rcp.model, home_dir(), "none"))
-    else:
-        embedder = make_embedder(kind)
-    routed = prompt_text(conversation)
-    result = state.router().route(embedder([routed])[0], routed)
+    result = routing_session(bank_.root, home_dir(), load_recipe(None), state).route(conversation)  # as chat --domain auto and serve route
     if as_json:
         print(json.dumps({"domain": result.domain, "threshold": result.threshold, "similarity": result.similarity, "scores": result.scores}))
         return
@@ -329,6 +329,7 @@ def serve(
     recipe: Optional[str] = RecipeOpt,
     flags: Optional[dict] = None,  # --model, --quant from recipe_options
     engine: str = EngineOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No access-log line per request."),
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Serve the model and the bank's memory over an OpenAI-compatible HTTP API.
@@ -337,17 +338,18 @@ def serve(
     A bank version committed while serving is used from the next request on."""
     from lifealign_lite.llamacpp import open_chat
     from lifealign_lite.serve import check_bind, serve as run_server
+    from lifealign_lite.xllama import SERVE_SLOTS
 
     check_bind(host, port, api_key)
     rcp = build_recipe(recipe, sets, **flags)
     bank_dir = existing_bank(bank)
     status(f"loading the model and the memory of {bank_dir} ...")
     try:
-        session = open_chat(bank_dir, home_dir(), rcp, engine=engine, note=status)
+        session = open_chat(bank_dir, home_dir(), rcp, engine=engine, note=status, slots=SERVE_SLOTS)
     except KeyboardInterrupt:
         raise typer.Exit(130)
     status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 with {session.engine} (Ctrl-C stops)")
-    run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key)
+    run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key, quiet=quiet)
 
 
 def main() -> None:

@@ -165,6 +165,7 @@ def serve_cmd(
     data: Optional[list[Path]] = typer.Option(None, "--data", metavar="FILE", help="Prompts from these preference files (repeat the option; default: ../shared/data/hh-helpful/dev.jsonl)."),
     model: str = ModelOpt,
     threads: Optional[int] = typer.Option(None, "--threads", help="OMP_NUM_THREADS of the server (default: torch's choice)."),
+    models: Optional[str] = typer.Option(None, "--models", metavar="NAME,NAME,...", help="The requests' model names in turn (default: auto and every domain; one name: every client on one memory)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Start `lifealign-lite serve` on a free port and measure requests/s and time to first token at each number of clients."""
@@ -182,7 +183,7 @@ def serve_cmd(
         bars.update(tasks[label], completed=done)
 
     with bars:
-        result = bench_serve(home_dir(), bank_dir, model, clients, requests, max_tokens, data, threads, progress=progress,
+        result = bench_serve(home_dir(), bank_dir, model, clients, requests, max_tokens, data, threads, models=models.split(",") if models else None, progress=progress,
                              log=lambda s: bars.console.print(f"[dim]{s}[/]", highlight=False))
     if not printed_json(result, as_json):
         s = result["settings"]

@@ -234,5 +234,5 @@ SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any rec
 BankOpt = typer.Option(None, "--bank", envvar="LIFEALIGN_BANK", metavar="FOLDER", help="Adapter bank folder (default: $LIFEALIGN_HOME/bank).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout.")
 EngineOpt = typer.Option("auto", "--engine", metavar="auto|torch|llama.cpp",
-                         help="What generates: llama.cpp (llama-cpp-python on the base GGUF; the default where it is installed and the model "
-                              "has a GGUF) or torch (transformers; --quant, --unmerged and any model).")
+                         help="What generates: llama.cpp (the base GGUF with each memory as a LoRA adapter, from the xllamacpp wheel; the "
+                              "default where the model has a GGUF) or torch (transformers; --quant, --unmerged and any model).")

@@ -64,7 +64,7 @@ class ChatSession:
     updates: dict[str, dict[str, LowRank]] = field(default_factory=dict)
     _originals: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> its base weight
     direct: bool = False  # adapters merged as fp32 updates (``updates``) instead of through PEFT
-    engine: ClassVar[str] = "torch"  # what answers, for status lines (llamacpp.LlamaSession: llama.cpp)
+    engine: ClassVar[str] = "torch"  # what answers, for status lines (xllama.XLlamaSession, llamacpp_py.LlamaSession: llama.cpp)
     embedder_shares_model: ClassVar[bool] = True  # the "base" routing embedder reads this session's model (adapter off)
 
     def available(self) -> list[str]:
@@ -184,18 +184,21 @@ class ChatSession:
         return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0, interrupted)
 
     def generate(self, prompt: str | list[dict], memory: str, on_token: Callable[[str], None], max_new_tokens: int = 256,
-                 stop: threading.Event | None = None, temperature: float = 0.0, top_p: float = 1.0) -> tuple[str, int]:
+                 stop: threading.Event | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> tuple[str, int]:
         """Answer ``prompt`` with ``memory`` (a domain, core or base), without touching the history: the server's entry point.
 
         A conversation (list of messages) goes through the chat template, a text is continued as it is. Greedy
         decoding (with chat's repetition penalty) unless ``temperature`` > 0. Pieces of text go to ``on_token``;
-        setting ``stop`` ends generation at the next token. Returns the text and the number of new tokens.
+        setting ``stop`` ends generation at the next token; ``seed`` seeds the sampling. Returns the text and the number of new tokens.
         """
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if seed is not None:
+            self.seed(seed)
         self.activate(memory)
         if isinstance(prompt, str):
             enc = self.tokenizer(prompt, return_tensors="pt")
@@ -292,15 +295,32 @@ def open_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, merge: 
     bank.check_base(base.info.identity())
     base.model.eval()
     session = ChatSession(model=base.model, tokenizer=base.tokenizer, state=state, domain=AUTO, threshold=recipe.route_threshold,
-                          embedder_factory=lambda: _embedder(state.meta.get("router", recipe.router), base), merge=merge,
+                          embedder_factory=lambda: routing_embedder(state.meta.get("router", recipe.router), recipe.model, home, base), merge=merge,
                           direct=merge and base.info.quant == "none")
     session.load_adapters(state)
     session.set_domain(domain)
     return session
 
 
-def _embedder(name: str, base):
-    """The routing embedder, imported and loaded on the first routed prompt only."""
+def routing_embedder(kind: str, model: str, home: Path, base=None):
+    """The one place that builds a bank's routing embedder (chat on either engine, serve and ``route`` call it, on the
+    first routed prompt only): MiniLM, or the base model's own hidden states (``base`` when the caller holds the
+    transformers model already, else ``model`` loaded in fp32)."""
     from .memory.router import make_embedder
 
-    return make_embedder(name, base)
+    if kind == "base" and base is None:
+        from .model import load_base
+
+        base = load_base(model, home, "none")
+    return make_embedder(kind, base)
+
+
+def routing_session(bank_dir: Path, home: Path, recipe, state: BankState | None = None) -> ChatSession:
+    """A session that only routes (no model): what ``route`` reports, with the embedder (the bank's ``router``, on
+    the bank's base model) and the threshold (the recipe's ``route_threshold``) that ``chat --domain auto`` and
+    serve's ``model: auto`` use."""
+    bank = Bank(bank_dir)
+    state = state or bank.load()
+    kind, model = state.meta.get("router", recipe.router), (bank.manifest().get("base") or {}).get("name") or recipe.model
+    return ChatSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=recipe.route_threshold,
+                       embedder_factory=lambda: routing_embedder(kind, model, home))

@@ -7,6 +7,7 @@ import os
 import resource
 import sys
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 
@@ -85,3 +86,14 @@ def hub_offline_reason() -> str | None:
         return None
     except OSError as exc:
         return f"{url.hostname}: {exc.strerror or type(exc).__name__}"
+
+
+def seconds_since_process_start() -> float | None:
+    """Seconds since this process started (the kernel's start time, so the interpreter's own start-up counts), or
+    None where /proc is not there."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None

@@ -75,7 +75,6 @@ def test_reading_a_bank_for_chat_imports_no_torch(tiny_bank):
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (optional extra 'llamacpp')")
 def test_chat_on_llama_cpp_with_a_named_domain_imports_no_torch(two_domain_bank, tmp_path):
     """`lifealign-lite chat --domain NAME --prompt ...` on llama.cpp, once its adapters are cached (the first run
     exports them), imports neither torch nor transformers: the cold start the issue times."""
@@ -91,6 +90,9 @@ def test_chat_on_llama_cpp_with_a_named_domain_imports_no_torch(two_domain_bank,
     assert "exporting medical once" in runs[0].stderr and "heavy: ['torch'" in runs[0].stderr  # the export reads the adapters with torch
     assert "exporting" not in runs[1].stderr and "heavy: []" in runs[1].stderr and "engine: llama.cpp" in runs[1].stderr
     assert runs[1].stdout.strip()
+    # it says what it is doing before loading, and when the first token came as the user waited for it
+    assert runs[1].stderr.lstrip().startswith("loading the model and the memory of")
+    assert "s after the command started" in runs[1].stderr and "s after loading" in runs[1].stderr
 
 
 def _run_with(patch: str, args: list[str], tmp_path) -> subprocess.CompletedProcess:

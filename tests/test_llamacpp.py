@@ -1,24 +1,24 @@
-"""Chat on llama.cpp (lifealign_lite/llamacpp.py): the engine choice, and the session on the real default model.
+"""Chat and serve on llama.cpp (llamacpp.py: the engine choice; xllama.py: the session on xllamacpp's server).
 
-The engine-choice tests run everywhere (CI has no llama-cpp-python: ``auto`` falls back to torch there). The
-session tests need llama-cpp-python and skip with a reason without it; they use the two-domain bank of the real
-default model (conftest.py, built once per session) and a fresh home, so every adapter is exported once here.
+xllamacpp is a dependency, so nothing here skips: a machine without it fails with the line saying how to install
+it. The session tests use the two-domain bank of the real default model (conftest.py, built once per session),
+a fresh home (every adapter is exported once here) and one session per module; answers are a few tokens long.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lifealign_lite.llamacpp import LLAMA_CPP, TORCH, engine_for, llama_cpp_importable
 from lifealign_lite.model import ModelError
 from lifealign_lite.recipe import load_recipe
 
-needs_llama_cpp = pytest.mark.skipif(not llama_cpp_importable(), reason="llama-cpp-python is not installed (optional extra 'llamacpp')")
 PROMPTS = [
     "I have a mild headache. Can I take ibuprofen?",
     "I forgot my password and the reset email never arrived. How do I get back into my account?",
@@ -27,16 +27,29 @@ PROMPTS = [
     "Is it safe to take two different cold medicines together?",
 ]
 TOKENS = 12
+MEMORIES = ("medical", "support", "core", "base")
 
 
-# -- the engine choice (no llama.cpp needed) -------------------------------------------------------------------
+# -- the engine choice -----------------------------------------------------------------------------------------
 
-def test_auto_falls_back_to_torch_without_llama_cpp_and_explicit_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what an environment without the package sees
+def test_the_binding_is_installed_and_auto_picks_llama_cpp_for_the_default_model():
+    assert llama_cpp_importable(), "xllamacpp is a dependency: pip install -e . (scripts/setup.sh) installs it"
+    assert engine_for("auto", None, load_recipe(None)) == LLAMA_CPP
+
+
+def test_a_missing_binding_falls_back_to_torch_and_explicit_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "xllamacpp", None)  # what an environment without the package sees
     assert not llama_cpp_importable()
     recipe = load_recipe(None)
     assert engine_for("auto", None, recipe) == TORCH
+    with pytest.raises(ModelError, match="pip install xllamacpp"):
+        engine_for(LLAMA_CPP, None, recipe)
+    monkeypatch.setenv("LIFEALIGN_LLAMA_BINDING", "llama-cpp-python")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(ModelError, match="pip install llama-cpp-python"):
+        engine_for(LLAMA_CPP, None, recipe)
+    monkeypatch.setenv("LIFEALIGN_LLAMA_BINDING", "vllm")
+    with pytest.raises(Exception, match="LIFEALIGN_LLAMA_BINDING='vllm'"):
         engine_for(LLAMA_CPP, None, recipe)
 
 
@@ -49,7 +62,7 @@ def test_a_model_without_gguf_chats_on_torch_and_refuses_llama_cpp(tiny_bank, ti
         engine_for("vllm", tiny_bank, recipe)
 
 
-def test_torch_only_settings_keep_torch(monkeypatch):
+def test_torch_only_settings_keep_torch():
     """--unmerged and a bitsandbytes precision exist only on torch, whatever is installed."""
     recipe = load_recipe(None)
     assert engine_for("auto", None, recipe, unmerged=True) == TORCH
@@ -59,7 +72,20 @@ def test_torch_only_settings_keep_torch(monkeypatch):
     assert engine_for("torch", None, recipe) == TORCH
 
 
-# -- the session on the real default model (llama-cpp-python) --------------------------------------------------
+def test_threads_follow_omp_num_threads_else_the_idle_cpus(monkeypatch):
+    from lifealign_lite.llamacpp import threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cpus = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads() == cpus  # idle: every CPU
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 5.0, 0.0, 0.0))
+    assert threads() == 1  # busier than the CPUs: one thread, never zero
+
+
+# -- the session on the real default model -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def gguf_home(tmp_path_factory) -> Path:
@@ -69,7 +95,7 @@ def gguf_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exports(two_domain_bank, gguf_home) -> list[str]:
-    """The notes of the first session's opening (one export per memory), and that session closed again."""
+    """The notes of the first session's opening (one export per memory)."""
     from lifealign_lite.llamacpp import open_chat
 
     notes: list[str] = []
@@ -79,9 +105,10 @@ def exports(two_domain_bank, gguf_home) -> list[str]:
 
 @pytest.fixture(scope="module")
 def session(two_domain_bank, gguf_home, exports):
+    """The serve-style session: four parallel slots (chat's has one; both are the same class)."""
     from lifealign_lite.llamacpp import open_chat
 
-    return open_chat(two_domain_bank, gguf_home, load_recipe(None), domain="medical")
+    return open_chat(two_domain_bank, gguf_home, load_recipe(None), domain="medical", slots=4)
 
 
 @pytest.fixture(scope="module")
@@ -91,16 +118,11 @@ def torch_session(two_domain_bank, lifealign_home):
     return open_session(two_domain_bank, lifealign_home, load_recipe(None), domain="medical", merge=True)
 
 
-def next_logits_llama(session, memory: str, ids: list[int]) -> np.ndarray:
-    import llama_cpp
-
-    session.activate(memory)
-    session._forget()
-    session.model.eval(ids)
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(session.model.ctx, -1), shape=(session.model.n_vocab(),)).copy()
+def answer(session, memory: str, prompt, tokens: int = TOKENS, **kw) -> str:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return session.generate(messages, memory, lambda piece: None, max_new_tokens=tokens, **kw)[0]
 
 
-@needs_llama_cpp
 @pytest.mark.integration
 def test_answers_with_a_memory(session):
     assert session.engine == LLAMA_CPP and session.available() == ["medical", "support", "core", "base"]
@@ -108,29 +130,33 @@ def test_answers_with_a_memory(session):
     pieces: list[str] = []
     turn = session.ask(PROMPTS[0], on_token=pieces.append, max_new_tokens=TOKENS)
     assert turn.text.strip() and turn.text == "".join(pieces).strip() and turn.memory == "medical" and turn.route is None
-    assert session.active == "medical" and 0 < turn.tokens <= TOKENS + 2 and turn.first_token_s > 0
+    assert 0 < turn.tokens <= TOKENS and turn.first_token_s > 0
     assert session.history[-1] == {"role": "assistant", "content": turn.text}
 
 
-@needs_llama_cpp
+def first_logprobs(session, memory: str, prompt: str) -> list[float]:
+    """The log-probabilities of the 5 likeliest first tokens (by id order) with ``memory``'s adapter."""
+    text = session.server.render([{"role": "user", "content": prompt}])
+    reply = session.server.server.handle_completions({"prompt": text, "max_tokens": 1, "temperature": 0, "n_probs": 5,
+                                                      "post_sampling_probs": False, "lora": session.server.lora(memory)})
+    top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    return [t["logprob"] for t in sorted(top, key=lambda t: t["id"])]
+
+
 @pytest.mark.integration
 def test_each_memory_changes_the_logits_and_a_switch_back_answers_the_same(session):
-    """The adapters are applied (each memory's logits differ from base's) and a switch clears what the previous
-    one computed: the greedy answer with medical is the same before and after answering with support and base."""
-    ids = session.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True)
-    base = next_logits_llama(session, "base", ids)
-    for memory in ("medical", "support", "core"):
-        assert np.abs(next_logits_llama(session, memory, ids) - base).max() > 1e-3, memory
-    session.set_domain("medical")
-    first = session.ask(PROMPTS[0], max_new_tokens=TOKENS, keep_history=False).text
-    for other in ("support", "base"):
-        session.set_domain(other)
-        session.ask(PROMPTS[0], max_new_tokens=TOKENS, keep_history=False)
-    session.set_domain("medical")
-    assert session.ask(PROMPTS[0], max_new_tokens=TOKENS, keep_history=False).text == first
+    """The adapters are applied per request (each memory's first-token log-probabilities differ from base's) and
+    switching leaves nothing behind: medical's are the same before and after support, core and base answered."""
+    base = first_logprobs(session, "base", PROMPTS[0])
+    medical = first_logprobs(session, "medical", PROMPTS[0])
+    for memory in ("support", "core", "medical"):
+        assert max(abs(a - b) for a, b in zip(first_logprobs(session, memory, PROMPTS[0]), base)) > 1e-3, memory
+    first = answer(session, "medical", PROMPTS[0])
+    for other in ("support", "base", "core"):
+        answer(session, other, PROMPTS[0])
+    assert first_logprobs(session, "medical", PROMPTS[0]) == medical and answer(session, "medical", PROMPTS[0]) == first
 
 
-@needs_llama_cpp
 @pytest.mark.integration
 def test_prompt_token_ids_equal_the_transformers_path(session, torch_session):
     conversation = [{"role": "user", "content": "Hi! <b>Two</b> questions: é, 東京?"}, {"role": "assistant", "content": "Sure."},
@@ -141,25 +167,31 @@ def test_prompt_token_ids_equal_the_transformers_path(session, torch_session):
     assert session.tokenizer("plain text, continued")["input_ids"] == torch_session.tokenizer("plain text, continued")["input_ids"]
 
 
-@needs_llama_cpp
 @pytest.mark.integration
-def test_next_token_agrees_with_the_torch_session(session, torch_session):
-    """Top-1 next token of llama.cpp (Q4_1 base + GGUF adapter) against chat's torch session (the same weights
-    de-quantized, the adapter merged in fp32), per memory, on five prompts."""
+def test_next_token_agrees_with_the_torch_engine_on_50_prompts(session, torch_session, shared_data):
+    """Parity: the top-1 next token of llama.cpp (Q4_1 base with 8-bit activations + GGUF adapter) and of chat's
+    torch session (the same weights de-quantized, the adapter merged in fp32), memories in turn, on the last user
+    turn of 50 hh-helpful dev prompts: at least 95 % agree (the rest are near-ties the two precisions order apart)."""
     import torch
 
-    for memory in ("medical", "support", "core", "base"):
+    agree, differ = 0, []
+    for i, line in enumerate((shared_data / "hh-helpful" / "dev.jsonl").read_text().splitlines()[:50]):
+        messages = [{"role": "user", "content": json.loads(line)["prompt"][-1]["content"]}]
+        memory = MEMORIES[i % len(MEMORIES)]
+        reply = session.server.server.handle_completions({"prompt": session.server.render(messages), "max_tokens": 1, "temperature": 0,
+                                                          "n_probs": 1, "repeat_penalty": 1.0, "post_sampling_probs": False,
+                                                          "lora": session.server.lora(memory)})
+        ours = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"][0]["id"]
         torch_session.activate(memory)
-        agree = 0
-        for prompt in PROMPTS:
-            ids = session.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-            with torch.no_grad():
-                want = torch_session.model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
-            agree += int(np.argmax(next_logits_llama(session, memory, ids)) == np.argmax(want))
-        assert agree >= len(PROMPTS) - 1, f"{memory}: top-1 agrees on {agree} of {len(PROMPTS)} prompts"
+        with torch.no_grad():
+            ids = torch.tensor([session.tokenizer.apply_chat_template(messages, add_generation_prompt=True)])
+            theirs = int(torch_session.model(input_ids=ids).logits[0, -1].argmax())
+        agree += ours == theirs
+        if ours != theirs:
+            differ.append((i, memory, ours, theirs))
+    assert agree >= 48, f"top-1 agrees on {agree} of 50: {differ}"
 
 
-@needs_llama_cpp
 @pytest.mark.integration
 def test_adapters_are_exported_once_and_reused(two_domain_bank, gguf_home, exports, session):
     from lifealign_lite.llamacpp import CACHE, open_chat
@@ -174,7 +206,6 @@ def test_adapters_are_exported_once_and_reused(two_domain_bank, gguf_home, expor
     assert [f.stat().st_mtime_ns for f in files] == stamps
 
 
-@needs_llama_cpp
 @pytest.mark.integration
 def test_ctrl_c_returns_the_partial_answer_and_the_next_answer_is_whole(session):
     session.set_domain("medical")
@@ -187,43 +218,109 @@ def test_ctrl_c_returns_the_partial_answer_and_the_next_answer_is_whole(session)
         if len(seen) == 3:
             raise KeyboardInterrupt
 
-    session.history = []
     turn = session.ask(PROMPTS[2], on_token=on_token, max_new_tokens=TOKENS)
     assert turn.interrupted and turn.text == "".join(seen).strip() and session.history[-1]["content"] == turn.text
     session.history = []
     assert session.ask(PROMPTS[2], max_new_tokens=TOKENS, keep_history=False).text == whole
 
 
-@needs_llama_cpp
-@pytest.mark.integration
-def test_the_server_engine_answers_on_llama_cpp(session, two_domain_bank):
-    """serve's Engine runs unchanged on the llama.cpp session: a chat request with a memory, and a text completion."""
-    import threading
+# -- serve's engine on llama.cpp ---------------------------------------------------------------------------------
 
-    from lifealign_lite.serve import Engine, Job
+def run(engine, job) -> list[tuple]:
+    events: list[tuple] = []
+    engine.run(job, events.append, threading.Event())
+    return events
+
+
+@pytest.mark.integration
+def test_concurrent_requests_for_mixed_memories_equal_sequential_ones(session, two_domain_bank):
+    """12 requests over four memories at once (batched by llama.cpp's server) answer as one at a time does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lifealign_lite.serve import Engine
+    from lifealign_lite.serve_api import Job
 
     engine = Engine(session, two_domain_bank, log=lambda s: None)
-    for prompt in ([{"role": "user", "content": PROMPTS[1]}], "The capital of France is"):
-        events: list[tuple] = []
-        engine.run(Job(prompt=prompt, model="support", max_tokens=6), events.append, threading.Event())
-        done = events[-1][1]
-        assert events[0][0] == "start" and events[-1][0] == "done" and done.memory == "support"
-        assert done.text == "".join(e[1] for e in events if e[0] == "text") and 0 < done.tokens <= 6 and done.prompt_tokens >= 5
-    events = []
-    engine.run(Job(prompt="Once upon a time", model="base", max_tokens=8, temperature=0.8, seed=3), events.append, threading.Event())
-    events_again: list[tuple] = []
-    engine.run(Job(prompt="Once upon a time", model="base", max_tokens=8, temperature=0.8, seed=3), events_again.append, threading.Event())
-    assert events[-1][1].text == events_again[-1][1].text  # a seeded sample repeats
+    assert engine.concurrent
+    jobs = [Job(prompt=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], model=MEMORIES[i % 4], max_tokens=8) for i in range(12)]
+    sequential = [run(engine, job)[-1][1].text for job in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        concurrent = [events[-1][1].text for events in pool.map(lambda job: run(engine, job), jobs)]
+    assert concurrent == sequential and len(set(sequential)) > 1
+    text = run(engine, Job(prompt="The capital of France is", model="support", max_tokens=6))
+    assert text[0][0] == "start" and text[-1][0] == "done" and 0 < text[-1][1].tokens <= 6 and text[-1][1].prompt_tokens >= 5
+    a, b = (run(engine, Job(prompt="Once upon a time", model="base", max_tokens=8, temperature=0.8, seed=3))[-1][1].text for _ in range(2))
+    assert a == b  # a seeded sample repeats
 
 
-def test_threads_follow_omp_num_threads_else_the_idle_cpus(monkeypatch):
-    from lifealign_lite.llamacpp import threads
+@pytest.mark.integration
+def test_a_closed_stream_stops_its_generation_at_the_next_token(session, two_domain_bank):
+    from lifealign_lite.serve import Engine
+    from lifealign_lite.serve_api import Job
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert threads() == 3
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    cpus = os.cpu_count() or 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert threads() == cpus  # idle: every CPU
-    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 5.0, 0.0, 0.0))
-    assert threads() == 1  # busier than the CPUs: one thread, never zero
+    logged: list[str] = []
+    engine = Engine(session, two_domain_bank, log=logged.append)
+    cancel, events = threading.Event(), []
+
+    def emit(event):
+        events.append(event)
+        if sum(e[0] == "text" for e in events) == 2:
+            cancel.set()  # what the HTTP side does when the client goes away
+
+    engine.run(Job(prompt=[{"role": "user", "content": PROMPTS[3]}], model="support", max_tokens=200), emit, cancel)
+    done = events[-1][1]
+    assert events[-1][0] == "done" and 2 <= done.tokens <= 3, done.tokens
+    assert any("stopped after" in line and "client went away" in line for line in logged)
+
+
+@pytest.mark.integration
+def test_a_conversation_beyond_a_slot_gets_a_400(session, two_domain_bank):
+    from lifealign_lite.serve import Engine, start
+    from lifealign_lite.serve_api import Job
+
+    engine = Engine(session, two_domain_bank, log=lambda s: None)
+    events: list[tuple] = []
+    finished = threading.Event()
+    start(engine, Job(prompt=[{"role": "user", "content": "word " * 2100}], model="medical", max_tokens=4),
+          lambda e: (events.append(e), e[0] in ("error", "done") and finished.set()))
+    assert finished.wait(300)
+    assert events[-1][0] == "error" and events[-1][1].status == 400, events[-1]
+
+
+@pytest.mark.integration
+def test_a_new_bank_version_is_served_by_a_second_server(two_domain_bank, gguf_home):
+    """Hot reload: a server opened on version 1 (medical) swaps in the current version 2 (medical and support) at
+    the next request, on a second llama.cpp server; medical's slot is the same file in both versions, so its
+    answer is the same."""
+    from lifealign_lite.llamacpp import open_chat
+    from lifealign_lite.serve import Engine
+    from lifealign_lite.serve_api import Job
+
+    session = open_chat(two_domain_bank, gguf_home, load_recipe(None), version=1, slots=2)
+    assert "support" not in session.available()
+    before = answer(session, "medical", PROMPTS[0], 8)
+    old = session.server
+    engine = Engine(session, two_domain_bank, log=lambda s: None)
+    after = run(engine, Job(prompt=[{"role": "user", "content": PROMPTS[0]}], model="medical", max_tokens=8))[-1][1]
+    assert session.server is not old and after.version == 2 and "support" in engine.models()
+    assert after.text == before
+    assert run(engine, Job(prompt=[{"role": "user", "content": PROMPTS[1]}], model="support", max_tokens=4))[-1][0] == "done"
+
+
+@pytest.mark.integration
+def test_health_answers_while_a_long_generation_streams(session, two_domain_bank):
+    """/health, /v1/models and /v1/bank answer between two pieces of a running stream."""
+    from fastapi.testclient import TestClient
+
+    from lifealign_lite.serve import Engine
+    from lifealign_lite.serve_app import create_app
+
+    client = TestClient(create_app(Engine(session, two_domain_bank, log=lambda s: None)))
+    body = {"model": "medical", "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 60, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
+        probes = {path: client.get(path).status_code for path in ("/health", "/v1/models", "/v1/bank")}
+        rest = [line for line in lines if line]
+    assert probes == {"/health": 200, "/v1/models": 200, "/v1/bank": 200}
+    assert rest[-1] == "data: [DONE]" and any('"finish_reason": "' in line for line in rest)

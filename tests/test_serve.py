@@ -229,6 +229,19 @@ def test_concurrent_requests_for_different_memories_equal_sequential_ones(client
      "unknown model 'legal'; known models: medical, core, base, auto"),
     ("/v1/completions", b'{"model": "medical"}', 400, "'prompt' is required"),
     ("/v1/nowhere", b"{}", 404, "Not Found"),
+    # not an object, or an object without a role: issue 26's probes (they were plain-text 500s)
+    ("/v1/chat/completions", b'{"messages": [1]}', 400, "messages[0] must be an object"),
+    ("/v1/chat/completions", b'{"messages": ["hi"]}', 400, "messages[0] must be an object"),
+    ("/v1/chat/completions", b'{"messages": [null]}', 400, "messages[0] must be an object"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}, {"content": "no role"}]}', 400, "messages[1].role is required"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user"}]}', 400, "messages[0].content is required"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "only text parts"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a lone \\ud800 surrogate"}]}', 400, "not valid Unicode"),
+    ("/v1/completions", b'{"prompt": "\\udfff"}', 400, "'prompt' must be a non-empty string of valid Unicode"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 2}', 400, "'top_p' must be a number between 0 and 1"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "'n' must be 1"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}', 400, "'stop' must be"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": 3}', 400, "'model' must be a string"),
 ])
 def test_bad_input_gets_an_error_object_and_the_server_keeps_serving(server, client, path, body, status, words):
     code, data, _ = post(server[0], path, body)
@@ -332,3 +345,50 @@ def test_a_version_committed_while_serving_is_used_by_the_next_request(server, c
     assert {m: chat(client, m)[0].choices[0].message.content for m in ("medical", "base")} == before
     info = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/v1/bank", headers={"Authorization": f"Bearer {KEY}"})).read())
     assert info["version"] == 2 and info["domains"] == ["medical", "support"] and all(v > 0 for v in info["sizes_bytes"].values())
+
+
+def test_request_models_accept_what_openai_clients_send_and_refuse_the_rest():
+    """serve_api's pydantic models: extra fields pass, content parts join, the cap is checked after the types."""
+    from lifealign_lite.serve_api import RequestError, parse_job
+
+    job = parse_job({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"}],
+                     "user": "someone", "logprobs": False, "stop": "END", "stream": True, "stream_options": {"include_usage": True},
+                     "max_completion_tokens": 7, "seed": 3, "temperature": 1}, "chat", 48)
+    assert job.prompt == [{"role": "user", "content": "ab"}] and job.stop == ["END"] and job.max_tokens == 7 and job.include_usage
+    assert job.model == "auto" and job.seed == 3 and job.temperature == 1.0
+    assert parse_job({"prompt": ["one"]}, "text", 48).prompt == "one"
+    with pytest.raises(RequestError, match="cap of 48") as cut:
+        parse_job({"prompt": "x", "max_tokens": 49}, "text", 48)
+    assert cut.value.status == 400 and cut.value.body()["error"]["code"] == "max_tokens_above_cap"
+
+
+def test_health_models_and_bank_never_wait_on_a_generation(bank_dir, tiny_model_dir, tmp_path):
+    """While the engine lock is held (a torch generation in progress), /health, /v1/models and /v1/bank answer."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from lifealign_lite.chat import open_session
+    from lifealign_lite.serve import Engine
+    from lifealign_lite.serve_app import create_app
+
+    logged: list[str] = []
+    engine = Engine(open_session(bank_dir, tmp_path / "home", _recipe(tiny_model_dir)), bank_dir, log=lambda s: None)
+    client = TestClient(create_app(engine, access_log=logged.append))
+    answers: dict[str, int] = {}
+    with engine.lock:  # what a running generation holds
+        def probe():
+            for path in ("/health", "/v1/models", "/v1/bank"):
+                answers[path] = client.get(path).status_code
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+    assert answers == {"/health": 200, "/v1/models": 200, "/v1/bank": 200}
+    assert [line.split()[:3] for line in logged] == [["GET", "/health", "200"], ["GET", "/v1/models", "200"], ["GET", "/v1/bank", "200"]]
+    response = client.post("/v1/chat/completions", json={"model": "medical", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3})
+    assert response.status_code == 200
+    assert logged[-1].startswith("POST /v1/chat/completions 200 memory=medical tokens=") and logged[-1].endswith("s")
+    assert int(logged[-1].split("tokens=")[1].split()[0]) == response.json()["usage"]["completion_tokens"]
+    client.post("/v1/chat/completions", content=b'{"messages": [1]}', headers={"Content-Type": "application/json"})
+    assert logged[-1].startswith("POST /v1/chat/completions 400 memory=- tokens=-")

@@ -85,11 +85,7 @@ def one_chat(options: dict, mode: str) -> dict:
         plain = load_base(options.get("model") or "default", home, "none")
         anchors["transformers"] = lambda prompt, n: greedy_generate(plain.model.eval(), plain.tokenizer, prompt, n)
     if mode == "llama.cpp":
-        from llama_cpp import Llama
-
-        n = session.model.n_threads
-        llm = Llama(model_path=str(session.base_gguf), n_ctx=1024, n_threads=n, n_threads_batch=n, verbose=False)
-        anchors["llama_cpp"] = lambda prompt, n: llama_greedy(llm, session.tokenizer, prompt, n)
+        anchors["llama_cpp"] = lambda prompt, n: llama_greedy(session, prompt, n)
     for generate in anchors.values():
         generate(GEN_PROMPT, 4)  # warm-up, as the untimed first answer
     prompts = list(CHAT_PROMPTS)
@@ -159,33 +155,26 @@ def _torch_session(options: dict, mode: str, home: Path):
 
 def _llama_session(options: dict, mode: str, home: Path):
     """The llama.cpp session (the bank's adapters, else the random adapter as ``bench``) and the memories to time."""
-    from lifealign_lite.llamacpp import open_llama_session, open_llama_base
+    from lifealign_lite.xllama import open_xllama_base, open_xllama_session
 
     n_threads = int(options["threads"]) if options.get("threads") else None
     if options.get("bank"):
-        session = open_llama_session(Path(options["bank"]), home, bench_recipe(options), domain=options["domain"], n_threads=n_threads)
+        session = open_xllama_session(Path(options["bank"]), home, bench_recipe(options), domain=options["domain"], threads=n_threads)
         return session, session.available()[:-1]
-    session = open_llama_base(options.get("model") or "default", home, n_threads)
+    session = open_xllama_base(options.get("model") or "default", home, {"bench": Path(options["adapter"])}, n_threads)
     session.domain = "bench"
-    session.add_adapters([("bench", Path(options["adapter"]))])
     return session, ["bench"]
 
 
-def llama_greedy(llm, tokenizer, prompt: str, new_tokens: int) -> tuple[int, float]:
-    """Plain greedy decoding in llama.cpp (argmax, no penalty) of exactly ``new_tokens`` tokens: (tokens, seconds)."""
-    import llama_cpp
-    import numpy as np
-
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    n_vocab = llm.n_vocab()
+def llama_greedy(session, prompt: str, new_tokens: int) -> tuple[int, float]:
+    """Plain greedy decoding in llama.cpp of exactly ``new_tokens`` tokens: the base GGUF on the session's own server
+    (same build, same threads), no adapter, no penalty, the end token ignored: (tokens, seconds)."""
+    text = session.server.render([{"role": "user", "content": prompt}])
+    usage: dict = {}
     t = time.perf_counter()
-    llm.reset()
-    llm.eval(ids)
-    for i in range(new_tokens):
-        token = int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
-        if i < new_tokens - 1:
-            llm.eval([token])
-    return new_tokens, time.perf_counter() - t
+    for _ in session.stream(text, "base", new_tokens, plain=True, usage=usage):
+        pass
+    return int(usage.get("completion_tokens") or new_tokens), time.perf_counter() - t
 
 
 def cold_start(home: Path, bank: Path, domain: str, prompt: str, new_tokens: int, timeout: float, threads: int | None = None,
@@ -226,7 +215,8 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
 
     The top-level figures are those of the engine ``chat`` uses by default here (``settings.engine``): the
     ``llama.cpp`` mode where llama-cpp-python is installed and the model has a GGUF, else ``merged``; the
-    ``llama_cpp_*`` keys are the llama.cpp mode's, ``llama_cpp_tokens_per_s`` its plain llama.cpp anchor.
+    ``llama_cpp_*`` keys are the llama.cpp mode's, ``llama_cpp_tokens_per_s`` its plain llama.cpp anchor (the base
+    GGUF without adapter or penalty on the same xllamacpp build and threads).
     By default every mode runs, llama.cpp only where it is the default engine.
     """
     from lifealign_lite.llamacpp import LLAMA_CPP, engine_for

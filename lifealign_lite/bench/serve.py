@@ -237,7 +237,7 @@ def load_prompts(paths: list[Path], n: int, seed: int = 0) -> list[list[dict]]:
 
 
 def bench_serve(home: Path, bank: Path, model: str = "default", clients: str | list[int] = DEFAULT_CLIENTS, requests: int = 32,
-                max_tokens: int = 32, data: list[Path] | None = None, threads: int | None = None,
+                max_tokens: int = 32, data: list[Path] | None = None, threads: int | None = None, models: list[str] | None = None,
                 progress: Callable[[str, int, int], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Measure a real server of ``bank``: one entry per concurrency level under ``clients`` (see the module doc).
 
@@ -251,7 +251,9 @@ def bench_serve(home: Path, bank: Path, model: str = "default", clients: str | l
     if max_tokens < 1:
         raise BenchError(f"--max-tokens must be >= 1, got {max_tokens}")
     state = Bank(bank).load()  # a folder without a bank fails here, before the server starts
-    models = ["auto", *sorted(state.domains)]
+    models = [m.strip() for m in models if m.strip()] if models else ["auto", *sorted(state.domains)]  # in turn, request by request
+    if not models:
+        raise BenchError("--models names no model")
     paths = [Path(p) for p in (data or DEFAULT_DATA)]
     plan = plan_requests(load_prompts(paths, requests), models, requests)
     say = log or (lambda s: None)
