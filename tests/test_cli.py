@@ -378,7 +378,7 @@ def test_uncached_hub_id_offline_fails_at_once_in_one_line(tmp_path):
     proc = subprocess.run([*console_script(), "align", str(data), "--bank", str(tmp_path / "bank"), "--model", "some-org/not-cached-model"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("loading model")]  # the status line, then the error
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith(("align: ", "loading model"))]  # status lines, then the error
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and "some-org/not-cached-model" in lines[0] and "not in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
 

@@ -64,6 +64,9 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
 def one_line_error(result) -> str:
     assert result.exit_code != 0, result.output
     text = (result.stderr or result.output).strip()
+    lines = text.splitlines()
+    if len(lines) > 1 and lines[0].startswith("export: ") and lines[0].endswith(" ..."):
+        text = "\n".join(lines[1:])  # export's status line said what it was starting; then the error, in one line
     assert len(text.splitlines()) == 1 and "Traceback" not in text, text
     return text
 
