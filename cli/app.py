@@ -337,7 +337,8 @@ def serve(
     The request's `model` picks the memory: a domain, core, base, or auto (route the conversation; the default).
     A bank version committed while serving is used from the next request on."""
     from lifealign_lite.llamacpp import open_chat
-    from lifealign_lite.serve import check_bind, serve as run_server
+    from lifealign_lite.serve import check_bind
+    from lifealign_lite.serve_app import serve as run_server
     from lifealign_lite.xllama import SERVE_SLOTS
 
     check_bind(host, port, api_key)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .chat import AUTO, ChatSession, ChatTurn, routing_embedder
 from .errors import InputError
-from .llamacpp import LLAMA_CPP, TemplateTokenizer, cached_adapter
+from .llama_gguf import LLAMA_CPP, TemplateTokenizer, cached_adapter
 from .memory.bank import Bank, BankState
 from .memory.router import CORE
 from .model import ModelError

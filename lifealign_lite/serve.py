@@ -250,17 +250,3 @@ def check_bind(host: str, port: int, api_key: str | None) -> None:
             pass
     except OSError as exc:
         raise InputError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
-
-
-def serve(session: ChatSession, bank_dir: Path, host: str, port: int, api_key: str | None, max_tokens_cap: int,
-          log: Callable[[str], None] = print, upstream: str | None = None, upstream_key: str | None = None, quiet: bool = False) -> None:
-    """Serve until interrupted; with ``upstream`` (an OpenAI-compatible base URL) route here and generate there.
-    One access-log line per request goes to ``log`` unless ``quiet``."""
-    import uvicorn
-
-    from .serve_app import create_app
-
-    check_bind(host, port, api_key)
-    engine = Engine(session, bank_dir, log, upstream, upstream_key)
-    engine.refresh()
-    uvicorn.run(create_app(engine, api_key, max_tokens_cap, access_log=None if quiet else log), host=host, port=port, log_level="warning")

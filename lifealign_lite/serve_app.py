@@ -13,16 +13,20 @@ import asyncio
 import json
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .serve import Answer, Engine, start
+from .serve import Answer, Engine, check_bind, start
 from .serve_api import RequestError, parse_job
 from .xllama import restore_signals
+
+if TYPE_CHECKING:
+    from .chat import ChatSession
 
 MAX_BODY_BYTES = 1_000_000
 DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this many times the limit, so the client sees the 413
@@ -208,3 +212,15 @@ async def _sse(events: asyncio.Queue, cancel, kind: str, rid: str, created: int,
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()
+
+
+def serve(session: ChatSession, bank_dir: Path, host: str, port: int, api_key: str | None, max_tokens_cap: int,
+          log: Callable[[str], None] = print, upstream: str | None = None, upstream_key: str | None = None, quiet: bool = False) -> None:
+    """Serve until interrupted; with ``upstream`` (an OpenAI-compatible base URL) route here and generate there.
+    One access-log line per request goes to ``log`` unless ``quiet``."""
+    import uvicorn
+
+    check_bind(host, port, api_key)
+    engine = Engine(session, bank_dir, log, upstream, upstream_key)
+    engine.refresh()
+    uvicorn.run(create_app(engine, api_key, max_tokens_cap, access_log=None if quiet else log), host=host, port=port, log_level="warning")

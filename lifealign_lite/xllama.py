@@ -6,7 +6,7 @@ server: continuous batching over parallel slots, and a per-request ``lora`` list
 once. llama-cpp-python stays supported (llamacpp_py.py, with ``LIFEALIGN_LLAMA_BINDING=llama-cpp-python``).
 
 One :class:`LlamaServer` holds the base model's GGUF with every memory of a bank version as a LoRA adapter
-(exported once into the cache: llamacpp.cached_adapter), each at scale 0 until a request names it. A request
+(exported once into the cache: llama_gguf.cached_adapter), each at scale 0 until a request names it. A request
 names its memory's adapter at scale 1 (base: none); llama.cpp's server decodes the slots in flight together,
 one batch per adapter set (its batching rule: slots with different adapters take turns). Each slot keeps its
 own KV cache and reuses a conversation's prefix; llama.cpp's RAM prompt cache is off, because it restores KV
@@ -37,7 +37,7 @@ from typing import Callable, ClassVar, Iterator
 
 from .chat import AUTO, BASE, ChatSession, ChatTurn
 from .errors import InputError
-from .llamacpp import TemplateTokenizer
+from .llama_gguf import TemplateTokenizer
 from .memory.bank import Bank, BankState
 from .memory.router import CORE
 from .model import ModelError
@@ -187,7 +187,7 @@ class XLlamaSession(ChatSession):
 
     def load_adapters(self, state: BankState, note: Callable[[str], None] | None = None) -> None:
         """Export (once) every adapter of ``state`` and start a server holding them in place of the running one."""
-        from .llamacpp import cached_adapter
+        from .llama_gguf import cached_adapter
 
         entries = [(name, state.slot_dir(name)) for name in sorted(state.domains)] + ([(CORE, state.core_dir())] if state.core_dir() else [])
         files = {name: cached_adapter(folder, self.base_gguf, self.home, name, note) for name, folder in entries}
@@ -297,7 +297,7 @@ def open_xllama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, 
 def open_xllama_base(model: str, home: Path, adapters: dict[str, Path] | None = None, threads: int | None = None) -> XLlamaSession:
     """The base model's GGUF in llama.cpp's server with ``adapters`` (name -> PEFT folder) and no bank (the benchmark's)."""
     from .export import base_gguf
-    from .llamacpp import cached_adapter
+    from .llama_gguf import cached_adapter
     from .system import llama_threads
 
     session = XLlamaSession(model=None, tokenizer=None, state=None, domain=AUTO, threshold=None, embedder_factory=lambda: None,
