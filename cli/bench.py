@@ -126,7 +126,7 @@ def chat_cmd(
     new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens generated per timed answer."),
     repeats: int = typer.Option(3, "--repeats", help="Timed answers per mode (after one untimed answer that also merges)."),
     cold_repeats: int = typer.Option(2, "--cold-repeats", help="Cold starts of `lifealign-lite chat --prompt` to time."),
-    modes: Optional[str] = typer.Option(None, "--modes", help="Comma-separated subset of merged,unmerged,nf4,llama.cpp (default: all; llama.cpp where llama-cpp-python is installed)."),
+    modes: Optional[str] = typer.Option(None, "--modes", help="Comma-separated subset of merged,unmerged,nf4,llama.cpp (default: all; llama.cpp where its binding, xllamacpp by default, imports)."),
     run: Optional[dict] = None,  # --model, --threads, --timeout, --verbose
     as_json: bool = JsonOpt,
 ) -> None:

@@ -214,7 +214,7 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
     """Chat latency with an adapter merged, unmerged, on a 4-bit base and on llama.cpp, plus the CLI's cold start.
 
     The top-level figures are those of the engine ``chat`` uses by default here (``settings.engine``): the
-    ``llama.cpp`` mode where llama-cpp-python is installed and the model has a GGUF, else ``merged``; the
+    ``llama.cpp`` mode where its binding imports (xllamacpp by default) and the model has a GGUF, else ``merged``; the
     ``llama_cpp_*`` keys are the llama.cpp mode's, ``llama_cpp_tokens_per_s`` its plain llama.cpp anchor (the base
     GGUF without adapter or penalty on the same xllamacpp build and threads).
     By default every mode runs, llama.cpp only where it is the default engine.
