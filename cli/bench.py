@@ -172,19 +172,30 @@ def serve_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lifealign_lite.bench.serve import bench_serve
+    from lifealign_lite.progress import LineReporter
 
     bank_dir = existing_bank(bank)
-    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}
+    if err.is_terminal:
+        shown = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+        log = lambda s: shown.console.print(f"[dim]{s}[/]", highlight=False)  # noqa: E731
 
-    def progress(label: str, done: int, total: int) -> None:
-        if label not in tasks:
-            tasks[label] = bars.add_task(label, total=total)
-        bars.update(tasks[label], completed=done)
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = shown.add_task(label, total=total)
+            shown.update(tasks[label], completed=done)
+    else:  # a pipe or a log: one plain line per finished request, and a heartbeat while none finishes
+        shown = LineReporter(err)
+        log = shown.note
 
-    with bars:
-        result = bench_serve(home_dir(), bank_dir, model, clients, requests, max_tokens, data, threads, models=models.split(",") if models else None, progress=progress,
-                             log=lambda s: bars.console.print(f"[dim]{s}[/]", highlight=False))
+        def progress(label: str, done: int, total: int) -> None:
+            if tasks.get(label) != done:
+                tasks[label] = done
+                shown.note(f"{label}: {done}/{total} requests")
+
+    with shown:
+        result = bench_serve(home_dir(), bank_dir, model, clients, requests, max_tokens, data, threads, models=models.split(",") if models else None,
+                             progress=progress, log=log)
     if not printed_json(result, as_json):
         s = result["settings"]
         table = Table("clients", "requests/s", "first token median s", "first token p90 s", "latency median s", "tokens/s", "errors",
@@ -263,6 +274,7 @@ def routing_cmd(
     from lifealign_lite.bench.continual import parse_task
     from lifealign_lite.bench.routing import SHIPPED, routing_report
     from lifealign_lite.memory.router import MiniLMEmbedder
+    from lifealign_lite.progress import LineReporter
     from lifealign_lite.recipe import Recipe
 
     q = Recipe().route_quantile if quantile is None else quantile
@@ -271,9 +283,13 @@ def routing_cmd(
     parsed = [parse_task(t) for t in tasks]
     if len({t.name for t in parsed}) != len(parsed):
         fail("each domain may be given once")
-    with err.status("embedding prompts and fitting routers (leave-one-domain-out refits each router once per domain)"):
-        report = routing_report(parsed, MiniLMEmbedder(), max_train=max_train, max_test=max_test, quantile=q,
-                                progress=lambda what: err.print(f"[dim]done: {what}[/]"))
+    doing = "embedding prompts and fitting routers (leave-one-domain-out refits each router once per domain)"
+    lines = None if err.is_terminal else LineReporter(err)  # a pipe: plain lines and a heartbeat, not a spinner
+    with err.status(doing) if lines is None else lines:
+        if lines is not None:
+            lines.note(doing)
+        say = (lambda what: err.print(f"[dim]done: {what}[/]")) if lines is None else (lambda what: lines.note(f"done: {what}"))
+        report = routing_report(parsed, MiniLMEmbedder(), max_train=max_train, max_test=max_test, quantile=q, progress=say)
     if printed_json(report, as_json):
         return
     names = list(report["shipped"]["accuracy"])

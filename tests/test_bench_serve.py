@@ -94,3 +94,5 @@ def test_bench_serve_runs_a_real_server_and_every_request_succeeds(tmp_path, tin
         assert level["tokens"] == 8  # the tiny model never ends early: 2 tokens per answer
         assert level["requests_per_s"] > 0 and 0 < level["ttft_median_s"] <= level["ttft_p90_s"] and level["ttft_median_s"] <= level["latency_median_s"]
         assert sum(level["memories"].values()) == 4 and "medical" in level["memories"]
+    # on a pipe, progress is plain lines (one per finished request), not a bar that shows nothing until it ends
+    assert ": 4/4 requests" in result.stderr and "\x1b[" not in result.stderr

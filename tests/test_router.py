@@ -223,6 +223,7 @@ def test_bench_routing_json_has_the_shipped_router_on_top(embedder, tmp_path):
     lo, hi = shipped["mean_accuracy_interval"]
     assert lo <= shipped["mean_accuracy"] <= hi
     assert set(report["routers"]) == set(ROUTERS) and report["setting"]["train_prompts"] == {"medical": 30, "support": 30}
+    assert "embedding prompts and fitting routers" in result.stderr  # on a pipe a plain line says what it does, not a spinner
     # leaving one of two domains out, the other's router must send the unseen domain's off-topic prompts to the core
     assert shipped["unseen_fallback"]["medical"] > 0.5 and shipped["unseen_fallback"]["support"] > 0.5
     assert sum(shipped["confusion"]["medical"].values()) == 10
