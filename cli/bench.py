@@ -187,10 +187,11 @@ def serve_cmd(
     else:  # a pipe or a log: one plain line per finished request, and a heartbeat while none finishes
         shown = LineReporter(err)
         log = shown.note
+        last_done: dict[str, int] = {}
 
         def progress(label: str, done: int, total: int) -> None:
-            if tasks.get(label) != done:
-                tasks[label] = done
+            if last_done.get(label) != done:
+                last_done[label] = done
                 shown.note(f"{label}: {done}/{total} requests")
 
     with shown:
@@ -284,11 +285,13 @@ def routing_cmd(
     if len({t.name for t in parsed}) != len(parsed):
         fail("each domain may be given once")
     doing = "embedding prompts and fitting routers (leave-one-domain-out refits each router once per domain)"
-    lines = None if err.is_terminal else LineReporter(err)  # a pipe: plain lines and a heartbeat, not a spinner
-    with err.status(doing) if lines is None else lines:
-        if lines is not None:
-            lines.note(doing)
-        say = (lambda what: err.print(f"[dim]done: {what}[/]")) if lines is None else (lambda what: lines.note(f"done: {what}"))
+    if err.is_terminal:
+        shown, say = err.status(doing), lambda what: err.print(f"[dim]done: {what}[/]")
+    else:  # a pipe: plain lines and a heartbeat, not a spinner
+        lines = LineReporter(err)
+        lines.note(doing)
+        shown, say = lines, lambda what: lines.note(f"done: {what}")
+    with shown:
         report = routing_report(parsed, MiniLMEmbedder(), max_train=max_train, max_test=max_test, quantile=q, progress=say)
     if printed_json(report, as_json):
         return
