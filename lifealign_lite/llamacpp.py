@@ -25,7 +25,7 @@ from typing import Callable
 
 from .chat import AUTO, ChatSession
 from .errors import InputError
-from .llama_gguf import CACHE, LLAMA_CPP  # noqa: F401  (CACHE: where the adapters are, for callers of the engine choice)
+from .llama_gguf import LLAMA_CPP
 from .memory.bank import Bank
 from .model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, ModelError, resolve_quant
 from .system import llama_threads as threads  # in system.py: export uses it too, and must not import this module

@@ -196,7 +196,8 @@ def test_next_token_agrees_with_the_torch_engine_on_50_prompts(session, torch_se
 
 @pytest.mark.integration
 def test_adapters_are_exported_once_and_reused(two_domain_bank, gguf_home, exports, session):
-    from lifealign_lite.llamacpp import CACHE, open_chat
+    from lifealign_lite.llama_gguf import CACHE
+    from lifealign_lite.llamacpp import open_chat
 
     assert sum("exporting" in n for n in exports) == 3  # medical, support, core
     files = sorted((gguf_home / CACHE).glob("*.gguf"))
