@@ -130,7 +130,7 @@ def chat(
     """Chat with the model and the bank's memory. Inside: /domain [NAME], /reset, /help, /bye (also /exit, /quit).
 
     Ctrl-C stops an answer and returns to the prompt; line editing and history work as in a shell."""
-    from lifealign_lite.llamacpp import open_chat
+    from lifealign_lite.engines import open_chat
 
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -173,7 +173,7 @@ def route_cmd(
     conversation = text if messages is None else read_messages(messages)
     bank_dir = existing_bank(bank)
     status("route: loading the bank's router and its prompt embedder ...")  # before the slow imports
-    from lifealign_lite.chat import routing_session
+    from lifealign_lite.session import routing_session
     from lifealign_lite.memory.bank import Bank
 
     bank_ = Bank(bank_dir)
@@ -336,7 +336,7 @@ def serve(
 
     The request's `model` picks the memory: a domain, core, base, or auto (route the conversation; the default).
     A bank version committed while serving is used from the next request on."""
-    from lifealign_lite.llamacpp import open_chat
+    from lifealign_lite.engines import open_chat
     from lifealign_lite.serve import check_bind
     from lifealign_lite.serve_app import serve as run_server
     from lifealign_lite.xllama import SERVE_SLOTS

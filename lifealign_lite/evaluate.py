@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import contextlib
 from collections import defaultdict
 from typing import Sequence
 
 import torch
 
-from .chat import AUTO, BASE, ChatSession
+from .chat import ChatSession
 from .data import Pair
 from .batching import tokenize_pairs
 from .logprobs import score_pairs
+from .session import AUTO, BASE
 
 METRICS = ("pref_acc", "lennorm_acc", "margin")
 
@@ -92,15 +92,14 @@ def evaluate(session: ChatSession, pairs: Sequence[Pair], recipe, domain: str, r
                            prefix_sharing=recipe.prefix_sharing)
 
     if base_scores is None:
-        session.activate(BASE)
-        with session.model.disable_adapter() if hasattr(session.model, "peft_config") else contextlib.nullcontext():
+        with session.using(BASE):
             base_scores = score(items)
     policy = {k: v.clone() for k, v in base_scores.items()}
     for memory, idx in groups.items():
         if memory == BASE:
             continue
-        session.activate(memory)
-        scored = score([items[i] for i in idx])
+        with session.using(memory):
+            scored = score([items[i] for i in idx])
         for k in policy:
             policy[k][idx] = scored[k]
     per_pair = per_pair_scores(policy, base_scores, recipe.beta)

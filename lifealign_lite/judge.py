@@ -279,8 +279,8 @@ def judge_pairs(session, pairs: Sequence, judge: Judge, domain_mode: str, max_ne
     "unparsed": replies without a usable score, "per_domain": {rubric domain: the same three figures}}``.
     The session's domain and history are restored afterwards. JudgeError propagates (the judge is down).
     """
-    from .chat import BASE
     from .memory.router import CORE
+    from .session import BASE
 
     saved_domain, saved_history = session.domain, session.history
     session.set_domain(domain_mode)

@@ -1,17 +1,14 @@
-"""The engine choice of ``chat`` and ``serve`` (``--engine auto|torch|llama.cpp``) and what both llama.cpp bindings
-share: the base model's GGUF with every memory as a llama.cpp LoRA adapter, exported once into a cache.
+"""Whether and how llama.cpp answers ``chat`` and ``serve``: the binding, why llama.cpp cannot run for given options
+(engines.py's ``auto`` falls back to torch on it), and opening a bank version's llama.cpp session on the binding.
 
 The base is the base model's own GGUF (the embedded Q4_1 file for the default model: :func:`export.base_gguf`),
-the weights the transformers path de-quantizes, so both engines run the same model. Each memory (every domain's
-slot and the core) is exported once as a GGUF LoRA adapter (:func:`export.adapter_gguf`, checked structurally)
-and cached under ``LIFEALIGN_HOME/cache/gguf/<sha256>.gguf``, named by the SHA-256 of the entry's adapter files and
-the base GGUF's name: a second session loads the cached file without exporting (or importing torch).
-
-Two bindings run it. The default is xllamacpp (xllama.py: a prebuilt wheel, a dependency, llama.cpp's server with
-continuous batching across memories); llama-cpp-python (llamacpp_py.py: compiled on install, one sequence at a
-time) is used instead where ``LIFEALIGN_LLAMA_BINDING=llama-cpp-python``. Nothing here imports torch or
-transformers: ``chat --domain NAME`` on a bank whose adapters are cached starts without them (``auto`` routing
-imports the embedder when the first prompt is routed).
+the weights the transformers path de-quantizes, so both engines run the same model; every memory is a GGUF LoRA
+adapter exported once into a cache (llama_gguf.py, which both bindings share). Two bindings run it. The default
+is xllamacpp (xllama.py: a prebuilt wheel, a dependency, llama.cpp's server with continuous batching across
+memories); llama-cpp-python (llamacpp_py.py: compiled on install, one sequence at a time) is used instead where
+``LIFEALIGN_LLAMA_BINDING=llama-cpp-python``. Nothing here imports torch or transformers: ``chat --domain NAME``
+on a bank whose adapters are cached starts without them (``auto`` routing imports the embedder when the first
+prompt is routed).
 """
 
 
@@ -23,15 +20,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .chat import AUTO, ChatSession
 from .errors import InputError
-from .llama_gguf import LLAMA_CPP
 from .memory.bank import Bank
-from .model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, ModelError, resolve_quant
+from .model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_quant
+from .session import AUTO, Session
 from .system import llama_threads as threads  # in system.py: export uses it too, and must not import this module
 
-TORCH = "torch"
-ENGINES = (AUTO, TORCH, LLAMA_CPP)
 BINDING_ENV = "LIFEALIGN_LLAMA_BINDING"  # xllamacpp (the default) or llama-cpp-python
 BINDINGS = ("xllamacpp", "llama-cpp-python")
 INSTALL = {"xllamacpp": "pip install xllamacpp (a dependency of lifealign-lite: run scripts/setup.sh again, or pip install -e .)",
@@ -70,26 +64,8 @@ def _is_default(spec: str | None) -> bool:
     return spec in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "", None)
 
 
-def engine_for(engine: str, bank_dir: Path | None, recipe, unmerged: bool = False) -> str:
-    """The engine that answers: ``torch`` or ``llama.cpp``.
-
-    ``auto`` picks llama.cpp when the binding imports (xllamacpp, a dependency), the base model has a GGUF (the embedded default model),
-    the bank was built on that model, ``--quant`` resolves to none and ``--unmerged`` is not asked; else torch.
-    An explicit ``llama.cpp`` that cannot run raises one line naming why.
-    """
-    if engine not in ENGINES:
-        raise InputError(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
-    if engine == TORCH:
-        return TORCH
-    why = _why_not_llama_cpp(bank_dir, recipe, unmerged)
-    if why is None:
-        return LLAMA_CPP
-    if engine == LLAMA_CPP:
-        raise ModelError(f"--engine llama.cpp: {why}")
-    return TORCH
-
-
-def _why_not_llama_cpp(bank_dir: Path | None, recipe, unmerged: bool) -> str | None:
+def why_not_llama_cpp(bank_dir: Path | None, recipe, unmerged: bool) -> str | None:
+    """Why llama.cpp cannot answer for these options (one line naming the way out), or None where it can."""
     if unmerged:
         return "--unmerged runs PEFT's LoRA layers, which only the torch engine has; leave out --unmerged or use --engine torch"
     quant = resolve_quant(recipe.quant, "cuda" if cuda_visible() else "cpu")
@@ -105,18 +81,13 @@ def _why_not_llama_cpp(bank_dir: Path | None, recipe, unmerged: bool) -> str | N
     return None
 
 
-def open_chat(bank_dir: Path, home: Path, recipe, engine: str = AUTO, domain: str = AUTO, merge: bool = True, version: int | None = None,
-              note: Callable[[str], None] | None = None, slots: int = 1) -> ChatSession:
-    """Open a chat session on the engine :func:`engine_for` picks (chat's and the server's entry point; the server
-    asks xllamacpp for ``slots`` parallel sequences)."""
-    if engine_for(engine, bank_dir, recipe, unmerged=not merge) == LLAMA_CPP:
-        if binding() == "xllamacpp":
-            from .xllama import open_xllama_session
+def open_llama_cpp(bank_dir: Path, home: Path, recipe, domain: str = AUTO, version: int | None = None,
+                   note: Callable[[str], None] | None = None, slots: int = 1) -> Session:
+    """The llama.cpp session of a bank version on the binding asked for (``slots``: xllamacpp's parallel sequences)."""
+    if binding() == "xllamacpp":
+        from .xllama import open_xllama_session
 
-            return open_xllama_session(bank_dir, home, recipe, domain, version, note, slots=slots)
-        from .llamacpp_py import open_llama_session
+        return open_xllama_session(bank_dir, home, recipe, domain, version, note, slots=slots)
+    from .llamacpp_py import open_llama_session
 
-        return open_llama_session(bank_dir, home, recipe, domain, version, note)
-    from .chat import open_session
-
-    return open_session(bank_dir, home, recipe, domain=domain, merge=merge, version=version, note=note)
+    return open_llama_session(bank_dir, home, recipe, domain, version, note)

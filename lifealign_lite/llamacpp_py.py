@@ -21,7 +21,6 @@ import atexit
 import codecs
 import ctypes
 import threading
-import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +28,11 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from .chat import AUTO, ChatSession, ChatTurn, routing_embedder
 from .errors import InputError
 from .llama_gguf import LLAMA_CPP, TemplateTokenizer, cached_adapter
 from .memory.bank import Bank, BankState
-from .memory.router import CORE
 from .model import ModelError
+from .session import AUTO, Session, adapter_folders, bank_model, check_domain, routing
 from .system import llama_threads as threads
 
 REPETITION_PENALTY = 1.1  # chat's (chat.py)
@@ -46,12 +44,10 @@ def open_llama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, v
     """The base GGUF in llama.cpp with every adapter of a bank version (default: the current one) loaded."""
     bank = Bank(bank_dir)
     state = bank.load(version)
-    # a wrong domain is reported before anything loads
-    LlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
-    model_name = (bank.manifest().get("base") or {}).get("name") or recipe.model
-    session = open_llama_base(model_name, home, n_threads)
-    kind = state.meta.get("router", recipe.router)
-    session.threshold, session.embedder_factory = recipe.route_threshold, lambda: routing_embedder(kind, model_name, home)
+    check_domain(state, domain)  # a wrong domain is reported before anything loads
+    session = open_llama_base(bank_model(bank, recipe), home, n_threads)
+    route = routing(bank, state, recipe, home)
+    session.threshold, session.embedder_factory = route["threshold"], route["embedder_factory"]
     session.load_adapters(state, note)
     session.set_domain(domain)
     return session
@@ -98,10 +94,10 @@ class GGUFTokenizer(TemplateTokenizer):
 
 
 @dataclass
-class LlamaSession(ChatSession):
-    """:class:`ChatSession` on llama.cpp: ``model`` is a ``llama_cpp.Llama`` of the base GGUF, ``tokenizer`` its
-    :class:`GGUFTokenizer`; every memory is a loaded LoRA adapter, one of them set on the context at a time.
-    Domains, routing and the history are ChatSession's."""
+class LlamaSession(Session):
+    """The llama.cpp engine on llama-cpp-python (:class:`session.Engine`): ``model`` is a ``llama_cpp.Llama`` of the
+    base GGUF, ``tokenizer`` its :class:`GGUFTokenizer`; every memory is a loaded LoRA adapter, one of them set on
+    the context at a time."""
 
     engine: ClassVar[str] = LLAMA_CPP
     embedder_shares_model: ClassVar[bool] = False  # the routing embedder is a transformers model of its own
@@ -120,8 +116,7 @@ class LlamaSession(ChatSession):
         for pointer in self._loras.values():
             llama_cpp.llama_adapter_lora_free(pointer)
         self.state, self.active, self._router, self._loras, self.adapter_files = state, None, None, {}, {}
-        self.add_adapters([(name, state.slot_dir(name)) for name in sorted(state.domains)] + ([(CORE, state.core_dir())] if state.core_dir() else []),
-                          note)
+        self.add_adapters(adapter_folders(state), note)
 
     def add_adapters(self, entries: list[tuple[str, Path]], note: Callable[[str], None] | None = None) -> None:
         """Load each (memory name, PEFT adapter folder) as a llama.cpp adapter, exported once into the cache."""
@@ -133,9 +128,6 @@ class LlamaSession(ChatSession):
             if not pointer:
                 raise ModelError(f"{path}: llama.cpp could not load this adapter of {name}; delete the file to export it again")
             self._loras[name], self.adapter_files[name] = pointer, path
-
-    def use_version(self, state: BankState) -> None:
-        self.load_adapters(state)
 
     def activate(self, name: str) -> None:
         """Set ``name``'s adapter on the context (none for base) and drop the KV cache the previous one computed."""
@@ -169,40 +161,10 @@ class LlamaSession(ChatSession):
     def seed(self, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
 
-    def ask(self, text: str, on_token: Callable[[str], None] | None = None, max_new_tokens: int = 256, keep_history: bool = True) -> ChatTurn:
-        """As :meth:`ChatSession.ask`: Ctrl-C stops the answer at the next token and returns what was said."""
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        t0 = time.perf_counter()
-        messages = self.history + [{"role": "user", "content": text}]
-        memory, r = self.memory_for(messages)
-        self.activate(memory)
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        pieces, first, interrupted = [], None, False
-
-        def emit(piece: str) -> None:
-            nonlocal first
-            if first is None:
-                first = time.perf_counter() - t0
-            pieces.append(piece)
-            if on_token:
-                on_token(piece)
-
-        try:
-            self._decode(ids, max_new_tokens, emit)
-        except KeyboardInterrupt:
-            interrupted = True
-            self._forget()  # the interrupt may have come between a decode and its bookkeeping
-        answer = "".join(pieces).strip()
-        if keep_history:
-            self.history = messages + [{"role": "assistant", "content": answer}]
-        n_tokens = len(self.tokenizer.encode(answer))
-        return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0, interrupted)
-
     def generate(self, prompt: str | list[dict], memory: str, on_token: Callable[[str], None], max_new_tokens: int = 256,
                  stop: threading.Event | None = None, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> tuple[str, int]:
-        """As :meth:`ChatSession.generate` (the server's entry point)."""
+        """:meth:`session.Engine.generate` in this process, one sequence at a time."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if seed is not None:

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .chat import AUTO, BASE, ChatSession
 from .errors import InputError
 from .memory.bank import Bank, BankError
 from .memory.router import CORE
 from .serve_api import Job, RequestError
+from .session import AUTO, Session
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -74,12 +74,12 @@ class Engine:
     ``concurrent`` set (llama.cpp) generates without it. ``swap`` covers reading the bank and routing.
     """
 
-    def __init__(self, session: ChatSession, bank_dir: Path, log: Callable[[str], None] = print, upstream: str | None = None,
+    def __init__(self, session: Session, bank_dir: Path, log: Callable[[str], None] = print, upstream: str | None = None,
                  upstream_key: str | None = None):
         self.session, self.bank, self.log = session, Bank(bank_dir), log
         self.upstream, self.upstream_key = upstream.rstrip("/") if upstream else None, upstream_key
         self.lock, self.swap = threading.Lock(), threading.Lock()
-        self.concurrent = bool(getattr(session, "concurrent", False))
+        self.concurrent = session.concurrent
 
     def models(self) -> list[str]:
         return self.session.available() + [AUTO]
@@ -128,7 +128,7 @@ class Engine:
         s, route = self.session, None
         if job.model == AUTO:
             r = s.route(job.prompt)
-            memory = r.domain if r.domain != CORE or s.state.core_dir() else BASE
+            memory = s.memory_of(r)
             route = {"domain": r.domain, "scores": r.scores, "similarity": r.similarity, "threshold": r.threshold}
         else:
             memory = job.model

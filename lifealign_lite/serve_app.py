@@ -26,7 +26,7 @@ from .serve_api import RequestError, parse_job
 from .xllama import restore_signals
 
 if TYPE_CHECKING:
-    from .chat import ChatSession
+    from .session import Session
 
 MAX_BODY_BYTES = 1_000_000
 DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this many times the limit, so the client sees the 413
@@ -214,7 +214,7 @@ async def _sse(events: asyncio.Queue, cancel, kind: str, rid: str, created: int,
         cancel.set()
 
 
-def serve(session: ChatSession, bank_dir: Path, host: str, port: int, api_key: str | None, max_tokens_cap: int,
+def serve(session: Session, bank_dir: Path, host: str, port: int, api_key: str | None, max_tokens_cap: int,
           log: Callable[[str], None] = print, upstream: str | None = None, upstream_key: str | None = None, quiet: bool = False) -> None:
     """Serve until interrupted; with ``upstream`` (an OpenAI-compatible base URL) route here and generate there.
     One access-log line per request goes to ``log`` unless ``quiet``."""

@@ -28,19 +28,17 @@ import secrets
 import signal
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
-from .chat import AUTO, BASE, ChatSession, ChatTurn
 from .errors import InputError
-from .llama_gguf import TemplateTokenizer
+from .llama_gguf import LLAMA_CPP, TemplateTokenizer
 from .memory.bank import Bank, BankState
-from .memory.router import CORE
 from .model import ModelError
+from .session import AUTO, Session, adapter_folders, bank_model, check_domain, routing
 
 REPETITION_PENALTY = 1.1  # chat's (chat.py)
 TOP_K = 50  # transformers' default for sampling
@@ -169,11 +167,11 @@ class ServerTokenizer(TemplateTokenizer):
 
 
 @dataclass
-class XLlamaSession(ChatSession):
-    """:class:`ChatSession` on llama.cpp's server: every memory a LoRA adapter chosen per request, so requests
-    for different memories may run at once (``concurrent``). Domains, routing and the history are ChatSession's."""
+class XLlamaSession(Session):
+    """The llama.cpp engine on llama.cpp's server (:class:`session.Engine`): every memory a LoRA adapter chosen per
+    request, so requests for different memories may run at once (``concurrent``); ``activate`` only records the memory."""
 
-    engine: ClassVar[str] = "llama.cpp"
+    engine: ClassVar[str] = LLAMA_CPP
     embedder_shares_model: ClassVar[bool] = False  # the routing embedder is a transformers model of its own
     concurrent: ClassVar[bool] = True  # serve runs its requests side by side
     home: Path | None = None
@@ -189,17 +187,9 @@ class XLlamaSession(ChatSession):
         """Export (once) every adapter of ``state`` and start a server holding them in place of the running one."""
         from .llama_gguf import cached_adapter
 
-        entries = [(name, state.slot_dir(name)) for name in sorted(state.domains)] + ([(CORE, state.core_dir())] if state.core_dir() else [])
-        files = {name: cached_adapter(folder, self.base_gguf, self.home, name, note) for name, folder in entries}
+        files = {name: cached_adapter(folder, self.base_gguf, self.home, name, note) for name, folder in adapter_folders(state)}
         server = LlamaServer(self.base_gguf, files, self.slots, self.context, self.threads)
         self.server, self.adapter_files, self.state, self.active, self._router = server, files, state, None, None
-
-    def use_version(self, state: BankState) -> None:
-        self.load_adapters(state)
-
-    def activate(self, name: str) -> None:
-        """Each request names its adapter: nothing to switch (the memory is recorded for status lines)."""
-        self.active = name
 
     def seed(self, seed: int) -> None:
         self._seed = seed
@@ -239,31 +229,13 @@ class XLlamaSession(ChatSession):
             left.set()
             thread.join()  # within a token: no completion outlives its caller (a thread inside llama.cpp at exit aborts the process)
 
-    def ask(self, text: str, on_token: Callable[[str], None] | None = None, max_new_tokens: int = 256, keep_history: bool = True) -> ChatTurn:
-        """As :meth:`ChatSession.ask`: Ctrl-C stops the answer at the next token and returns what was said."""
-        t0 = time.perf_counter()
-        messages = self.history + [{"role": "user", "content": text}]
-        memory, r = self.memory_for(messages)
-        self.activate(memory)
-        pieces, first, interrupted, usage = [], None, False, {}
-        try:
-            for piece in self.stream(self.server.render(messages), memory, max_new_tokens, usage=usage):
-                first = first if first is not None else time.perf_counter() - t0
-                pieces.append(piece)
-                if on_token:
-                    on_token(piece)
-        except KeyboardInterrupt:
-            interrupted = True
-        answer = "".join(pieces).strip()
-        if keep_history:
-            self.history = messages + [{"role": "assistant", "content": answer}]
-        n_tokens = usage.get("completion_tokens") or len(self.tokenizer.encode(answer))
-        return ChatTurn(answer, memory, r, first or 0.0, n_tokens, time.perf_counter() - t0, interrupted)
+    def answer_tokens(self, answer: str, generated: int) -> int:
+        return generated or super().answer_tokens(answer, generated)  # llama.cpp's count; interrupted: the answer's tokens
 
     def generate(self, prompt: str | list[dict], memory: str, on_token: Callable[[str], None], max_new_tokens: int = 256,
                  stop: threading.Event | None = None, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> tuple[str, int]:
-        """As :meth:`ChatSession.generate` (the server's entry point); safe to call from several threads at once."""
+        """:meth:`session.Engine.generate` as one request to the server; safe to call from several threads at once."""
         text = prompt if isinstance(prompt, str) else self.server.render(prompt)
         pieces, usage = [], {}
         for piece in self.stream(text, memory, max_new_tokens, stop, temperature, top_p, self._seed if seed is None else seed, usage=usage):
@@ -276,18 +248,14 @@ def open_xllama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, 
                         note: Callable[[str], None] | None = None, slots: int = 1, threads: int | None = None) -> XLlamaSession:
     """The base GGUF in llama.cpp's server with every adapter of a bank version (default: the current one).
     ``slots`` > 1 (serve): that many parallel sequences of :data:`SLOT_CONTEXT` tokens; 1 (chat): the model's context."""
-    from .chat import routing_embedder
     from .export import base_gguf
     from .system import llama_threads
 
     bank = Bank(bank_dir)
     state = bank.load(version)
-    # a wrong domain is reported before anything loads
-    XLlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=0, embedder_factory=lambda: None).set_domain(domain)
-    kind, model = state.meta.get("router", recipe.router), (bank.manifest().get("base") or {}).get("name") or recipe.model
-    session = XLlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, threshold=recipe.route_threshold,
-                            embedder_factory=lambda: routing_embedder(kind, model, home), home=Path(home), base_gguf=base_gguf(model), slots=slots,
-                            context=SLOT_CONTEXT if slots > 1 else 0, threads=threads or llama_threads())
+    check_domain(state, domain)  # a wrong domain is reported before anything loads
+    session = XLlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, **routing(bank, state, recipe, home), home=Path(home),
+                            base_gguf=base_gguf(bank_model(bank, recipe)), slots=slots, context=SLOT_CONTEXT if slots > 1 else 0, threads=threads or llama_threads())
     session.tokenizer = ServerTokenizer(session)
     session.load_adapters(state, note)
     session.set_domain(domain)
@@ -308,4 +276,4 @@ def open_xllama_base(model: str, home: Path, adapters: dict[str, Path] | None = 
     return session
 
 
-__all__ = ["BASE", "LlamaServer", "XLlamaSession", "importable", "open_xllama_base", "open_xllama_session"]
+__all__ = ["LlamaServer", "XLlamaSession", "importable", "open_xllama_base", "open_xllama_session"]

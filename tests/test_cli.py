@@ -64,7 +64,7 @@ def test_help_does_not_import_torch():
 def test_reading_a_bank_for_chat_imports_no_torch(tiny_bank):
     """What chat on llama.cpp does before llama.cpp loads (read and verify the bank, choose the engine, find the
     adapters) needs no torch: the bank, router and consolidation modules import it only where they compute."""
-    script = ("import sys\nfrom pathlib import Path\nfrom lifealign_lite.llamacpp import engine_for, open_chat\n"
+    script = ("import sys\nfrom pathlib import Path\nfrom lifealign_lite.engines import engine_for, open_chat\n"
               "from lifealign_lite.memory.bank import Bank\nfrom lifealign_lite.recipe import load_recipe\n"
               f"state = Bank(Path({str(tiny_bank)!r})).load()\nassert state.slot_dir('medical').is_dir() and state.core_dir()\n"
               f"engine_for('auto', Path({str(tiny_bank)!r}), load_recipe(None))\n"

@@ -1,4 +1,4 @@
-"""Chat and serve on llama.cpp (llamacpp.py: the engine choice; xllama.py: the session on xllamacpp's server).
+"""Chat and serve on llama.cpp (engines.py: the engine choice; xllama.py: the session on xllamacpp's server).
 
 xllamacpp is a dependency, so nothing here skips: a machine without it fails with the line saying how to install
 it. The session tests use the two-domain bank of the real default model (conftest.py, built once per session),
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lifealign_lite.llamacpp import LLAMA_CPP, TORCH, engine_for, llama_cpp_importable
+from lifealign_lite.engines import TORCH, engine_for
+from lifealign_lite.llama_gguf import LLAMA_CPP
+from lifealign_lite.llamacpp import llama_cpp_importable
 from lifealign_lite.model import ModelError
 from lifealign_lite.recipe import load_recipe
 
@@ -96,7 +98,7 @@ def gguf_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exports(two_domain_bank, gguf_home) -> list[str]:
     """The notes of the first session's opening (one export per memory)."""
-    from lifealign_lite.llamacpp import open_chat
+    from lifealign_lite.engines import open_chat
 
     notes: list[str] = []
     open_chat(two_domain_bank, gguf_home, load_recipe(None), domain="medical", note=notes.append)
@@ -106,7 +108,7 @@ def exports(two_domain_bank, gguf_home) -> list[str]:
 @pytest.fixture(scope="module")
 def session(two_domain_bank, gguf_home, exports):
     """The serve-style session: four parallel slots (chat's has one; both are the same class)."""
-    from lifealign_lite.llamacpp import open_chat
+    from lifealign_lite.engines import open_chat
 
     return open_chat(two_domain_bank, gguf_home, load_recipe(None), domain="medical", slots=4)
 
@@ -197,7 +199,7 @@ def test_next_token_agrees_with_the_torch_engine_on_50_prompts(session, torch_se
 @pytest.mark.integration
 def test_adapters_are_exported_once_and_reused(two_domain_bank, gguf_home, exports, session):
     from lifealign_lite.llama_gguf import CACHE
-    from lifealign_lite.llamacpp import open_chat
+    from lifealign_lite.engines import open_chat
 
     assert sum("exporting" in n for n in exports) == 3  # medical, support, core
     files = sorted((gguf_home / CACHE).glob("*.gguf"))
@@ -295,7 +297,7 @@ def test_a_new_bank_version_is_served_by_a_second_server(two_domain_bank, gguf_h
     """Hot reload: a server opened on version 1 (medical) swaps in the current version 2 (medical and support) at
     the next request, on a second llama.cpp server; medical's slot is the same file in both versions, so its
     answer is the same."""
-    from lifealign_lite.llamacpp import open_chat
+    from lifealign_lite.engines import open_chat
     from lifealign_lite.serve import Engine
     from lifealign_lite.serve_api import Job
 

@@ -1,6 +1,6 @@
 """One routing decision everywhere (issue 25 point 1): ``route --json``, ``chat --domain auto`` and serve's
 ``model: auto`` name the same memory for every prompt, because all three take the embedder (the bank's router, on
-the bank's base model: ``chat.routing_embedder``) and the threshold (the recipe's) from one place.
+the bank's base model) and the threshold (the recipe's) from one place: ``session.routing``.
 
 A three-domain bank on the tiny model, routed by its own hidden states (no embedding model to load), and 50 real
 prompts from the three domains' data.

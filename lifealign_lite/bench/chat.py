@@ -72,7 +72,7 @@ def one_chat(options: dict, mode: str) -> dict:
     interleaved with the answers so both see the same machine load: the anchor. ``llama.cpp`` mode adds a second
     anchor, plain greedy decoding of the base GGUF in llama.cpp (no adapter, no penalty, exactly ``new_tokens``).
     """
-    from lifealign_lite.chat import BASE
+    from lifealign_lite.session import BASE
 
     home = Path(options["home"])
     t = time.perf_counter()
@@ -219,7 +219,8 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
     GGUF without adapter or penalty on the same xllamacpp build and threads).
     By default every mode runs, llama.cpp only where it is the default engine.
     """
-    from lifealign_lite.llamacpp import LLAMA_CPP, engine_for
+    from lifealign_lite.engines import engine_for
+    from lifealign_lite.llama_gguf import LLAMA_CPP
 
     log = log or (lambda s: None)
     names = parse_variants(modes, CHAT_MODES)
