@@ -194,6 +194,16 @@ def lifealign_home() -> Path:
 
 
 @pytest.fixture
+def env(tmp_path, monkeypatch):
+    """An isolated home (nothing is read from or written to the user's real one) and a wide terminal, set in this
+    process and returned as the environment to pass to a command run."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LIFEALIGN_HOME", str(home))
+    monkeypatch.setenv("COLUMNS", "200")
+    return {"LIFEALIGN_HOME": str(home), "COLUMNS": "200"}
+
+
+@pytest.fixture
 def single_thread():
     """Run a test on one intra-op thread: on a small shared CPU, thread hand-offs cost more than the math (on this
     shared 2-core CPU, two threads made a real-model run about 6x slower whenever other processes were busy, while one
@@ -214,6 +224,15 @@ def two_domain_bank(tmp_path_factory, lifealign_home) -> Path:
 
     recipe = load_recipe("edge-cpu", {"max_steps": 2, "batch_size": 2, "max_pairs": 8})
     return align_examples(tmp_path_factory.mktemp("two-domain") / "bank", lifealign_home, recipe, ("medical", "support"))
+
+
+@pytest.fixture(scope="module")
+def torch_session(two_domain_bank, lifealign_home):
+    """Chat's torch session on the real two-domain bank (adapters merged directly), domain medical; one per test module."""
+    from lifealign_lite.chat import open_session
+    from lifealign_lite.recipe import load_recipe
+
+    return open_session(two_domain_bank, lifealign_home, load_recipe(None), domain="medical")
 
 
 @pytest.fixture(scope="session")

@@ -181,11 +181,6 @@ def test_child_entry_point_writes_json(tmp_path):
     assert res["ok"] is False and "traceback" in res and res["peak_rss_mb"] > 0
 
 
-@pytest.fixture
-def env(tmp_path):
-    return {"LIFEALIGN_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
-
-
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -36,30 +36,23 @@ SUPPORT_PROMPT = "I forgot my password and the reset email never arrived. How do
 TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def session(two_domain_bank, lifealign_home):
-    from lifealign_lite.chat import open_session
-
-    return open_session(two_domain_bank, lifealign_home, load_recipe(None), domain="medical")
-
-
 # -- ChatSession ---------------------------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_ask_with_medical_memory(session):
-    assert session.available() == ["medical", "support", "core", "base"]
-    turn = session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS)
+def test_ask_with_medical_memory(torch_session):
+    assert torch_session.available() == ["medical", "support", "core", "base"]
+    turn = torch_session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS)
     assert turn.text.strip() and turn.memory == "medical" and turn.route is None
-    assert session.active == "medical" and 0 < turn.tokens <= TOKENS + 2
-    assert session.history[-1] == {"role": "assistant", "content": turn.text}
+    assert torch_session.active == "medical" and 0 < turn.tokens <= TOKENS + 2
+    assert torch_session.history[-1] == {"role": "assistant", "content": turn.text}
 
 
 @pytest.mark.integration
-def test_cli_chat_prints_only_the_answer(session, two_domain_bank, lifealign_home):
+def test_cli_chat_prints_only_the_answer(torch_session, two_domain_bank, lifealign_home):
     require_path(CLI, "the lifealign-lite console script")
-    session.history = []
-    session.set_domain("medical")
-    expected = session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS, keep_history=False).text
+    torch_session.history = []
+    torch_session.set_domain("medical")
+    expected = torch_session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS, keep_history=False).text
     # --engine torch: the answer is compared token for token with the torch session above; where llama-cpp-python is
     # installed the default engine is llama.cpp, whose Q4_1 x int8 arithmetic splits near-tied greedy choices
     # (tests/test_llamacpp.py compares the two engines by top-1 agreement instead)
@@ -74,24 +67,24 @@ def test_cli_chat_prints_only_the_answer(session, two_domain_bank, lifealign_hom
 
 
 @pytest.mark.integration
-def test_set_unknown_domain_lists_known_ones(session):
-    before = session.domain
+def test_set_unknown_domain_lists_known_ones(torch_session):
+    before = torch_session.domain
     with pytest.raises(BankError, match=r"unknown domain 'nope'; known domains: medical, support"):
-        session.set_domain("nope")
-    assert session.domain == before
+        torch_session.set_domain("nope")
+    assert torch_session.domain == before
 
 
 @pytest.mark.integration
-def test_auto_routing_sends_support_prompt_to_support(session):
-    session.history = []
-    session.set_domain("auto")
-    turn = session.ask(SUPPORT_PROMPT, max_new_tokens=4, keep_history=False)
+def test_auto_routing_sends_support_prompt_to_support(torch_session):
+    torch_session.history = []
+    torch_session.set_domain("auto")
+    turn = torch_session.ask(SUPPORT_PROMPT, max_new_tokens=4, keep_history=False)
     assert turn.memory == "support" and turn.route is not None and turn.route.domain == "support"
     assert turn.route.scores["support"] > turn.route.scores["medical"]
-    assert session.active == "support"
+    assert torch_session.active == "support"
     # Switching back unmerges support and merges medical: the answer is the medical one again.
-    session.set_domain("medical")
-    again = session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS, keep_history=False)
+    torch_session.set_domain("medical")
+    again = torch_session.ask(MEDICAL_PROMPT, max_new_tokens=TOKENS, keep_history=False)
     assert again.memory == "medical" and again.text.strip()
 
 
@@ -274,6 +267,24 @@ def test_ask_interrupted_returns_the_partial_answer(tiny_base, single_thread):
     assert turn.interrupted and time.monotonic() - started < 60
     assert turn.text == "".join(seen).strip()
     assert session.history[-1]["content"] == turn.text
+
+
+def test_every_engine_implements_the_engine_interface():
+    """The torch and both llama.cpp sessions are engines (session.Engine) over one Session: ``ask`` is the Session's,
+    ``generate`` and the adapter handling each engine's own; a session without an engine only routes."""
+    from lifealign_lite.chat import ChatSession
+    from lifealign_lite.llamacpp_py import LlamaSession
+    from lifealign_lite.memory.bank import BankState
+    from lifealign_lite.session import Engine, Session
+    from lifealign_lite.xllama import XLlamaSession
+
+    for cls in (ChatSession, XLlamaSession, LlamaSession):
+        session = cls(model=None, tokenizer=None, state=BankState(), domain="auto", threshold=None, embedder_factory=lambda: None)
+        assert isinstance(session, Engine), cls
+        assert cls.ask is Session.ask and cls.route is Session.route, cls
+        assert cls.generate is not Session.generate and cls.load_adapters is not Session.load_adapters, cls
+    with pytest.raises(NotImplementedError):
+        Session(model=None, tokenizer=None, state=BankState(), domain="auto", threshold=None, embedder_factory=lambda: None).generate("hi", "base", print)
 
 
 # -- reading commands need an existing bank -------------------------------------------------------------------

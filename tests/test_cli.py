@@ -28,15 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """An isolated home (nothing is read from or written to the user's real one) and a wide terminal."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("LIFEALIGN_HOME", str(home))
-    monkeypatch.setenv("COLUMNS", "200")
-    return {"LIFEALIGN_HOME": str(home), "COLUMNS": "200"}
-
-
 def write_jsonl(path: Path, lines) -> Path:
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
     return path
