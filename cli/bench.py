@@ -253,12 +253,19 @@ def continual_cmd(
     if tests_dir is not None:
         task_list = with_test_dir(task_list, tests_dir)
     overrides = {**spec.get("overrides", {}), **parse_set_options(sets or [])}
-    with reporter_for(err) as reporter:
-        run_continual(
-            task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
-            recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),
-            max_test=max_test if max_test is not None else spec.get("max_test", 0), reporter=reporter, order=order,
-            command=command)
+    from lifealign_lite.checkpoint import Interrupted
+
+    try:
+        with reporter_for(err) as reporter:
+            run_continual(
+                task_list, parse_methods(methods or spec.get("methods", "seq-dpo,replay,lifealign,lifealign-bank")), out_dir, home_dir(),
+                recipe_name=recipe, overrides=overrides, max_pairs=max_pairs if max_pairs is not None else spec.get("max_pairs", 0),
+                max_test=max_test if max_test is not None else spec.get("max_test", 0), reporter=reporter, order=order,
+                command=command)
+    except (Interrupted, KeyboardInterrupt) as exc:  # Ctrl-C, or SIGTERM while a cell trains: one line, not a traceback
+        where = f" ({exc})" if isinstance(exc, Interrupted) else ""
+        err.print(f"[yellow]interrupted{where}[/]; the same command resumes from {out_dir / 'state.json'} (finished cells are kept)")
+        raise typer.Exit(130)
     out.print((out_dir / "results.md").read_text())
     err.print(f"results: {out_dir / 'results.json'}, plots: {out_dir}/*.png")
 

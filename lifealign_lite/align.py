@@ -41,6 +41,10 @@ class AlignError(LifeAlignError, RuntimeError):
     """align cannot run as asked (for example: nothing to resume)."""
 
 
+class NothingToResume(AlignError):
+    """``--resume`` found no stopped run of this domain and data to continue."""
+
+
 @dataclass
 class AlignResult:
     run_dir: Path
@@ -64,7 +68,7 @@ def _find_resumable(runs: Path, domain: str, data_hash: str) -> Path:
         if (settle(run / "checkpoint") / "state.json").is_file() and not (run / "summary.json").exists() and meta.is_file():
             if json.loads(meta.read_text()).get("data_hash") == data_hash:
                 return run
-    raise AlignError(f"nothing to resume for domain {domain!r} with this data in {runs}; run align without --resume")
+    raise NothingToResume(f"nothing to resume for domain {domain!r} with this data in {runs}; run align without --resume")
 
 
 def _check_bank_shape(state: BankState, recipe: Recipe) -> dict:

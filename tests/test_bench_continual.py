@@ -249,3 +249,41 @@ def test_merge_runs_combines_methods_run_side_by_side(tmp_path):
         merge_runs([tmp_path / "one", tmp_path / "other"], tmp_path / "bad")
     with pytest.raises(BenchError, match="no state.json"):
         merge_runs([tmp_path / "one", tmp_path / "missing"], tmp_path / "bad")
+
+
+class StopAtStep:
+    """A reporter that presses Ctrl-C when training reaches ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def start(self, phase, total, done=0):
+        pass
+
+    def note(self, text):
+        pass
+
+    def advance(self, phase, n, metrics):
+        if phase == "train" and metrics.get("step") == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_cell_stopped_while_training_continues_from_its_checkpoint(tmp_path, tiny_model_dir, single_thread):
+    import json
+
+    from conftest import EXAMPLES
+
+    from lifealign_lite.bench.continual import Task, run_continual
+    from lifealign_lite.checkpoint import Interrupted
+
+    data = EXAMPLES / "medical.jsonl"
+    tasks, out, home = [Task("medical", data, data)], tmp_path / "out", tmp_path / "home"
+    overrides = {"model": str(tiny_model_dir), "router": "base", "max_steps": 3, "batch_size": 2, "max_pairs": 8}
+    with pytest.raises(Interrupted):
+        run_continual(tasks, ["seq-dpo"], out, home, "edge-cpu", overrides, max_test=4, reporter=StopAtStep(2))
+    (stopped,) = (out / "banks" / "seq-dpo" / "runs").iterdir()
+    assert (stopped / "checkpoint" / "state.json").is_file() and not (stopped / "summary.json").exists()
+    results = run_continual(tasks, ["seq-dpo"], out, home, "edge-cpu", overrides, max_test=4)
+    assert list((out / "banks" / "seq-dpo" / "runs").iterdir()) == [stopped]  # the same run went on: no second run
+    assert json.loads((stopped / "summary.json").read_text())["steps"] == 3
+    assert results["seq-dpo"]["matrices"]["pref_acc"][0][0] is not None
