@@ -278,3 +278,21 @@ def test_a_long_child_says_it_is_still_running(monkeypatch):
     stuck = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     assert harness._wait_child(stuck, "v", timeout=0.2, t0=time.perf_counter(), log=None) is None  # killed at its timeout
     assert stuck.returncode is not None
+
+
+def test_bench_chat_merged_without_a_bank_merges_the_adapter_it_times(tiny_model_dir, tmp_path, single_thread):
+    """Without --bank, merged mode times the random adapter merged in (it once timed the bare base: nothing merged)."""
+    import torch
+
+    from lifealign_lite.bench.chat import _torch_session, make_random_adapter
+
+    home = tmp_path / "home"
+    adapter = make_random_adapter(home, tmp_path / "adapter", str(tiny_model_dir), scale=0.5)
+    session, memories = _torch_session({"model": str(tiny_model_dir), "adapter": str(adapter)}, "merged", home)
+    assert memories == ["bench"]
+    module = next(iter(session.updates["bench"]))
+    before = session.model.get_submodule(module).weight.detach().clone()
+    session.activate("bench")
+    assert not torch.equal(session.model.get_submodule(module).weight, before)
+    session.activate("base")
+    assert torch.equal(session.model.get_submodule(module).weight, before)

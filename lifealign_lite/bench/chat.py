@@ -143,9 +143,10 @@ def _torch_session(options: dict, mode: str, home: Path):
         session = open_session(Path(options["bank"]), home, bench_recipe(options, quant=quant), domain=options["domain"], merge=merge)
         return session, session.available()[:-1]  # every domain and the core, not base
     base = load_base(options.get("model") or "default", home, quant)
+    direct = merge and quant == "none"  # as open_session: the direct fp32 merge (without it, activate merged nothing)
     session = ChatSession(model=base.model.eval(), tokenizer=base.tokenizer, state=None, domain="bench", threshold=0.0,
-                          embedder_factory=lambda: None, merge=merge)
-    if merge and quant == "none":
+                          embedder_factory=lambda: None, merge=merge, direct=direct)
+    if direct:
         session.updates = {"bench": read_adapter(Path(options["adapter"]))[0]}
     else:
         with quiet():
