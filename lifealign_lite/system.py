@@ -49,26 +49,41 @@ def pyplot():
     return plt
 
 
-def llama_threads() -> int:
-    """llama.cpp's threads: ``OMP_NUM_THREADS`` when set (torch reads it too; ``bench --threads`` sets it), else one
-    per CPU that is idle now (the CPUs less the 1-minute load average, rounded; at least 1).
+def physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores this process may run on: distinct (package, core) pairs among the CPUs of its affinity mask
+    (hyperthreads of one core count once); the CPU count where the topology cannot be read."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topo = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(), topo.joinpath("core_id").read_text().strip()))
+        except OSError:
+            return len(cpus) or 1
+    return len(cores) or 1
 
-    More threads than idle cores is the one setting to avoid: llama.cpp's threads spin at every barrier, and one
-    descheduled thread stalls the rest (measured on the 2-core machine at load 6 to 9: a 38-token prompt took 15.6 s
-    on 2 threads, 0.83 s on 1). On the same machine idle, 2 threads answered at 57.6 tokens/s and 1 thread at 31.5
-    (docs/PERFORMANCE.md): so all CPUs when idle, fewer when busy. Only the speed depends on it: ggml splits a matrix
-    product by output rows, each computed whole by one thread, so the answer does not.
+
+def llama_threads() -> int:
+    """llama.cpp's threads: ``OMP_NUM_THREADS`` when set (torch reads it too; ``bench --threads`` sets it), else the
+    physical cores less one (at least 1). Fixed by the machine, never by its load at the moment, so a run is
+    reproducible (the project's rule: no result depends on a timing probe); only the speed depends on it: ggml splits
+    a matrix product by output rows, each computed whole by one thread, so the answer does not.
+
+    Why one core fewer than llama.cpp's own default: llama.cpp's threads meet at a barrier after every operation of
+    the graph (939 nodes per token for the default model), spinning while they wait (the xllamacpp wheel is built
+    with OpenMP, whose barriers spin), so one thread descheduled stalls the others. Each token also wakes threads
+    outside llama.cpp (the server's handler and Python's consumer), and the free core takes them. Measured on the 2-core machine
+    (docs/PERFORMANCE.md, issue 24): the wheel decoded faster on 1 thread than on 2 in every run, loaded (2 threads
+    0.28x of 1, side by side) or quiet (21.3 against 29.4 tokens/s).
     """
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
         pass
-    cpus = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # no load average on this system: llama-cpp-python's own default
-        return max(1, cpus // 2)
-    return max(1, min(cpus, round(cpus - busy)))
+    return max(1, physical_cores() - 1)
 
 
 def hub_offline_reason() -> str | None:

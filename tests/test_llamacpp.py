@@ -74,17 +74,36 @@ def test_torch_only_settings_keep_torch():
     assert engine_for("torch", None, recipe) == TORCH
 
 
-def test_threads_follow_omp_num_threads_else_the_idle_cpus(monkeypatch):
+def test_threads_follow_omp_num_threads_else_the_physical_cores_less_one(monkeypatch):
+    """Fixed by the machine, never by its load: the same count whatever the load average says."""
+    from lifealign_lite import system
     from lifealign_lite.llamacpp import threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    cpus = os.cpu_count() or 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert threads() == cpus  # idle: every CPU
-    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 5.0, 0.0, 0.0))
-    assert threads() == 1  # busier than the CPUs: one thread, never zero
+    want = max(1, system.physical_cores() - 1)
+    for load in (0.0, 1.1, 50.0):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert threads() == want
+    monkeypatch.setattr(system, "physical_cores", lambda: 1)
+    assert threads() == 1  # never zero
+
+
+def test_physical_cores_count_hyperthreads_once(tmp_path, monkeypatch):
+    from lifealign_lite.system import physical_cores
+
+    for cpu, core in enumerate((0, 1, 0, 1)):  # cpu2 and cpu3: the second hyperthreads of cores 0 and 1
+        topo = tmp_path / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        (topo / "physical_package_id").write_text("0\n")
+        (topo / "core_id").write_text(f"{core}\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert physical_cores(tmp_path) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})  # both threads of core 0
+    assert physical_cores(tmp_path) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 7})  # no topology for cpu7: the CPU count
+    assert physical_cores(tmp_path) == 3
 
 
 # -- the session on the real default model -----------------------------------------------------------------------
