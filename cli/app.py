@@ -330,6 +330,10 @@ def serve(
     flags: Optional[dict] = None,  # --model, --quant from recipe_options
     engine: str = EngineOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No access-log line per request."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, max=256, metavar="N",
+                                           help="llama.cpp engine: conversations decoded at once (continuous batching; default 8)."),
+    context: Optional[int] = typer.Option(None, "--context", min=128, max=131072, metavar="N",
+                                          help="llama.cpp engine: tokens of one conversation, prompt and answer (default 2048); a longer one gets a 400."),
     sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Serve the model and the bank's memory over an OpenAI-compatible HTTP API.
@@ -339,17 +343,17 @@ def serve(
     from lifealign_lite.engines import open_chat
     from lifealign_lite.serve import check_bind
     from lifealign_lite.serve_app import serve as run_server
-    from lifealign_lite.xllama import SERVE_SLOTS
-
+    from lifealign_lite.xllama import SERVE_SLOTS, SLOT_CONTEXT
     check_bind(host, port, api_key)
     rcp = build_recipe(recipe, sets, **flags)
     bank_dir = existing_bank(bank)
     status(f"loading the model and the memory of {bank_dir} ...")
     try:
-        session = open_chat(bank_dir, home_dir(), rcp, engine=engine, note=status, slots=SERVE_SLOTS)
+        session = open_chat(bank_dir, home_dir(), rcp, engine=engine, note=status, slots=parallel or SERVE_SLOTS, context=context or SLOT_CONTEXT)
     except KeyboardInterrupt:
         raise typer.Exit(130)
-    status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 with {session.engine} (Ctrl-C stops)")
+    slots = f", {parallel or SERVE_SLOTS} conversations of {context or SLOT_CONTEXT} tokens at once" if session.concurrent else ""
+    status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 with {session.engine}{slots} (Ctrl-C stops)")
     run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key, quiet=quiet)
 
 

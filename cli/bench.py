@@ -164,7 +164,7 @@ def serve_cmd(
     max_tokens: int = typer.Option(32, "--max-tokens", metavar="N", help="max_tokens of every request (greedy, streamed)."),
     data: Optional[list[Path]] = typer.Option(None, "--data", metavar="FILE", help="Prompts from these preference files (repeat the option; default: ../shared/data/hh-helpful/dev.jsonl)."),
     model: str = ModelOpt,
-    threads: Optional[int] = typer.Option(None, "--threads", help="OMP_NUM_THREADS of the server (default: torch's choice)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="OMP_NUM_THREADS of the server (default: llama.cpp engine, the physical cores less one; torch engine, torch's choice)."),
     models: Optional[str] = typer.Option(None, "--models", metavar="NAME,NAME,...", help="The requests' model names in turn (default: auto and every domain; one name: every client on one memory)."),
     as_json: bool = JsonOpt,
 ) -> None:

@@ -38,13 +38,14 @@ def engine_for(engine: str, bank_dir: Path | None, recipe, unmerged: bool = Fals
 
 
 def open_chat(bank_dir: Path, home: Path, recipe, engine: str = AUTO, domain: str = AUTO, merge: bool = True, version: int | None = None,
-              note: Callable[[str], None] | None = None, slots: int = 1) -> Session:
+              note: Callable[[str], None] | None = None, slots: int = 1, context: int | None = None) -> Session:
     """Open a bank version's session on the engine :func:`engine_for` picks (chat's and the server's entry point;
-    ``merge=False``: PEFT's unmerged LoRA layers, torch only; ``slots``: the server's parallel sequences, llama.cpp only)."""
+    ``merge=False``: PEFT's unmerged LoRA layers, torch only; ``slots``: the server's parallel sequences of
+    ``context`` tokens each, llama.cpp only)."""
     if engine_for(engine, bank_dir, recipe, unmerged=not merge) == TORCH:
         from .chat import open_session
 
         return open_session(bank_dir, home, recipe, domain=domain, merge=merge, version=version, note=note)
     from .llamacpp import open_llama_cpp
 
-    return open_llama_cpp(bank_dir, home, recipe, domain, version, note, slots=slots)
+    return open_llama_cpp(bank_dir, home, recipe, domain, version, note, slots=slots, context=context)

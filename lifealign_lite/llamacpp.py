@@ -82,12 +82,13 @@ def why_not_llama_cpp(bank_dir: Path | None, recipe, unmerged: bool) -> str | No
 
 
 def open_llama_cpp(bank_dir: Path, home: Path, recipe, domain: str = AUTO, version: int | None = None,
-                   note: Callable[[str], None] | None = None, slots: int = 1) -> Session:
-    """The llama.cpp session of a bank version on the binding asked for (``slots``: xllamacpp's parallel sequences)."""
+                   note: Callable[[str], None] | None = None, slots: int = 1, context: int | None = None) -> Session:
+    """The llama.cpp session of a bank version on the binding asked for (``slots``: xllamacpp's parallel sequences,
+    ``context`` tokens each)."""
     if binding() == "xllamacpp":
         from .xllama import open_xllama_session
 
-        return open_xllama_session(bank_dir, home, recipe, domain, version, note, slots=slots)
+        return open_xllama_session(bank_dir, home, recipe, domain, version, note, slots=slots, context=context)
     from .llamacpp_py import open_llama_session
 
     return open_llama_session(bank_dir, home, recipe, domain, version, note)

@@ -245,9 +245,11 @@ class XLlamaSession(Session):
 
 
 def open_xllama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, version: int | None = None,
-                        note: Callable[[str], None] | None = None, slots: int = 1, threads: int | None = None) -> XLlamaSession:
+                        note: Callable[[str], None] | None = None, slots: int = 1, threads: int | None = None,
+                        context: int | None = None) -> XLlamaSession:
     """The base GGUF in llama.cpp's server with every adapter of a bank version (default: the current one).
-    ``slots`` > 1 (serve): that many parallel sequences of :data:`SLOT_CONTEXT` tokens; 1 (chat): the model's context."""
+    ``slots`` > 1 (serve): that many parallel sequences of ``context`` tokens each (default :data:`SLOT_CONTEXT`);
+    1 (chat): the model's context unless ``context`` is given."""
     from .export import base_gguf
     from .system import llama_threads
 
@@ -255,7 +257,7 @@ def open_xllama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, 
     state = bank.load(version)
     check_domain(state, domain)  # a wrong domain is reported before anything loads
     session = XLlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, **routing(bank, state, recipe, home), home=Path(home),
-                            base_gguf=base_gguf(bank_model(bank, recipe)), slots=slots, context=SLOT_CONTEXT if slots > 1 else 0, threads=threads or llama_threads())
+                            base_gguf=base_gguf(bank_model(bank, recipe)), slots=slots, context=context or (SLOT_CONTEXT if slots > 1 else 0), threads=threads or llama_threads())
     session.tokenizer = ServerTokenizer(session)
     session.load_adapters(state, note)
     session.set_domain(domain)

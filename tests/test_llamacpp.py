@@ -341,3 +341,21 @@ def test_health_answers_while_a_long_generation_streams(llama_session, two_domai
         rest = [line for line in lines if line]
     assert probes == {"/health": 200, "/v1/models": 200, "/v1/bank": 200}
     assert rest[-1] == "data: [DONE]" and any('"finish_reason": "' in line for line in rest)
+
+
+@pytest.mark.integration
+def test_serve_parallel_and_context_set_the_servers_slots(two_domain_bank, gguf_home, exports):
+    """`serve --parallel 2 --context 512`: two sequences of 512 tokens each; a conversation longer than one gets a 400."""
+    from lifealign_lite.engines import open_chat
+    from lifealign_lite.serve import Engine, start
+    from lifealign_lite.serve_api import Job
+
+    session = open_chat(two_domain_bank, gguf_home, load_recipe(None), slots=2, context=512)
+    assert answer(session, "medical", PROMPTS[0], 4)
+    assert session.server.slots == 2 and session.server.context == 512
+    events: list[tuple] = []
+    finished = threading.Event()
+    start(Engine(session, two_domain_bank, log=lambda s: None), Job(prompt=[{"role": "user", "content": "word " * 600}], model="medical", max_tokens=4),
+          lambda e: (events.append(e), e[0] in ("error", "done") and finished.set()))
+    assert finished.wait(300)
+    assert events[-1][0] == "error" and events[-1][1].status == 400 and "512" in str(events[-1][1]), events[-1]
