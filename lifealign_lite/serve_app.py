@@ -10,7 +10,9 @@ line per request (method, path, status, memory, tokens, seconds) goes to ``acces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from .serve import Answer, Engine, check_bind, start
 from .serve_api import RequestError, parse_job
-from .xllama import restore_signals
+from .xllama import SIGNAL_WAKERS, restore_signals
 
 if TYPE_CHECKING:
     from .session import Session
@@ -32,10 +34,29 @@ MAX_BODY_BYTES = 1_000_000
 DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this many times the limit, so the client sees the 413
 
 
+@contextlib.asynccontextmanager
+async def _signal_lifespan(app):
+    """While the event loop runs on the main thread (uvicorn's), a llama.cpp server started by a hot reload in a
+    worker thread has Ctrl-C and SIGTERM handed back at once (restore_signals on the loop), not at the next request."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    def wake() -> None:
+        loop.call_soon_threadsafe(restore_signals)
+
+    SIGNAL_WAKERS.append(wake)
+    try:
+        yield
+    finally:
+        SIGNAL_WAKERS.remove(wake)
+
+
 def create_app(engine: Engine, api_key: str | None = None, max_tokens_cap: int = 1024, max_body_bytes: int = MAX_BODY_BYTES,
                access_log: Callable[[str], None] | None = None):
     """The FastAPI application: /v1/models, /v1/chat/completions, /v1/completions, /v1/bank, /health."""
-    app = FastAPI(title="lifealign-lite", docs_url=None, redoc_url=None)
+    app = FastAPI(title="lifealign-lite", docs_url=None, redoc_url=None, lifespan=_signal_lifespan)
 
     def error(exc: RequestError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None

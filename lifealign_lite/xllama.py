@@ -57,15 +57,22 @@ def importable() -> bool:
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _PENDING: dict[int, object] = {}  # handlers to put back from the main thread (a server started by a hot reload in a worker)
+SIGNAL_WAKERS: list[Callable[[], None]] = []  # each asks the main thread to call restore_signals soon (serve: its event loop)
 
 
 def restore_signals() -> None:
     """Put back the SIGINT and SIGTERM handlers llama.cpp's server replaced (Ctrl-C must reach Python, SIGTERM
-    uvicorn). Only the main thread may set them: elsewhere they wait for its next call (serve calls it per request)."""
-    if _PENDING and threading.current_thread() is threading.main_thread():
-        for sig, handler in list(_PENDING.items()):
-            signal.signal(sig, handler)
-        _PENDING.clear()
+    uvicorn). Only the main thread may set them: called elsewhere (a hot reload's server starts in a worker), it
+    wakes the main thread through :data:`SIGNAL_WAKERS`, so the handlers are back within a turn of serve's event loop."""
+    if not _PENDING:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        for wake in list(SIGNAL_WAKERS):
+            wake()
+        return
+    for sig, handler in list(_PENDING.items()):
+        signal.signal(sig, handler)
+    _PENDING.clear()
 
 
 def _free_port() -> int:

@@ -392,3 +392,42 @@ def test_health_models_and_bank_never_wait_on_a_generation(bank_dir, tiny_model_
     assert int(logged[-1].split("tokens=")[1].split()[0]) == response.json()["usage"]["completion_tokens"]
     client.post("/v1/chat/completions", content=b'{"messages": [1]}', headers={"Content-Type": "application/json"})
     assert logged[-1].startswith("POST /v1/chat/completions 400 memory=- tokens=-")
+
+
+def test_a_llama_cpp_server_started_off_the_main_thread_gets_its_signals_back_without_a_request():
+    """A hot reload starts llama.cpp's server (which takes SIGINT and SIGTERM) in a worker thread: the app's event loop,
+    on the main thread as under uvicorn, puts Python's handlers back within a turn, not at the next request."""
+    import asyncio
+    import signal
+    import threading
+
+    from lifealign_lite import xllama
+    from lifealign_lite.serve_app import create_app
+
+    def ours(*args):
+        pass
+
+    before = signal.getsignal(signal.SIGINT)
+    app = create_app(engine=None)
+
+    async def serving():
+        running = signal.getsignal(signal.SIGINT)  # asyncio.run's own
+        async with app.router.lifespan_context(app):
+            assert len(xllama.SIGNAL_WAKERS) == 1
+            xllama._PENDING[signal.SIGINT] = ours  # what LlamaServer leaves when it starts in a worker
+            worker = threading.Thread(target=xllama.restore_signals)
+            worker.start()
+            worker.join()
+            assert signal.getsignal(signal.SIGINT) is running  # a worker may not set handlers
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+                if signal.getsignal(signal.SIGINT) is ours:
+                    break
+            assert signal.getsignal(signal.SIGINT) is ours and not xllama._PENDING
+        assert not xllama.SIGNAL_WAKERS
+
+    try:
+        asyncio.run(serving())
+    finally:
+        signal.signal(signal.SIGINT, before)
+        xllama._PENDING.clear()
