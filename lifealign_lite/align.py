@@ -41,10 +41,6 @@ class AlignError(LifeAlignError, RuntimeError):
     """align cannot run as asked (for example: nothing to resume)."""
 
 
-class NothingToResume(AlignError):
-    """``--resume`` found no stopped run of this domain and data to continue."""
-
-
 @dataclass
 class AlignResult:
     run_dir: Path
@@ -62,13 +58,24 @@ def pick_domain(pairs: list[Pair], domain: str | None, path: Path) -> str:
     return named[0] if named else "general"
 
 
-def _find_resumable(runs: Path, domain: str, data_hash: str) -> Path:
+IF_STOPPED = "if-stopped"  # align's resume=: continue a stopped run of this domain and data if there is one, else start one
+
+
+def _stopped_run(runs: Path, domain: str, data_hash: str) -> Path | None:
+    """The newest run of ``domain`` on this data that stopped with a checkpoint before its summary, if any."""
     for run in sorted(runs.glob(f"*-{domain}"), reverse=True):
         meta = run / "run.json"
         if (settle(run / "checkpoint") / "state.json").is_file() and not (run / "summary.json").exists() and meta.is_file():
             if json.loads(meta.read_text()).get("data_hash") == data_hash:
                 return run
-    raise NothingToResume(f"nothing to resume for domain {domain!r} with this data in {runs}; run align without --resume")
+    return None
+
+
+def _find_resumable(runs: Path, domain: str, data_hash: str) -> Path:
+    run = _stopped_run(runs, domain, data_hash)
+    if run is None:
+        raise AlignError(f"nothing to resume for domain {domain!r} with this data in {runs}; run align without --resume")
+    return run
 
 
 def _check_bank_shape(state: BankState, recipe: Recipe) -> dict:
@@ -174,7 +181,7 @@ def align(
     home: Path,
     bank_dir: Path,
     domain: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     reporter=None,
     wait_s: float = 0.0,
     pairs: list[Pair] | None = None,
@@ -184,7 +191,8 @@ def align(
     Under a launcher (``distributed.py``) every process calls this: the main process takes the lock and returns the
     result; the others train their share of each batch and return None (they read the bank version the main
     process opened and write nothing). ``pairs``: the file's pairs as ``load_pairs`` read them with this recipe's
-    ``max_pairs`` and ``seed``, when the caller already did (the CLI, to refuse bad data before its slow imports)."""
+    ``max_pairs`` and ``seed``, when the caller already did (the CLI, to refuse bad data before its slow imports).
+    ``resume``: True continues a stopped run (none is an error), :data:`IF_STOPPED` continues one if there is one."""
     t_start = time.perf_counter()
     check_device(recipe)
     data_path = Path(data_path)
@@ -205,7 +213,7 @@ def align(
 
 
 def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, recipe: Recipe, home: Path, bank: Bank, runs: Path,
-           resume: bool, reporter, wait_s: float, ranks: Ranks, t_start: float) -> AlignResult | None:
+           resume: bool | str, reporter, wait_s: float, ranks: Ranks, t_start: float) -> AlignResult | None:
     note = getattr(reporter, "note", None) or (lambda message: None)  # status lines for the silent phases
 
     def load_model():  # the status line comes once the model is found, so a missing folder is a one-line error
@@ -218,13 +226,15 @@ def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, reci
         if ranks.is_main:
             try:
                 if not bank.root.exists():  # a new bank: fail on the model (or --resume) before the lock creates its folder
-                    if resume:
+                    if resume is True:
                         _find_resumable(runs, domain, data_hash)
                     base = load_model()
                 held.enter_context(bank.lock(wait_s))
                 state = bank.load()  # verifies every file of the version: damage stops align before it trains
                 _check_bank_shape(state, recipe)
-                run_dir = _find_resumable(runs, domain, data_hash) if resume else runs / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{domain}"
+                stopped = _find_resumable(runs, domain, data_hash) if resume is True else _stopped_run(runs, domain, data_hash) if resume else None
+                run_dir = stopped or runs / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{domain}"
+                resume = stopped is not None  # training continues from the checkpoint of the run picked, if any
                 base = base or load_model()
                 bank.check_base(base.info.identity())
             except LifeAlignError as exc:  # the other processes wait for the version: they stop with the same error

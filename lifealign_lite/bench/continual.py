@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..align import NothingToResume, align
+from ..align import IF_STOPPED, align
 from ..chat import open_session
 from ..errors import BenchError
 from ..files import atomic_write
@@ -231,10 +231,8 @@ def run_continual(tasks: list[Task], methods: list[str], out: Path, home: Path, 
             if reporter:  # the cell's own lines (training steps, a heartbeat) so a log is never silent for a whole cell
                 reporter.note(f"bench: {method}, task {i + 1}/{T} ({task.name})")
             if _bank_tasks(bank) <= (i if mode == "stream" else 0):
-                try:  # a cell stopped while training (Ctrl-C, SIGTERM) continues from its checkpoint
-                    align(trained_file, recipe, home, bank, domain=domain, reporter=reporter, resume=True)
-                except NothingToResume:
-                    align(trained_file, recipe, home, bank, domain=domain, reporter=reporter)
+                # a cell stopped while training (Ctrl-C, SIGTERM) continues from its checkpoint
+                align(trained_file, recipe, home, bank, domain=domain, reporter=reporter, resume=IF_STOPPED)
             # the bank as it stood after task i (each task adds one version): a resumed run may have trained further
             sess = None if mode == "separate" else open_session(bank, home, recipe, domain=memory, version=1 if mode == "joint" else i + 1)
             for j, test in enumerate(tasks):
