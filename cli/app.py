@@ -344,15 +344,17 @@ def serve(
     from lifealign_lite.serve import check_bind
     from lifealign_lite.serve_app import serve as run_server
     from lifealign_lite.xllama import SERVE_SLOTS, SLOT_CONTEXT
+
     check_bind(host, port, api_key)
     rcp = build_recipe(recipe, sets, **flags)
     bank_dir = existing_bank(bank)
+    parallel, context = parallel or SERVE_SLOTS, context or SLOT_CONTEXT
     status(f"loading the model and the memory of {bank_dir} ...")
     try:
-        session = open_chat(bank_dir, home_dir(), rcp, engine=engine, note=status, slots=parallel or SERVE_SLOTS, context=context or SLOT_CONTEXT)
+        session = open_chat(bank_dir, home_dir(), rcp, engine=engine, note=status, slots=parallel, context=context)
     except KeyboardInterrupt:
         raise typer.Exit(130)
-    slots = f", {parallel or SERVE_SLOTS} conversations of {context or SLOT_CONTEXT} tokens at once" if session.concurrent else ""
+    slots = f", {parallel} conversations of {context} tokens at once" if session.concurrent else ""
     status(f"serving {', '.join(session.available())} and auto on http://{host}:{port}/v1 with {session.engine}{slots} (Ctrl-C stops)")
     run_server(session, bank_dir, host, port, api_key, max_tokens_cap, log=status, upstream=upstream, upstream_key=upstream_key, quiet=quiet)
 
