@@ -203,11 +203,15 @@ class Session:
         raise NotImplementedError("a session without an engine only routes")
 
 
-def routing_embedder(kind: str, model: str, home: Path, base=None):
+def routing_embedder(kind: str, model: str, home: Path, base=None, llama_threads: int = 0):
     """The one place that builds a bank's routing embedder (on the first routed prompt only): MiniLM, or the base
-    model's own hidden states (``base`` when the caller holds the transformers model already, else ``model`` loaded in fp32)."""
+    model's own hidden states (``base`` when the caller holds the transformers model already, else ``model`` loaded in fp32).
+    ``llama_threads``: llama.cpp's threads in this process (a llama.cpp engine's), whose speed needs torch kept to one
+    thread (:func:`system.one_torch_thread`)."""
     from .memory.router import make_embedder
+    from .system import one_torch_thread
 
+    one_torch_thread(llama_threads)
     if kind == "base" and base is None:
         from .model import load_base
 
@@ -220,12 +224,13 @@ def bank_model(bank: Bank, recipe) -> str:
     return (bank.manifest().get("base") or {}).get("name") or recipe.model
 
 
-def routing(bank: Bank, state: BankState, recipe, home: Path, base=None) -> dict:
+def routing(bank: Bank, state: BankState, recipe, home: Path, base=None, llama_threads: int = 0) -> dict:
     """The routing every session of ``state`` does, as ``threshold`` and ``embedder_factory`` (a session's fields): the
     bank's ``router`` on the bank's base model (``base``: that model, loaded already), and the recipe's
-    ``route_threshold``. ``route``, ``chat --domain auto`` (either engine) and serve's ``model: auto`` all take it from here."""
+    ``route_threshold``. ``route``, ``chat --domain auto`` (either engine) and serve's ``model: auto`` all take it from here.
+    ``llama_threads``: a llama.cpp engine's threads (see :func:`routing_embedder`)."""
     kind, model = state.meta.get("router", recipe.router), bank_model(bank, recipe)
-    return {"threshold": recipe.route_threshold, "embedder_factory": lambda: routing_embedder(kind, model, home, base)}
+    return {"threshold": recipe.route_threshold, "embedder_factory": lambda: routing_embedder(kind, model, home, base, llama_threads)}
 
 
 def routing_session(bank_dir: Path, home: Path, recipe, state: BankState | None = None) -> Session:

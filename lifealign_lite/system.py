@@ -68,22 +68,35 @@ def physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
 
 def llama_threads() -> int:
     """llama.cpp's threads: ``OMP_NUM_THREADS`` when set (torch reads it too; ``bench --threads`` sets it), else the
-    physical cores less one (at least 1). Fixed by the machine, never by its load at the moment, so a run is
+    physical cores (llama.cpp's own default). Fixed by the machine, never by its load at the moment, so a run is
     reproducible (the project's rule: no result depends on a timing probe); only the speed depends on it: ggml splits
     a matrix product by output rows, each computed whole by one thread, so the answer does not.
 
-    Why one core fewer than llama.cpp's own default: llama.cpp's threads meet at a barrier after every operation of
-    the graph (939 nodes per token for the default model), spinning while they wait (the xllamacpp wheel is built
-    with OpenMP, whose barriers spin), so one thread descheduled stalls the others. Each token also wakes threads
-    outside llama.cpp (the server's handler and Python's consumer), and the free core takes them. Measured on the 2-core machine
-    (docs/PERFORMANCE.md, issue 24): the wheel decoded faster on 1 thread than on 2 in every run, loaded (2 threads
-    0.28x of 1, side by side) or quiet (21.3 against 29.4 tokens/s).
+    Measured on the idle 2-core machine (docs/PERFORMANCE.md, issue 24): `chat --prompt` decoded at 77-83 tokens/s on
+    2 threads against 49-53 on 1. Two things make 2 threads slower than 1, and neither is the default's business to
+    guess: another busy process (llama.cpp's threads meet at a barrier after every operation of the graph, so one
+    descheduled thread stalls the other: 0.28x of 1 thread at load 3; set ``OMP_NUM_THREADS=1`` on a busy machine),
+    and torch's own thread pool in the same process (two OpenMP pools on two cores make libgomp throttle its
+    barriers: 0.4x). The second is this project's to avoid: :func:`one_torch_thread` in every process running llama.cpp.
     """
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
         pass
-    return max(1, physical_cores() - 1)
+    return physical_cores()
+
+
+def one_torch_thread(threads: int) -> None:
+    """Keep torch to the calling thread in a process that runs llama.cpp (its routing embedder, a benchmark's torch
+    anchor): a second OpenMP pool counts as more threads than cores and libgomp then throttles its spin at every
+    barrier, llama.cpp's included, for the rest of the process (on 2 threads of the idle 2-core machine, 64 tokens ran
+    at 29-33 tokens/s after a few torch products on torch's 2 threads, 60-66 on 1, 72 without torch: docs/PERFORMANCE.md,
+    issue 24). Must run before torch's first parallel operation: a pool
+    once made stays. Does nothing where llama.cpp runs on one thread (``threads``)."""
+    if threads > 1:
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def hub_offline_reason() -> str | None:

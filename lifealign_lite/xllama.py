@@ -263,8 +263,10 @@ def open_xllama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, 
     bank = Bank(bank_dir)
     state = bank.load(version)
     check_domain(state, domain)  # a wrong domain is reported before anything loads
-    session = XLlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, **routing(bank, state, recipe, home), home=Path(home),
-                            base_gguf=base_gguf(bank_model(bank, recipe)), slots=slots, context=context or (SLOT_CONTEXT if slots > 1 else 0), threads=threads or llama_threads())
+    threads = threads or llama_threads()
+    session = XLlamaSession(model=None, tokenizer=None, state=state, domain=AUTO, **routing(bank, state, recipe, home, llama_threads=threads),
+                            home=Path(home), base_gguf=base_gguf(bank_model(bank, recipe)), slots=slots,
+                            context=context or (SLOT_CONTEXT if slots > 1 else 0), threads=threads)
     session.tokenizer = ServerTokenizer(session)
     session.load_adapters(state, note)
     session.set_domain(domain)

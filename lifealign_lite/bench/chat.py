@@ -81,7 +81,10 @@ def one_chat(options: dict, mode: str) -> dict:
     anchors = {}
     if mode in ("merged", "llama.cpp"):
         from lifealign_lite.model import load_base
+        from lifealign_lite.system import one_torch_thread
 
+        if mode == "llama.cpp":  # as chat's routing embedder beside llama.cpp: torch's own pool would throttle llama.cpp's threads
+            one_torch_thread(session.threads)
         plain = load_base(options.get("model") or "default", home, "none")
         anchors["transformers"] = lambda prompt, n: greedy_generate(plain.model.eval(), plain.tokenizer, prompt, n)
     if mode == "llama.cpp":
@@ -124,9 +127,16 @@ def one_chat(options: dict, mode: str) -> dict:
         "engine": session.engine,
         "llama_threads": session.threads if mode == "llama.cpp" else None,  # system.llama_threads unless --threads
         "transformers_tokens_per_s": None,
+        "transformers_threads": _torch_threads() if anchors else None,  # 1 beside more than one llama.cpp thread (system.one_torch_thread)
         **{f"{name}_tokens_per_s": median(rates) for name, rates in anchor_rates.items()},
         "footprint_mb": mb(session.model.get_memory_footprint()) if hasattr(session.model, "get_memory_footprint") else None,
     }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _torch_session(options: dict, mode: str, home: Path):
@@ -274,6 +284,7 @@ def bench_chat(home: Path, bank: Path | None = None, domain: str | None = None, 
         "llama_cpp_first_token_s": llama.get("first_token_s"),
         "llama_cpp_switch_ms": llama.get("switch_ms"),
         "llama_cpp_threads": llama.get("llama_threads"),
+        "llama_cpp_transformers_threads": llama.get("transformers_threads"),  # its torch anchor's threads
         "llama_cpp_ratio_vs_transformers": ratio(llama.get("tokens_per_s"), llama.get("transformers_tokens_per_s")),
         "torch_tokens_per_s": merged.get("tokens_per_s") if merged.get("ok") else None,
         "modes": results,
