@@ -216,7 +216,7 @@ def continual_cmd(
     tasks: list[str] = typer.Argument(None, help="Tasks in order, each NAME=TRAIN.jsonl:TEST.jsonl (or use --preset)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="signal (safe-rlhf, truthfulqa, hc3: a stream this CPU learns, about an hour), smoke (CI, minutes) or paper4 (the four shared domains in the paper's order)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated, or all: " + ", ".join(
-        ["seq-dpo", "seq-fpo", "replay", "replay-fpo", "replay-slmc", "ewc", "olora", "sep", "sep-fpo", "mtl", "lifealign", "lifealign-bank"])),
+        ["seq-dpo", "seq-fpo", "replay", "replay-fpo", "replay-slmc", "ewc", "olora", "sep", "sep-fpo", "mtl", "lifealign-update", "lifealign", "lifealign-bank"])),
     out_dir: Path = typer.Option(Path("bench-continual"), "--out", help="Output folder (results.json, results.md, PNG plots); rerun to resume."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Training pairs per task (seeded sample)."),
     max_test: Optional[int] = typer.Option(None, "--max-test", help="Test pairs per task."),

@@ -249,9 +249,11 @@ def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, reci
             base = load_model()
         t_loaded = time.perf_counter()
 
-        memory_dir = state.slot_dir(domain) if domain in state.domains else state.core_dir()
+        # core_from slot: a new domain's one run is its slot (the bare base, its own pairs), also the core's update
+        slot_is_update = recipe.core_from == "slot" and domain not in state.domains
+        memory_dir = state.slot_dir(domain) if domain in state.domains else None if slot_is_update else state.core_dir()
         trained_from = f"slot {domain} v{state.version}" if domain in state.domains else (f"core v{state.version}" if memory_dir else "base")
-        buffer = state.replay()
+        buffer = [] if slot_is_update else state.replay()
         replay = replay_sample(buffer, domain, len(buffer) if recipe.replay_all else round(recipe.replay_mix * len(pairs)), recipe.seed)
         torch.manual_seed(recipe.seed)  # the new LoRA's initialization must follow the recipe's seed
         model = attach_adapters(base, recipe, memory_dir)

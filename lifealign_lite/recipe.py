@@ -115,6 +115,9 @@ class Recipe:
     slot_from: str = knob("base", "memory", "What a new domain's slot holds: base = a LoRA trained from the bare base against the bare base "
                           "on the domain's pairs alone; update = the domain's denoised update alone; memory = the memory it was trained "
                           "from (core) + that update.", choices=("base", "update", "memory"))
+    core_from: str = knob("slot", "memory", "The core's update for a new domain: slot = the domain's slot LoRA, folded into the core by SLMC "
+                          "(one run per task; docs/RESULTS.md); update = a run of its own from the core, against the core, with "
+                          "replay (the paper's path: with slot_from base a new domain trains twice).", choices=("slot", "update"))
     # continual-learning baselines (bench continual's ewc and olora; off in LifeAlign's own recipes)
     ewc_lambda: float = knob(0.0, "baselines", "Online EWC: penalty on the short update weighted by earlier tasks' Fisher (kept in the bank).")
     olora_lambda: float = knob(0.0, "baselines", "O-LoRA: penalty on the short adapter's A inside earlier tasks' input subspaces.")
@@ -150,6 +153,9 @@ class Recipe:
             raise RecipeError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_prompt_length >= self.max_length:
             raise RecipeError("max_prompt_length must be smaller than max_length")
+        if self.core_from == "slot" and (self.slot_mode, self.slot_from) != ("specialist", "base"):
+            raise RecipeError(f"core_from: slot needs slot_mode: specialist and slot_from: base (the core's update is then the slot); "
+                              f"set core_from: update to use slot_mode: {self.slot_mode}, slot_from: {self.slot_from}")
         if self.epochs == 0 and self.max_steps == 0:
             raise RecipeError("set epochs or max_steps above 0")
         if not self.target_modules or not all(self.target_modules):

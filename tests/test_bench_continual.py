@@ -64,12 +64,13 @@ def test_ablation_methods_change_one_knob_at_a_time():
     """The paper's ablation: replay with FPO on/off and SLMC on/off."""
     def knobs(name):
         o = METHODS[name][0]
-        return (o.get("loss"), o.get("tau", 0.9) < 1.0, o.get("replay_mix"))
+        return (o.get("loss"), o.get("tau", 0.9) < 1.0, o.get("replay_mix"), o.get("core_from", "slot"))
 
-    assert knobs("replay") == ("dpo", False, 0.2)
-    assert knobs("replay-fpo") == ("fpo", False, 0.2)
-    assert knobs("replay-slmc") == ("dpo", True, 0.2)
-    assert knobs("lifealign") == ("fpo", True, 0.2)
+    assert knobs("replay") == ("dpo", False, 0.2, "update")
+    assert knobs("replay-fpo") == ("fpo", False, 0.2, "update")
+    assert knobs("replay-slmc") == ("dpo", True, 0.2, "update")
+    assert knobs("lifealign-update") == ("fpo", True, 0.2, "update")  # the paper's path: the ablations' full method
+    assert knobs("lifealign") == ("fpo", True, 0.2, "slot")  # the default: the core gathers the slots
 
 
 def test_mtl_reports_its_average_as_ap_and_no_transfer():

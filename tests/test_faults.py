@@ -90,7 +90,7 @@ BAD_FIELDS = [
     ("tau", "0", None), ("projection_gamma", "2", None), ("bank_rank", "0", None), ("replay_ratio", "-0.2", None),
     ("replay_size", "-1", None), ("replay_mix", "1.5", None), ("route_threshold", "3", None), ("ewc_lambda", "-1", None),
     ("olora_lambda", "-1", None), ("max_length", "0", None), ("max_prompt_length", "1000", None), ("sft_warmup_steps", "-1", None),
-    ("lr_schedule", "step", None), ("reference", "none", None), ("router", "bert", None), ("slot_mode", "x", None), ("slot_from", "core", None),
+    ("lr_schedule", "step", None), ("reference", "none", None), ("router", "bert", None), ("slot_mode", "x", None), ("slot_from", "core", None), ("core_from", "core", None),
     ("autocast", "fp16", None), ("score_precision", "fp8", None), ("trust_remote_code", "maybe", None), ("replay_all", "2", None),
     ("target_modules", "", None), ("checkpoint_every", "-1", None), ("checkpoint_every", "1.5", None),
 ]

@@ -29,7 +29,7 @@ from lifealign_lite.memory.adapter import BankError, read_adapter, replace_adapt
 from lifealign_lite.memory.bank import Bank
 from lifealign_lite.memory.state import BankState
 from lifealign_lite.memory.consolidate import LowRank
-from lifealign_lite.recipe import load_recipe
+from lifealign_lite.recipe import RecipeError, load_recipe
 
 from conftest import reaped, require_path
 
@@ -126,8 +126,8 @@ def test_lineage_records_data_recipe_time_and_replay(bank2):
     assert len(med["lineage"]) == 1 and len(sup["lineage"]) == 1
     first, second = med["lineage"][0], sup["lineage"][0]
     assert first["trained_from"] == "base" and first["replayed"] == 0
-    assert second["trained_from"] == "core v1"
-    assert second["replayed"] > 0
+    # core_from slot (the default): a new domain's one run is its slot, from the bare base on its own pairs
+    assert second["trained_from"] == "base" and second["replayed"] == 0
     for domain, entry in (("medical", first), ("support", second)):
         assert entry["data_hash"] == pairs_hash(load_pairs(EXAMPLES / f"{domain}.jsonl", max_pairs=PAIRS, seed=0))
         assert entry["recipe"] == "edge-cpu" and len(entry["recipe_hash"]) == 12
@@ -343,13 +343,16 @@ def _tiny_stream(tiny_model_dir: Path, home: Path, root: Path, domains, **overri
 
 
 def test_slot_from_base_equals_a_directly_trained_adapter(tiny_model_dir, tmp_path, single_thread):
-    """slot_from base: support's slot, aligned after medical (its core trained from medical's core), is the LoRA
-    that aligning support alone into an empty bank trains (same seed, same pairs); its core still carries medical."""
+    """slot_from base with core_from update (the paper's core path): support's slot, aligned after medical (its core
+    update trained from medical's core, with replay), is the LoRA that aligning support alone into an empty bank trains
+    (same seed, same pairs); its core still carries medical."""
     home = tmp_path / "home"
-    stream = _tiny_stream(tiny_model_dir, home, tmp_path / "stream", DOMAINS)
+    stream = _tiny_stream(tiny_model_dir, home, tmp_path / "stream", DOMAINS, core_from="update")
     alone = _tiny_stream(tiny_model_dir, home, tmp_path / "alone", ("support",))
     s, a = stream.load(), alone.load()
-    assert s.domains["support"]["lineage"][-1]["trained_from"] == "core v1"
+    lineage = s.domains["support"]["lineage"][-1]
+    assert lineage["trained_from"] == "core v1" and lineage["replayed"] > 0
+    assert (stream.root / "runs" / lineage["run"] / "slot").is_dir()  # the slot's own run beside the core's
     slot, direct = _dense(read_adapter(s.slot_dir("support"))[0]), _dense(read_adapter(a.slot_dir("support"))[0])
     run = read_adapter(alone.root / "runs" / a.domains["support"]["lineage"][-1]["run"] / "adapter")[0]
     assert set(slot) == set(direct) == set(run)
@@ -358,9 +361,36 @@ def test_slot_from_base_equals_a_directly_trained_adapter(tiny_model_dir, tmp_pa
         assert torch.allclose(direct[name], run[name].dense(), atol=1e-6), name  # the trained LoRA itself, not denoised
     assert any(not torch.allclose(slot[n], _dense(read_adapter(s.core_dir())[0])[n], atol=1e-4) for n in slot)
     # slot_from memory: the old slot, core at the time + the denoised update, differs from the direct adapter
-    old = _tiny_stream(tiny_model_dir, home, tmp_path / "memory", DOMAINS, slot_from="memory").load()
+    old = _tiny_stream(tiny_model_dir, home, tmp_path / "memory", DOMAINS, slot_from="memory", core_from="update").load()
     old_slot = _dense(read_adapter(old.slot_dir("support"))[0])
     assert any(not torch.allclose(old_slot[n], direct[n], atol=1e-4) for n in slot)
+
+
+def test_core_from_slot_trains_once_and_folds_the_slot_into_the_core(tiny_model_dir, tmp_path, single_thread):
+    """core_from slot: a new domain after the first trains one LoRA, from the bare base on its own pairs (no replay):
+    that LoRA is its slot (equal to aligning it alone) and, through SLMC, the core's update (core v2 = core v1 + its
+    consolidated update, with a rank budget that holds both)."""
+    from lifealign_lite.memory.consolidate import consolidate_adapter
+
+    home = tmp_path / "home"
+    bank = _tiny_stream(tiny_model_dir, home, tmp_path / "stream", DOMAINS, core_from="slot", bank_rank=16, lora_r=4)
+    alone = _tiny_stream(tiny_model_dir, home, tmp_path / "alone", ("support",), bank_rank=16, lora_r=4)
+    v1, v2, a = bank.load(1), bank.load(2), alone.load()
+    lineage = v2.domains["support"]["lineage"][-1]
+    assert lineage["trained_from"] == "base" and lineage["replayed"] == 0
+    run = bank.root / "runs" / lineage["run"]
+    assert not (run / "slot").exists()  # one run, not a core run and a slot run
+    slot, direct = _dense(read_adapter(v2.slot_dir("support"))[0]), _dense(read_adapter(a.slot_dir("support"))[0])
+    for name in slot:
+        assert torch.allclose(slot[name], direct[name], atol=1e-6), name
+    recipe = load_recipe("edge-cpu")
+    update, _ = consolidate_adapter(read_adapter(run / "adapter")[0], v1.history(), recipe.tau, recipe.projection_gamma)
+    core1, core2 = _dense(read_adapter(v1.core_dir())[0]), _dense(read_adapter(v2.core_dir())[0])
+    for name, u in update.items():
+        assert torch.allclose(core2[name], core1[name] + u.dense(), atol=1e-5), name
+    assert len(v2.replay()) > len(v1.replay())  # the buffer still grows (a later core_from update run can replay it)
+    with pytest.raises(RecipeError, match="core_from: slot needs"):
+        load_recipe("edge-cpu", {"core_from": "slot", "slot_from": "memory"})
 
 
 def test_tau_acts_once_the_core_is_the_sum_of_consolidated_updates(tiny_model_dir, tmp_path, single_thread):

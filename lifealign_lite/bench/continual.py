@@ -40,14 +40,15 @@ from ..recipe import load_recipe
 # 0.02 against a loss of 0.68 and the second task learned as without it; at 10 the second task stopped learning.
 EWC_LAMBDA = 3.0
 OLORA_LAMBDA = 0.5  # O-LoRA's own setting (lambda_1 = 0.5)
-_SEQ = {"tau": 1.0, "projection_gamma": 1.0, "replay_mix": 0.0}
+_SEQ = {"tau": 1.0, "projection_gamma": 1.0, "replay_mix": 0.0, "core_from": "update"}  # one adapter trained on, task after task
 # name -> (recipe overrides, memory evaluated, how tasks are trained)
 METHODS: dict[str, tuple[dict, str, str]] = {
     "seq-dpo": ({"loss": "dpo", **_SEQ}, "core", "stream"),
     "seq-fpo": ({"loss": "fpo", **_SEQ}, "core", "stream"),
     "replay": ({"loss": "dpo", **_SEQ, "replay_mix": 0.2}, "core", "stream"),
     "replay-fpo": ({"loss": "fpo", **_SEQ, "replay_mix": 0.2}, "core", "stream"),  # ablation: FPO without SLMC
-    "replay-slmc": ({"loss": "dpo", "replay_mix": 0.2}, "core", "stream"),  # ablation: SLMC without FPO
+    "replay-slmc": ({"loss": "dpo", "replay_mix": 0.2, "core_from": "update"}, "core", "stream"),  # ablation: SLMC without FPO
+    "lifealign-update": ({"loss": "fpo", "replay_mix": 0.2, "core_from": "update"}, "core", "stream"),  # the paper's core path
     "lifealign": ({"loss": "fpo", "replay_mix": 0.2}, "core", "stream"),
     "lifealign-bank": ({"loss": "fpo", "replay_mix": 0.2}, "auto", "stream"),
     "sep": ({"loss": "dpo", **_SEQ}, "told", "separate"),  # one adapter per task from the base, told the domain
