@@ -182,10 +182,12 @@ def route_cmd(
         fail(f"{bank_.root}: no domains aligned yet; run `lifealign-lite align DATA --domain NAME` first")
     result = routing_session(bank_.root, home_dir(), load_recipe(None), state).route(conversation)  # as chat --domain auto and serve route
     if as_json:
-        print(json.dumps({"domain": result.domain, "threshold": result.threshold, "similarity": result.similarity, "scores": result.scores}))
+        print(json.dumps({"domain": result.domain, "threshold": result.threshold, "similarity": result.similarity, "scores": result.scores,
+                          "gate": result.gate}))
         return
+    gate = f", or a highest probability below {result.gate:.2f}" if result.gate > 0 else ""
     table = Table("domain", "probability", title=f"routes to: {result.domain} (nearest prompts' similarity {result.similarity:.3f}, "
-                  f"core below {result.threshold:.3f})")
+                  f"core below {result.threshold:.3f}{gate})")
     for name, score in result.scores.items():
         table.add_row(name, f"{score:.3f}")
     out.print(table)

@@ -48,7 +48,7 @@ def open_llama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, v
     n_threads = n_threads or threads()
     session = open_llama_base(bank_model(bank, recipe), home, n_threads)
     route = routing(bank, state, recipe, home, llama_threads=n_threads)
-    session.threshold, session.embedder_factory = route["threshold"], route["embedder_factory"]
+    session.threshold, session.gate, session.embedder_factory = route["threshold"], route["gate"], route["embedder_factory"]
     session.load_adapters(state, note)
     session.set_domain(domain)
     return session

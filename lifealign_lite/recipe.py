@@ -110,6 +110,7 @@ class Recipe:
     replay_all: bool = knob(False, "memory", "Mix the whole replay buffer into each task (the authors') instead of replay_mix of it.")
     route_quantile: float = knob(0.05, "memory", "Share of a domain's own held-out prompts whose similarity sets its novelty threshold.")
     route_threshold: float = knob(-1.0, "memory", "Below 0: each domain's calibrated threshold; 0..1: one fixed similarity below which the core answers.")
+    route_gate: float = knob(0.0, "memory", "The core answers a prompt whose router gives no domain at least this probability (0: never).")
     router: str = knob("minilm", "memory", "Routing embedder: minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states).", choices=("minilm", "base"))
     slot_mode: str = knob("specialist", "memory", "specialist: slot = what slot_from says; core: slot = the new core.", choices=("specialist", "core"))
     slot_from: str = knob("base", "memory", "What a new domain's slot holds: base = a LoRA trained from the bare base against the bare base "
@@ -142,7 +143,7 @@ class Recipe:
         for key in ("tau", "lr"):  # a learning rate above 1 blows LoRA weights up (--lr 1e30 once committed a useless core)
             if not 0 < getattr(self, key) <= 1:
                 raise RecipeError(f"{key} must be in (0, 1], got {getattr(self, key)}")
-        for key in ("route_quantile", "projection_gamma", "replay_ratio", "replay_mix", "warmup_ratio"):
+        for key in ("route_quantile", "route_gate", "projection_gamma", "replay_ratio", "replay_mix", "warmup_ratio"):
             if not 0 <= getattr(self, key) <= 1:
                 raise RecipeError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0 <= self.lora_dropout < 1:

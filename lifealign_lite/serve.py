@@ -129,7 +129,7 @@ class Engine:
         if job.model == AUTO:
             r = s.route(job.prompt)
             memory = s.memory_of(r)
-            route = {"domain": r.domain, "scores": r.scores, "similarity": r.similarity, "threshold": r.threshold}
+            route = {"domain": r.domain, "scores": r.scores, "similarity": r.similarity, "threshold": r.threshold, "gate": r.gate}
         else:
             memory = job.model
         return Answer(memory=memory, route=route, version=s.state.version)

@@ -110,6 +110,7 @@ class Session:
     domain: str  # a domain name, auto, core or base
     threshold: float | None  # None or < 0: each domain's calibrated novelty threshold
     embedder_factory: Callable[[], object]
+    gate: float = 0.0  # the recipe's route_gate: the core answers below this top probability of the classifier
     active: str | None = None
     history: list[dict] = field(default_factory=list)
     _embedder: object | None = None
@@ -136,7 +137,7 @@ class Session:
         own_states = getattr(self._embedder, "name", "") == "base" and self.embedder_shares_model  # keys hold base states: no adapter in
         with self.using(BASE) if own_states else contextlib.nullcontext():
             embedding = self._embedder([text])[0]
-        return self._router.route(embedding, text, fixed)
+        return self._router.route(embedding, text, fixed, self.gate)
 
     def memory_of(self, route: Route) -> str:
         """The memory that answers a routed prompt: the domain routed to, or base where the core was and there is none."""
@@ -227,10 +228,11 @@ def bank_model(bank: Bank, recipe) -> str:
 def routing(bank: Bank, state: BankState, recipe, home: Path, base=None, llama_threads: int = 0) -> dict:
     """The routing every session of ``state`` does, as ``threshold`` and ``embedder_factory`` (a session's fields): the
     bank's ``router`` on the bank's base model (``base``: that model, loaded already), and the recipe's
-    ``route_threshold``. ``route``, ``chat --domain auto`` (either engine) and serve's ``model: auto`` all take it from here.
+    ``route_threshold`` and ``route_gate``. ``route``, ``chat --domain auto`` (either engine) and serve's ``model: auto`` all take it from here.
     ``llama_threads``: a llama.cpp engine's threads (see :func:`routing_embedder`)."""
     kind, model = state.meta.get("router", recipe.router), bank_model(bank, recipe)
-    return {"threshold": recipe.route_threshold, "embedder_factory": lambda: routing_embedder(kind, model, home, base, llama_threads)}
+    return {"threshold": recipe.route_threshold, "gate": recipe.route_gate,
+            "embedder_factory": lambda: routing_embedder(kind, model, home, base, llama_threads)}
 
 
 def routing_session(bank_dir: Path, home: Path, recipe, state: BankState | None = None) -> Session:

@@ -13,7 +13,8 @@ RUN is a `bench continual` output folder holding the bank `banks/lifealign` (lif
   route, the neighbour similarity to every domain's keys).
 - ``policies``: each routing rule's accuracy per task and Last, from the two files (no model runs): ``current`` (what
   chat, serve and route do), ``oracle`` (the true domain's slot), ``cls`` (the classifier, no novelty check),
-  ``nearest`` (the domain of the nearest stored prompts), ``core``, and ``gate`` p (the core below probability p).
+  ``nearest`` (the domain of the nearest stored prompts), ``core``, ``gate`` p (the classifier's pick, the core below
+  probability p) and ``current+gate`` p (what chat does with ``route_gate: p``: the shipped route, the core below p).
 - ``keys``: the routing a bank would have if each domain's key held SIZE of its training prompts (a seeded sample of
   the train split, no test prompt among them), scored with the last version's per-pair matrix.
 """
@@ -84,14 +85,18 @@ def _pick(policy: tuple, r: dict) -> str:
     best = next(iter(r["probs"]))
     return {"current": lambda: r["route"], "cls": lambda: best, "core": lambda: "core",
             "nearest": lambda: max(r["sims"], key=r["sims"].get),
-            "gate": lambda: best if r["probs"][best] >= arg else "core"}[kind]()
+            "gate": lambda: best if r["probs"][best] >= arg else "core",
+            "current+gate": lambda: r["route"] if r["probs"][best] >= arg else "core"}[kind]()
+
+
+GATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def policies(routes_file: Path, matrix_file: Path) -> None:
     routed, mat = json.loads(routes_file.read_text()), json.loads(matrix_file.read_text())
     order = list(routed["1"])
     last = max(mat, key=int)
-    for policy in [("oracle", None), ("current", None), ("cls", None), ("nearest", None), ("core", None)] + [("gate", p) for p in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]:
+    for policy in [("oracle", None), ("current", None), ("cls", None), ("nearest", None), ("core", None)] + [(kind, p) for kind in ("gate", "current+gate") for p in GATES]:
         cells = []
         for v in sorted(mat, key=int):
             row = []

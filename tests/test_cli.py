@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lifealign_lite.cli.app import app
+from lifealign_lite.recipe import load_recipe
 
 from conftest import invoke_cli as invoke
 from conftest import require
@@ -281,6 +282,7 @@ def test_route_takes_a_conversation_and_routes_it_as_chat_does(env, tmp_path):
     got_file, got_text = json.loads(by_file.stdout), json.loads(by_text.stdout)
     assert got_file["domain"] == "medical" and got_file == got_text
     assert set(got_file["scores"]) == {"medical", "support"} and got_file["similarity"] >= got_file["threshold"]
+    assert got_file["gate"] == load_recipe(None).route_gate and got_file["scores"]["medical"] >= got_file["gate"]
 
     conversation.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant"}]))
     bad = invoke(["route", "--messages", conversation, "--bank", bank.root], env)

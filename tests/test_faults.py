@@ -88,7 +88,7 @@ BAD_FIELDS = [
     ("max_grad_norm", "nan", None), ("max_grad_norm", "0", None), ("weight_decay", "-0.1", None), ("grad_accum", "0", None),
     ("warmup_ratio", "1.5", None), ("lora_r", "0", None), ("lora_alpha", "0", None), ("lora_dropout", "1", None),
     ("tau", "0", None), ("projection_gamma", "2", None), ("bank_rank", "0", None), ("replay_ratio", "-0.2", None),
-    ("replay_size", "-1", None), ("replay_mix", "1.5", None), ("route_threshold", "3", None), ("ewc_lambda", "-1", None),
+    ("replay_size", "-1", None), ("replay_mix", "1.5", None), ("route_threshold", "3", None), ("route_gate", "1.5", None), ("route_gate", "-0.1", None), ("ewc_lambda", "-1", None),
     ("olora_lambda", "-1", None), ("max_length", "0", None), ("max_prompt_length", "1000", None), ("sft_warmup_steps", "-1", None),
     ("lr_schedule", "step", None), ("reference", "none", None), ("router", "bert", None), ("slot_mode", "x", None), ("slot_from", "core", None), ("core_from", "core", None),
     ("autocast", "fp16", None), ("score_precision", "fp8", None), ("trust_remote_code", "maybe", None), ("replay_all", "2", None),

@@ -104,6 +104,22 @@ def test_router_uses_the_text_when_embeddings_do_not_separate():
     assert router.route(q, "user: the login password reset on my router").domain == "support"
 
 
+def test_gate_sends_a_prompt_the_classifier_is_unsure_of_to_the_core():
+    """route_gate: the core answers where no domain gets at least that probability; a sure prompt keeps its domain."""
+    same = cluster(AXES[0], 40, 0.3, 7)
+    texts = {"medical": [f"user: my doctor says the dose of ibuprofen {i}" for i in range(40)],
+             "support": [f"user: my router password reset fails on login {i}" for i in range(40)]}
+    router = fit_router({"medical": same, "support": same.clone()}, texts)
+    q = cluster(AXES[0], 1, 0.3, 8)[0]
+    sure, unsure = "user: what dose of ibuprofen did the doctor mean", "user: my doctor cannot reset the password"
+    top = next(iter(router.route(q, unsure).scores.values()))
+    assert router.route(q, sure).scores["medical"] > top
+    assert router.route(q, unsure).domain != CORE  # no gate: the classifier's pick
+    r = router.route(q, unsure, gate=top + 1e-3)
+    assert r.domain == CORE and r.gate == pytest.approx(top + 1e-3)
+    assert router.route(q, sure, gate=top + 1e-3).domain == "medical"
+
+
 def test_single_domain_router_routes_near_prompts_and_falls_back_far_ones():
     router = fit_router({"medical": cluster(AXES[0], 20, 0.3, 1)}, {"medical": ["x"] * 20})
     assert router.route(AXES[0], "x").domain == "medical"

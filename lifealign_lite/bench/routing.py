@@ -43,7 +43,7 @@ def mean_interval(props: dict[str, float], counts: dict[str, int], z: float = 1.
 class KnnRouter(Router):
     """Baseline: the domain whose nearest stored prompts are most similar (no classifier)."""
 
-    def route(self, embedding, text, threshold=None) -> Route:
+    def route(self, embedding, text, threshold=None, gate: float = 0.0) -> Route:  # no classifier: no gate
         sims = {d: float(_neighbour_similarity(embedding[None], self.keys[d])[0]) for d in self.domains}
         ranked = dict(sorted(sims.items(), key=lambda kv: -kv[1]))
         best = next(iter(ranked))

@@ -128,6 +128,7 @@ class Route:
     scores: dict[str, float]  # the classifier's probability per domain, highest first
     similarity: float = 0.0  # mean similarity of the nearest stored prompts of the best domain
     threshold: float = 0.0  # that domain's novelty threshold
+    gate: float = 0.0  # the core answers below this highest probability
 
 
 @functools.cache
@@ -185,10 +186,12 @@ class Router:
     quantile: float = 0.05
     _dense: tuple | None = field(default=None, repr=False, compare=False)
 
-    def route(self, embedding: torch.Tensor, text: str, threshold: float | None = None) -> Route:
-        """The domain for one prompt (its embedding and routed text), or the core when it looks unseen.
+    def route(self, embedding: torch.Tensor, text: str, threshold: float | None = None, gate: float = 0.0) -> Route:
+        """The domain for one prompt (its embedding and routed text), or the core when it looks unseen or the
+        classifier is unsure.
 
-        ``threshold`` (0..1) replaces every domain's calibrated novelty threshold; None keeps them.
+        ``threshold`` (0..1) replaces every domain's calibrated novelty threshold; None keeps them. ``gate``: the core
+        answers where the classifier's highest probability is below it (0: never).
         """
         if not self.domains:
             return Route(CORE, {})
@@ -206,7 +209,7 @@ class Router:
         best = next(iter(ranked))
         sim = float(_neighbour_similarity(embedding[None], self.keys[best])[0])
         limit = self.thresholds[best] if threshold is None else threshold
-        return Route(best if sim >= limit else CORE, ranked, sim, limit)
+        return Route(best if sim >= limit and ranked[best] >= gate else CORE, ranked, sim, limit, gate)
 
     # storage ------------------------------------------------------------------------------------------
     def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
