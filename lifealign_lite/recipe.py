@@ -110,7 +110,7 @@ class Recipe:
     replay_all: bool = knob(False, "memory", "Mix the whole replay buffer into each task (the authors') instead of replay_mix of it.")
     route_quantile: float = knob(0.05, "memory", "Share of a domain's own held-out prompts whose similarity sets its novelty threshold.")
     route_threshold: float = knob(-1.0, "memory", "Below 0: each domain's calibrated threshold; 0..1: one fixed similarity below which the core answers.")
-    route_gate: float = knob(0.0, "memory", "The core answers a prompt whose router gives no domain at least this probability (0: never).")
+    route_gate: float = knob(0.7, "memory", "The core answers a prompt whose router gives no domain at least this probability (0: never; 0.7 chosen on the signal stream's dev splits, docs/RESULTS.md).")
     router: str = knob("minilm", "memory", "Routing embedder: minilm (packaged all-MiniLM-L6-v2) or base (the base model's hidden states).", choices=("minilm", "base"))
     slot_mode: str = knob("specialist", "memory", "specialist: slot = what slot_from says; core: slot = the new core.", choices=("specialist", "core"))
     slot_from: str = knob("base", "memory", "What a new domain's slot holds: base = a LoRA trained from the bare base against the bare base "

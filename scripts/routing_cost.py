@@ -8,13 +8,15 @@
 RUN is a `bench continual` output folder holding the bank `banks/lifealign` (lifealign and lifealign-bank share it).
 - ``matrix``: per-pair preference correctness of every memory (each slot and the core) of every bank version on every
   task's test pairs (``--split dev``: the tasks' dev splits), scored exactly as the bench scores (``evaluate``, fp32);
-  resumable (cells already in OUT.json are kept).
+  resumable (cells already in OUT.json are kept); on the test split the cells the bench scored already (the core's,
+  each slot's on its own task) are taken from RUN's state.json.
 - ``routes``: the shipped router's output for every test prompt at every version (classifier probabilities, the
   route, the neighbour similarity to every domain's keys).
 - ``policies``: each routing rule's accuracy per task and Last, from the two files (no model runs): ``current`` (what
   chat, serve and route do), ``oracle`` (the true domain's slot), ``cls`` (the classifier, no novelty check),
   ``nearest`` (the domain of the nearest stored prompts), ``core``, ``gate`` p (the classifier's pick, the core below
-  probability p) and ``current+gate`` p (what chat does with ``route_gate: p``: the shipped route, the core below p).
+  probability p) and ``current+gate`` p (what chat does with ``route_gate: p``: the shipped route, the core below p);
+  each with its Last minus ``current``'s and that difference's 95 % paired-bootstrap interval.
 - ``keys``: the routing a bank would have if each domain's key held SIZE of its training prompts (a seeded sample of
   the train split, no test prompt among them), scored with the last version's per-pair matrix.
 """
@@ -44,6 +46,17 @@ def matrix(run: Path, out: Path, split: str, versions: list[int] | None) -> None
     recipe = load_recipe(None, json.loads((run / "state.json").read_text())["config"]["recipe"])
     tests = _tests(run, split)
     res = json.loads(out.read_text()) if out.exists() else {}
+    if split == "test":  # cells the bench scored already (same evaluate, same pairs): the core's, and each slot's on its own task
+        st = json.loads((run / "state.json").read_text())
+        names = list(tests)
+        for row, cells in st["pairs"].get("lifealign", {}).items():
+            i, j = map(int, row.split(","))
+            if versions is None or i + 1 in versions:
+                res.setdefault(str(i + 1), {}).setdefault("core", {}).setdefault(names[j], cells["pref_acc"])
+        for row, cells in st["pairs"].get("lifealign-bank-oracle", {}).items():
+            i, j = map(int, row.split(","))
+            if j <= i and (versions is None or i + 1 in versions):
+                res.setdefault(str(i + 1), {}).setdefault(names[j], {}).setdefault(names[j], cells["pref_acc"])
     base_cache: dict = {}
     for v in versions or range(1, len(tests) + 1):
         sess = open_session(run / "banks" / "lifealign", home_dir(), recipe, domain="core", version=v)
@@ -94,9 +107,12 @@ GATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def policies(routes_file: Path, matrix_file: Path) -> None:
     routed, mat = json.loads(routes_file.read_text()), json.loads(matrix_file.read_text())
+    # the versions whose every memory was scored on every task (a matrix of --versions 3 holds only the last one)
+    mat = {v: m for v, m in mat.items() if "core" in m and all(len(m[d]) == len(routed["1"]) for d in m)}
     order = list(routed["1"])
     last = max(mat, key=int)
-    for policy in [("oracle", None), ("current", None), ("cls", None), ("nearest", None), ("core", None)] + [(kind, p) for kind in ("gate", "current+gate") for p in GATES]:
+    per_pair: dict[str, list[list[float]]] = {}  # policy -> the last version's per-pair correctness, per task
+    for policy in [("current", None), ("oracle", None), ("cls", None), ("nearest", None), ("core", None)] + [(kind, p) for kind in ("gate", "current+gate") for p in GATES]:
         cells = []
         for v in sorted(mat, key=int):
             row = []
@@ -107,11 +123,35 @@ def policies(routes_file: Path, matrix_file: Path) -> None:
                 else:
                     accs = [mat[v][_pick(policy, r)][t][i] for i, r in enumerate(rows)]
                 row.append(sum(accs) / len(accs))
+                if v == last:
+                    per_pair.setdefault(_label(policy), []).append(accs)
             cells.append(f"v{v}: " + "/".join(f"{100 * a:.0f}" for a in row))
             if v == last:
                 final = row
-        label = policy[0] + ("" if policy[1] is None else f" {policy[1]}")
-        print(f"{label:10s} " + "  ".join(cells) + f"  Last {100 * sum(final) / len(final):.1f}")
+        lo, hi = _paired_interval(per_pair[_label(policy)], per_pair["current"]) if "current" in per_pair else (0.0, 0.0)
+        print(f"{_label(policy):16s} " + "  ".join(cells) + f"  Last {100 * sum(final) / len(final):.1f}"
+              f"  minus current's {100 * (sum(final) - sum(map(_mean, per_pair['current']))) / len(final):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+
+
+def _label(policy: tuple) -> str:
+    return policy[0] + ("" if policy[1] is None else f" {policy[1]}")
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _paired_interval(a: list[list[float]], b: list[list[float]], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % paired percentile bootstrap of Last(a) - Last(b): the same resampled pairs of each task for both rules."""
+    rng, diffs = random.Random(seed), []
+    for _ in range(resamples):
+        total = 0.0
+        for xa, xb in zip(a, b):
+            idx = [rng.randrange(len(xa)) for _ in xa]
+            total += sum(xa[i] - xb[i] for i in idx) / len(idx)
+        diffs.append(total / len(a))
+    diffs.sort()
+    return diffs[int(0.025 * resamples)], diffs[int(0.975 * resamples) - 1]
 
 
 def keys(run: Path, matrix_file: Path, sizes: list[int]) -> None:
