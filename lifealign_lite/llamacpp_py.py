@@ -47,8 +47,8 @@ def open_llama_session(bank_dir: Path, home: Path, recipe, domain: str = AUTO, v
     check_domain(state, domain)  # a wrong domain is reported before anything loads
     n_threads = n_threads or threads()
     session = open_llama_base(bank_model(bank, recipe), home, n_threads)
-    route = routing(bank, state, recipe, home, llama_threads=n_threads)
-    session.threshold, session.gate, session.embedder_factory = route["threshold"], route["gate"], route["embedder_factory"]
+    for field_, value in routing(bank, state, recipe, home, llama_threads=n_threads).items():  # as the other sessions' **routing(...)
+        setattr(session, field_, value)
     session.load_adapters(state, note)
     session.set_domain(domain)
     return session

@@ -112,6 +112,7 @@ def policies(routes_file: Path, matrix_file: Path) -> None:
     order = list(routed["1"])
     last = max(mat, key=int)
     per_pair: dict[str, list[list[float]]] = {}  # policy -> the last version's per-pair correctness, per task
+    current = 0.0  # the shipped rule's Last
     for policy in [("current", None), ("oracle", None), ("cls", None), ("nearest", None), ("core", None)] + [(kind, p) for kind in ("gate", "current+gate") for p in GATES]:
         cells = []
         for v in sorted(mat, key=int):
@@ -128,30 +129,27 @@ def policies(routes_file: Path, matrix_file: Path) -> None:
             cells.append(f"v{v}: " + "/".join(f"{100 * a:.0f}" for a in row))
             if v == last:
                 final = row
-        lo, hi = _paired_interval(per_pair[_label(policy)], per_pair["current"]) if "current" in per_pair else (0.0, 0.0)
-        print(f"{_label(policy):16s} " + "  ".join(cells) + f"  Last {100 * sum(final) / len(final):.1f}"
-              f"  minus current's {100 * (sum(final) - sum(map(_mean, per_pair['current']))) / len(final):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+        last_ = sum(final) / len(final)
+        if policy[0] == "current":  # the first rule: every rule is compared with it
+            current = last_
+        lo, hi = _paired_interval(per_pair[_label(policy)], per_pair["current"])
+        print(f"{_label(policy):16s} " + "  ".join(cells) + f"  Last {100 * last_:.1f}"
+              f"  minus current's {100 * (last_ - current):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
 
 
 def _label(policy: tuple) -> str:
     return policy[0] + ("" if policy[1] is None else f" {policy[1]}")
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
+def _paired_interval(a: list[list[float]], b: list[list[float]]) -> list[float]:
+    """95 % interval of Last(a) - Last(b), resampled as the bench resamples (its paired draws, its seed)."""
+    import numpy as np
 
+    from lifealign_lite.bench.continual import paired_draws, percentile_interval
 
-def _paired_interval(a: list[list[float]], b: list[list[float]], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % paired percentile bootstrap of Last(a) - Last(b): the same resampled pairs of each task for both rules."""
-    rng, diffs = random.Random(seed), []
-    for _ in range(resamples):
-        total = 0.0
-        for xa, xb in zip(a, b):
-            idx = [rng.randrange(len(xa)) for _ in xa]
-            total += sum(xa[i] - xb[i] for i in idx) / len(idx)
-        diffs.append(total / len(a))
-    diffs.sort()
-    return diffs[int(0.025 * resamples)], diffs[int(0.975 * resamples) - 1]
+    draws = paired_draws([len(x) for x in a])
+    d = [(np.asarray(xa) - np.asarray(xb))[idx].mean(axis=1) for xa, xb, idx in zip(a, b, draws)]
+    return percentile_interval(np.mean(d, axis=0))
 
 
 def keys(run: Path, matrix_file: Path, sizes: list[int]) -> None:

@@ -93,24 +93,24 @@ def test_novelty_threshold_is_the_quantile_of_held_out_similarities(quantile):
         assert router.thresholds["medical"] > router.thresholds["support"]
 
 
-def test_router_uses_the_text_when_embeddings_do_not_separate():
-    """Same embeddings for both domains; only the words differ: the n-gram features decide."""
+def _words_only_router():
+    """Two domains with the same embeddings whose prompts differ in their words only, and a query embedding."""
     same = cluster(AXES[0], 40, 0.3, 7)
     texts = {"medical": [f"user: my doctor says the dose of ibuprofen {i}" for i in range(40)],
              "support": [f"user: my router password reset fails on login {i}" for i in range(40)]}
-    router = fit_router({"medical": same, "support": same.clone()}, texts)
-    q = cluster(AXES[0], 1, 0.3, 8)[0]
+    return fit_router({"medical": same, "support": same.clone()}, texts), cluster(AXES[0], 1, 0.3, 8)[0]
+
+
+def test_router_uses_the_text_when_embeddings_do_not_separate():
+    """Same embeddings for both domains; only the words differ: the n-gram features decide."""
+    router, q = _words_only_router()
     assert router.route(q, "user: what dose of ibuprofen did the doctor mean").domain == "medical"
     assert router.route(q, "user: the login password reset on my router").domain == "support"
 
 
 def test_gate_sends_a_prompt_the_classifier_is_unsure_of_to_the_core():
     """route_gate: the core answers where no domain gets at least that probability; a sure prompt keeps its domain."""
-    same = cluster(AXES[0], 40, 0.3, 7)
-    texts = {"medical": [f"user: my doctor says the dose of ibuprofen {i}" for i in range(40)],
-             "support": [f"user: my router password reset fails on login {i}" for i in range(40)]}
-    router = fit_router({"medical": same, "support": same.clone()}, texts)
-    q = cluster(AXES[0], 1, 0.3, 8)[0]
+    router, q = _words_only_router()
     sure, unsure = "user: what dose of ibuprofen did the doctor mean", "user: my doctor cannot reset the password"
     top = next(iter(router.route(q, unsure).scores.values()))
     assert router.route(q, sure).scores["medical"] > top

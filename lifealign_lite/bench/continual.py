@@ -367,6 +367,22 @@ def _measures(R, R0, joint: bool) -> dict[str, "np.ndarray"]:
     return {"Last": last, "AP": ap, "BWT": bwt, "FWT": fwt}
 
 
+def paired_draws(sizes: list[int], n_boot: int = 1000, seed: int = 0) -> list:
+    """One draw of test-pair indices per task (``n_boot`` x that task's size), shared by everything compared."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, n, size=(n_boot, n)) for n in sizes]
+
+
+def percentile_interval(x) -> list[float]:
+    """The 95 % percentile interval of resampled values."""
+    import numpy as np
+
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def bootstrap(state: dict, task_names: list[str], methods: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
     """95 % percentile intervals of Last/AP/BWT/FWT for every method and score, and of every difference between
     two methods, from ``n_boot`` resamples of each task's test pairs.
@@ -378,10 +394,8 @@ def bootstrap(state: dict, task_names: list[str], methods: list[str], n_boot: in
     """
     import numpy as np
 
-    rng = np.random.default_rng(seed)
     T = len(task_names)
-    sizes = [len(state["base_pairs"][n]["pref_acc"]) for n in task_names]
-    draws = [rng.integers(0, n, size=(n_boot, n)) for n in sizes]
+    draws = paired_draws([len(state["base_pairs"][n]["pref_acc"]) for n in task_names], n_boot, seed)
     per_method: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for metric in METRICS:
         base = [np.asarray(state["base_pairs"][n][metric], dtype=np.float64) for n in task_names]
@@ -398,11 +412,7 @@ def bootstrap(state: dict, task_names: list[str], methods: list[str], n_boot: in
                     R[:, i, j] = np.asarray(cells[f"{i},{j}"][metric], dtype=np.float64)[draws[j]].mean(axis=1)
             per_method.setdefault(method, {})[metric] = _measures(R, R0, joint)
 
-    def interval(x: np.ndarray) -> list[float]:
-        lo, hi = np.percentile(x, [2.5, 97.5])
-        return [float(lo), float(hi)]
-
-    intervals = {m: {metric: {k: interval(v) for k, v in measures.items()} for metric, measures in by_metric.items()}
+    intervals = {m: {metric: {k: percentile_interval(v) for k, v in measures.items()} for metric, measures in by_metric.items()}
                  for m, by_metric in per_method.items()}
     differences = []
     names = list(per_method)
@@ -412,7 +422,7 @@ def bootstrap(state: dict, task_names: list[str], methods: list[str], n_boot: in
                 for k in MEASURES:
                     if k in per_method[a].get(metric, {}) and k in per_method[b].get(metric, {}):
                         d = per_method[a][metric][k] - per_method[b][metric][k]
-                        lo, hi = interval(d)
+                        lo, hi = percentile_interval(d)
                         differences.append({"a": a, "b": b, "score": metric, "measure": k, "diff": float(np.mean(d)),
                                             "interval": [lo, hi], "outside_noise": bool(lo > 0 or hi < 0)})
     return {"intervals": intervals, "differences": differences}
