@@ -15,7 +15,7 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-_LABELS = {"reference": "reference log-probs", "sft": "SFT warm-up", "train": "FPO training", "score": "scoring", "fisher": "EWC Fisher"}
+_LABELS = {"reference": "reference log-probs", "sft": "SFT warm-up", "train": "training", "score": "scoring", "fisher": "EWC Fisher"}
 LINE_EVERY_S = 30.0  # a plain-line log prints at least this often, and at every 10% of a phase
 HEARTBEAT_S = 20.0  # a plain-line log silent this long (a long step, a model load) says it is still working
 _UNITS = {"train": "steps", "sft": "steps", "score": "pair scorings", "bench": "cells"}  # what a phase counts (else pairs)

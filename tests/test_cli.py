@@ -307,7 +307,7 @@ def test_piped_align_prints_progress_lines_and_true_counts(tiny_model_dir, tmp_p
     assert any(line.startswith("consolidating into the bank") for line in lines)
     assert "reference log-probs: 4 pairs" in lines  # only the pairs the 4 steps use
     for step in range(1, 5):
-        line = next((x for x in lines if x.startswith(f"FPO training: step {step}/4")), None)
+        line = next((x for x in lines if x.startswith(f"training: step {step}/4")), None)
         assert line is not None, proc.stdout[-3000:]
         assert "loss " in line and "reward acc " in line and "pairs/s" in line and "ETA " in line
     assert "\x1b[" not in proc.stdout  # no terminal control codes in a log
@@ -359,7 +359,7 @@ def test_bars_fit_80_columns_with_counts_and_eta():
         for _ in range(16):
             now[0] += 2.0
             rep.advance("train", 1, {"loss": 0.6931, "acc": 0.5, "pairs": 4, "time": now[0]})
-    last = [x for x in re.split(r"[\r\n]", buf.getvalue()) if "FPO training" in x][-1]
+    last = [x for x in re.split(r"[\r\n]", buf.getvalue()) if "training" in x][-1]
     assert "16/40" in last and "ETA 0:00:48" in last and "reward acc 0.50" in last and "…" not in last
 
 
