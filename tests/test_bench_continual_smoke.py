@@ -28,6 +28,7 @@ def test_smoke_preset_writes_results_and_resumes(tmp_path, lifealign_home, share
             assert all(v is not None for v in entry[metric].values())
         assert (out / f"heatmap-{method}.png").stat().st_size > 1000
     assert (out / "ap-bwt.png").is_file()
+    assert (out / "last-vs-margin-bwt.png").stat().st_size > 1000
     assert "| lifealign |" in (out / "results.md").read_text()
     # ewc keeps its Fisher in the bank (one per version); olora and lifealign need none
     assert all((v / "fisher.safetensors").is_file() for v in (out / "banks" / "ewc" / "versions").iterdir())

@@ -470,7 +470,8 @@ def markdown_table(results: dict, methods: list[str]) -> str:
 
 
 def plot(results: dict, methods: list[str], out: Path) -> bool:
-    """A heatmap of the preference-accuracy matrix per method and a bar chart of AP and BWT (False without matplotlib)."""
+    """A heatmap of the preference-accuracy matrix per method, a bar chart of AP and BWT and the Last-against-margin-BWT
+    trade (False without matplotlib)."""
     plt = pyplot()
     if plt is None:
         return False
@@ -504,4 +505,32 @@ def plot(results: dict, methods: list[str], out: Path) -> bool:
     fig.tight_layout()
     fig.savefig(out / "ap-bwt.png", dpi=100)
     plt.close(fig)
+    _plot_trade(plt, results, methods, out / "last-vs-margin-bwt.png")
     return True
+
+
+def _plot_trade(plt, results: dict, methods: list[str], path: Path) -> None:
+    """What each method keeps against what it learns: preference-accuracy Last (x) against margin BWT (y), with
+    their 95 % intervals where the run has them; a method with no sequence (mtl) is a vertical line at its Last."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for m in methods:
+        last, bwt = results[m]["pref_acc"]["Last"], results[m]["margin"]["BWT"]
+        if last is None:
+            continue
+        iv = results[m].get("intervals", {})
+        color = "#4c72b0" if "lifealign" in m else "#999999"
+        if bwt is None:
+            ax.axvline(100 * last, color=color, linestyle="--", linewidth=1)
+            ax.annotate(m, (100 * last, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8)
+            continue
+        xe = [[100 * (last - lo), 100 * (hi - last)] for lo, hi in [iv.get("pref_acc", {}).get("Last") or (last, last)]]
+        ye = [[bwt - lo, hi - bwt] for lo, hi in [iv.get("margin", {}).get("BWT") or (bwt, bwt)]]
+        ax.errorbar([100 * last], [bwt], xerr=list(zip(*xe)), yerr=list(zip(*ye)), fmt="o", color=color, capsize=3)
+        ax.annotate(m, (100 * last, bwt), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.axhline(0, color="k", linewidth=0.5)
+    ax.set_xlabel("preference accuracy Last (%)")
+    ax.set_ylabel("reward-margin BWT (forgetting below 0)")
+    ax.set_title("learned (right) against kept (up), 95 % intervals")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
