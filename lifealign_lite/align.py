@@ -299,9 +299,11 @@ def _align(data_path: Path, pairs: list[Pair], domain: str, data_hash: str, reci
                    "recipe": recipe.name, "recipe_hash": recipe_hash, "trained_from": trained_from, "base": base.info.name, "time": now()}
         memory = read_adapter(memory_dir)[0] if memory_dir else {}
         del model  # training memory is no longer needed for consolidation
-        slmc = recipe.tau < 1.0 or recipe.projection_gamma < 1.0  # tau 1 and gamma 1 (the bench's sequential baselines) turn it off
-        note(f"consolidating into the bank ({f'SLMC: denoise, project against {len(state.tasks)} earlier task(s)' if slmc else 'no SLMC: tau 1, projection_gamma 1'}, "
-             "update key and replay)")
+        if recipe.tau < 1.0 or recipe.projection_gamma < 1.0:
+            how = f"SLMC: denoise, project against {len(state.tasks)} earlier task(s)"
+        else:  # tau 1 and gamma 1 (the bench's sequential baselines) turn SLMC off
+            how = "no SLMC: tau 1, projection_gamma 1"
+        note(f"consolidating into the bank ({how}, update key and replay)")
         update = read_adapter(run_dir / "adapter")[0]
         slot_update = read_adapter(run_dir / "slot")[0] if slot_run else None
         if recipe.slot_from == "base" and memory_dir is None:  # trained from the bare base against it, on its own pairs: that LoRA

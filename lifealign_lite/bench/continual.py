@@ -469,6 +469,11 @@ def markdown_table(results: dict, methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _color(method: str) -> str:
+    """LifeAlign's rows in blue, the baselines in grey, in every chart."""
+    return "#4c72b0" if "lifealign" in method else "#999999"
+
+
 def plot(results: dict, methods: list[str], out: Path) -> bool:
     """A heatmap of the preference-accuracy matrix per method, a bar chart of AP and BWT and the Last-against-margin-BWT
     trade (False without matplotlib)."""
@@ -495,7 +500,7 @@ def plot(results: dict, methods: list[str], out: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(2 + 1.1 * len(methods), 3.5))
     for ax, key in zip(axes, ("AP", "BWT")):
         vals = [results[m]["pref_acc"][key] for m in methods]
-        ax.bar(methods, [0 if v is None else 100 * v for v in vals], color=["#4c72b0" if "lifealign" in m else "#999999" for m in methods])
+        ax.bar(methods, [0 if v is None else 100 * v for v in vals], color=[_color(m) for m in methods])
         for x, v in enumerate(vals):
             if v is None:  # mtl has no sequence, so no BWT: say so rather than draw a zero
                 ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=8)
@@ -517,15 +522,15 @@ def _plot_trade(plt, results: dict, methods: list[str], path: Path) -> None:
         last, bwt = results[m]["pref_acc"]["Last"], results[m]["margin"]["BWT"]
         if last is None:
             continue
-        iv = results[m].get("intervals", {})
-        color = "#4c72b0" if "lifealign" in m else "#999999"
+        iv, color = results[m].get("intervals", {}), _color(m)
         if bwt is None:
             ax.axvline(100 * last, color=color, linestyle="--", linewidth=1)
             ax.annotate(m, (100 * last, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8)
             continue
-        xe = [[100 * (last - lo), 100 * (hi - last)] for lo, hi in [iv.get("pref_acc", {}).get("Last") or (last, last)]]
-        ye = [[bwt - lo, hi - bwt] for lo, hi in [iv.get("margin", {}).get("BWT") or (bwt, bwt)]]
-        ax.errorbar([100 * last], [bwt], xerr=list(zip(*xe)), yerr=list(zip(*ye)), fmt="o", color=color, capsize=3)
+        x_lo, x_hi = iv.get("pref_acc", {}).get("Last") or (last, last)  # no interval: a bare point
+        y_lo, y_hi = iv.get("margin", {}).get("BWT") or (bwt, bwt)
+        ax.errorbar([100 * last], [bwt], xerr=[[100 * (last - x_lo)], [100 * (x_hi - last)]], yerr=[[bwt - y_lo], [y_hi - bwt]],
+                    fmt="o", color=color, capsize=3)
         ax.annotate(m, (100 * last, bwt), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.axhline(0, color="k", linewidth=0.5)
     ax.set_xlabel("preference accuracy Last (%)")
